@@ -1,0 +1,3 @@
+"""Lightning strategies (registered with Lightning's StrategyRegistry on import)."""
+
+__all__: list[str] = []

@@ -1,0 +1,108 @@
+"""Plot logged metrics (loss curves by default) against the global step at the end of fitting."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from lightning_gd.utils.plotting import new_figure, save_figure
+
+__all__ = ["MetricPlotter"]
+
+
+class MetricPlotter(Callback):
+    """Record scalar metrics while training and plot them against the step when fitting ends.
+
+    Training metrics (names not starting with ``val``) are read from ``trainer.callback_metrics`` every
+    ``every_n_steps`` optimizer steps, validation metrics after each validation run (the sanity check
+    excluded). The PNG goes to the run directory (``trainer.log_dir``) and, with a TensorBoard logger,
+    into TensorBoard's images. The history is part of the checkpoint, so a resumed run plots its whole
+    past.
+
+    Args:
+        metrics: Names of logged metrics to plot, in one figure.
+        every_n_steps: How often training metrics are recorded.
+        filename: Name of the PNG in the run directory.
+        log_scale: Logarithmic y axis.
+
+    Example::
+
+        trainer = Trainer(callbacks=[MetricPlotter(metrics=["train/loss", "val/loss"])])
+    """
+
+    def __init__(
+        self,
+        metrics: list[str] | tuple[str, ...] = ("train/loss", "val/loss"),
+        every_n_steps: int = 10,
+        filename: str = "loss_curves.png",
+        log_scale: bool = False,
+    ) -> None:
+        if not metrics:
+            raise MisconfigurationException(f"`metrics` must name at least one metric, got {metrics!r}")
+        if every_n_steps < 1:
+            raise MisconfigurationException(f"`every_n_steps` must be >= 1, got {every_n_steps}")
+        if not filename.endswith(".png"):
+            raise MisconfigurationException(f"`filename` must end with .png, got {filename!r}")
+        self.metrics = list(metrics)
+        self.every_n_steps = every_n_steps
+        self.filename = filename
+        self.log_scale = log_scale
+        self.history: dict[str, list[tuple[int, float]]] = {m: [] for m in self.metrics}
+        self.last_path: str | None = None
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            for name in self.metrics:
+                if not name.startswith("val"):
+                    self._record_one(trainer, name)
+
+    def _record_one(self, trainer: Trainer, name: str) -> None:
+        # One point per step: validation may run several times in a step under gradient accumulation.
+        value = trainer.callback_metrics.get(name)
+        if value is None or value.numel() != 1:
+            return
+        value = float(value)
+        points = self.history[name]
+        if math.isfinite(value) and (not points or points[-1][0] != trainer.global_step):
+            points.append((trainer.global_step, value))
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for name in self.metrics:
+            if name.startswith("val"):
+                self._record_one(trainer, name)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero or not any(self.history.values()):
+            return
+        fig, ax = new_figure()
+        for name, points in self.history.items():
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=name)
+        ax.set_xlabel("step")
+        ax.set_yscale("log" if self.log_scale else "linear")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        self.last_path = save_figure(trainer, fig, self.filename, tag="metrics/" + self.filename[:-4])
+        rank_zero_info(f"MetricPlotter: wrote {self.last_path}")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {name: [list(p) for p in points] for name, points in self.history.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for name, points in state_dict.get("history", {}).items():
+            self.history[name] = [(int(s), float(v)) for s, v in points]

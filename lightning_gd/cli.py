@@ -1,0 +1,121 @@
+"""The ``lightning-gd`` command: a LightningCLI that knows the package's built-in recipes.
+
+``lightning-gd fit --config quickstart`` runs a built-in recipe by name (a path works too);
+``lightning-gd recipes`` lists them. Every LightningModule and LightningDataModule is accepted
+(``class_path``), and every class of ``lightning_gd`` is known by its short name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+import lightning_gd  # noqa: F401  (makes the package's classes resolvable by short name)
+from lightning_gd.recipes.registry import recipe_path, recipes
+
+__all__ = ["LightningGDCLI", "main"]
+
+_CONFIG_FLAGS = ("--config", "-c")
+
+
+class LightningGDCLI(LightningCLI):
+    """LightningCLI with any module and data module, an overwriting config saver, and loggers that share
+    a ``save_dir`` and ``name`` writing into the same ``version_N`` directory (the run directory).
+
+    Example::
+
+        # my_train.py: the same command line, with your own defaults
+        from lightning_gd.cli import LightningGDCLI
+        LightningGDCLI()
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        super().__init__(*args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        _pin_logger_versions(config.get("trainer", {}).get("logger"))
+
+
+def _next_version(root: str) -> int:
+    if not os.path.isdir(root):
+        return 0
+    found = [int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(r"version_(\d+)", d))]
+    return max(found, default=-1) + 1
+
+
+def _pin_logger_versions(loggers: Any) -> None:
+    """Give loggers with the same ``save_dir``/``name`` and no version one common next version.
+
+    Without this, the first logger creates ``version_0`` and the second, looking later, picks ``version_1``.
+    """
+    if not isinstance(loggers, list):
+        return
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for logger in loggers:
+        init_args = getattr(logger, "init_args", None)
+        if init_args is None or "save_dir" not in init_args or init_args.get("version") is not None:
+            continue
+        name = init_args.get("name") or "lightning_logs"
+        groups.setdefault((str(init_args["save_dir"]), str(name)), []).append(init_args)
+    for (save_dir, name), members in groups.items():
+        if len(members) > 1:
+            version = _next_version(os.path.join(save_dir, name))
+            for init_args in members:
+                init_args["version"] = version
+
+
+def _resolve_config_names(argv: Sequence[str]) -> list[str]:
+    """Replace ``--config NAME`` by the path of the built-in recipe NAME when NAME is not a file."""
+
+    def resolve(value: str) -> str:
+        if os.path.exists(value) or any(ch in value for ch in "{}:\n"):
+            return value  # a path, or inline YAML
+        try:
+            return str(recipe_path(value))
+        except ValueError as err:
+            print(f"lightning-gd: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg in _CONFIG_FLAGS:
+            out.append(arg)
+            value = next(it, None)
+            if value is not None:
+                out.append(resolve(value))
+        elif arg.startswith("--config="):
+            out.append("--config=" + resolve(arg.split("=", 1)[1]))
+        else:
+            out.append(arg)
+    return out
+
+
+def _print_recipes() -> None:
+    entries = recipes()
+    width = max((len(n) for n in entries), default=0)
+    print("Built-in recipes (run one with `lightning-gd fit --config NAME`):")
+    for name, description in entries.items():
+        print(f"  {name:<{width}}  {description}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``lightning-gd`` and ``python -m lightning_gd``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["recipes"]:
+        _print_recipes()
+        return
+    LightningGDCLI(args=_resolve_config_names(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,454 @@
+"""Matrix-free Hessian of a model's loss on a fixed batch.
+
+The Hessian of ``loss_fn(model, batch)`` with respect to some parameters is never formed: it is
+applied to vectors by automatic differentiation (Pearlmutter 1994, "Fast exact multiplication by
+the Hessian"), either reverse-over-reverse ("double backward") or forward-over-reverse
+(``torch.func.jvp`` of ``torch.func.grad``, batched over vectors with ``torch.func.vmap``).
+This is the operator the estimators of :mod:`lightning_gd.curvature` consume: Hutchinson (1989)
+and Hutch++ (Meyer et al. 2021) traces, Lanczos eigenvalues (Golub & Meurant 2010) and the
+stochastic Lanczos quadrature density of Ghorbani et al. (2019), as popularised by PyHessian
+(Yao et al. 2020).
+
+Measuring never leaves a trace on the model: parameter ``.grad``, buffers, train/eval flags of
+every submodule and the CPU/CUDA random number generators are restored after every product.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.modules.batchnorm import _NormBase
+
+__all__ = ["HessianOperator"]
+
+_log = logging.getLogger(__name__)
+
+_HVP_METHODS = ("auto", "double_backward", "forward_over_reverse")
+_MODES = ("eval", "train")
+
+
+class HessianOperator:
+    """Hessian of ``loss_fn(model, batch)`` w.r.t. parameters, as a symmetric linear operator.
+
+    Vectors are flat: the parameters' entries concatenated in :attr:`param_names` order.
+
+    Determinism and side effects. Every product runs inside a measurement context that
+
+    * puts the model in eval mode (``mode="eval"``), or in train mode (``mode="train"``) with the
+      normalisation layers (``BatchNorm``/``InstanceNorm``) using batch statistics *without*
+      updating their running statistics (their ``track_running_stats`` is switched off for the
+      duration of the forward), then restores every submodule's ``training`` flag;
+    * forks the CPU RNG (and the CUDA RNG of the devices involved) and re-seeds it with ``seed``
+      before each forward, so dropout masks and any other random op are identical in every
+      product: the measured function is deterministic, hence the operator linear and symmetric.
+      The caller's RNG state is restored afterwards;
+    * snapshots all buffers and restores them (only when changed), restores every parameter's
+      ``.grad`` reference (products use ``torch.autograd.grad``, which never accumulates);
+    * disables autocast and enables grad, so the Hessian is measured in the parameters' dtype.
+
+    The batch is passed to ``loss_fn`` untouched; the parameters are read at each product, so
+    the operator follows in-place updates of the model.
+
+    Args:
+        model: The module whose loss is measured.
+        loss_fn: ``loss_fn(model, batch) -> scalar Tensor``.
+        batch: Anything ``loss_fn`` accepts (tensor, tuple, dict, ...).
+        params: Parameters of ``model`` to differentiate with respect to. Defaults to all
+            parameters with ``requires_grad=True``, in ``named_parameters()`` order.
+        hvp: ``"forward_over_reverse"``, ``"double_backward"`` or ``"auto"`` (try
+            forward-over-reverse on the first product, fall back to double backward if it raises,
+            e.g. for ops without forward-mode AD, and keep that choice).
+        mode: ``"eval"`` or ``"train"`` (see above).
+        seed: Seed of the forked RNG before every forward.
+        chunk_size: For forward-over-reverse, at most this many vectors are pushed through one
+            ``vmap`` call (bounds memory); ``None`` means all at once.
+
+    Raises:
+        ValueError: On an unknown ``hvp`` or ``mode``, an empty parameter selection, or
+            parameters that are not floating point or do not belong to ``model``.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_gd.curvature import HessianOperator
+        >>> model = nn.Linear(3, 1).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> op = HessianOperator(model, lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]), (x, y))
+        >>> op.numel
+        4
+        >>> op.matvec(torch.ones(op.numel, dtype=torch.float64)).shape
+        torch.Size([4])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[nn.Module, Any], Tensor],
+        batch: Any,
+        params: Iterable[Tensor] | None = None,
+        hvp: str = "auto",
+        mode: str = "eval",
+        *,
+        seed: int = 0,
+        chunk_size: int | None = None,
+    ) -> None:
+        if hvp not in _HVP_METHODS:
+            raise ValueError(f"hvp must be one of {_HVP_METHODS}, got {hvp!r}")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        names, tensors = _select_params(model, params)
+        self._model = model
+        self._loss_fn = loss_fn
+        self._batch = batch
+        self._names = names
+        self._params = tensors
+        self._shapes = tuple(p.shape for p in tensors)
+        self._numels = tuple(p.numel() for p in tensors)
+        self._requested_hvp = hvp
+        self._method: str | None = None if hvp == "auto" else hvp
+        self._mode = mode
+        self._seed = int(seed)
+        self._chunk_size = chunk_size
+        self._num_matvecs = 0
+        # functional_call needs a module whose forward is the loss: wrap the model (registering
+        # it as a child does not modify it) and prefix the parameter names accordingly.
+        self._wrapper = _LossModule(model, self._call_loss)
+        self._wrapped_names = tuple(f"model.{name}" for name in names)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def numel(self) -> int:
+        """Total number of measured parameter entries (the operator's size)."""
+        return sum(self._numels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the flat vectors (that of the first measured parameter)."""
+        return self._params[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the flat vectors (that of the first measured parameter)."""
+        return self._params[0].device
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Names of the measured parameters, in flat-vector order."""
+        return self._names
+
+    @property
+    def param_numels(self) -> tuple[int, ...]:
+        """Number of entries of each measured parameter, in flat-vector order."""
+        return self._numels
+
+    @property
+    def params(self) -> tuple[Tensor, ...]:
+        """The measured parameters, in flat-vector order."""
+        return self._params
+
+    @property
+    def mode(self) -> str:
+        """``"eval"`` or ``"train"``."""
+        return self._mode
+
+    @property
+    def hvp_method(self) -> str | None:
+        """HVP method in use; ``None`` while ``hvp="auto"`` has not run its first product yet."""
+        return self._method
+
+    @property
+    def num_matvecs(self) -> int:
+        """Number of Hessian-vector products computed (a ``matmat`` with m columns counts m)."""
+        return self._num_matvecs
+
+    # ------------------------------------------------------------------ public products
+    def matvec(self, v: Tensor) -> Tensor:
+        """Return the Hessian-vector product ``H @ v``.
+
+        Args:
+            v: Flat vector of shape ``(numel,)``.
+
+        Returns:
+            ``H @ v`` of shape ``(numel,)``, in :attr:`dtype` on :attr:`device`.
+        """
+        if not isinstance(v, Tensor) or v.shape != (self.numel,):
+            raise ValueError(f"v must be a tensor of shape ({self.numel},), got {_shape_of(v)}")
+        return self.matmat(v.unsqueeze(1)).squeeze(1)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """Return ``H @ V`` for a batch of vectors.
+
+        Args:
+            V: Matrix of shape ``(numel, m)`` whose columns are flat vectors.
+
+        Returns:
+            ``H @ V`` of shape ``(numel, m)``, in :attr:`dtype` on :attr:`device`.
+        """
+        if not isinstance(V, Tensor) or V.ndim != 2 or V.shape[0] != self.numel:
+            raise ValueError(f"V must be a tensor of shape ({self.numel}, m), got {_shape_of(V)}")
+        V = V.to(dtype=self.dtype, device=self.device)
+        if V.shape[1] == 0:
+            return V.clone()
+        if self._method is None:
+            out = self._auto(V)
+        else:
+            out = self._products(V, self._method)
+        self._num_matvecs += V.shape[1]
+        return out
+
+    def gradient(self) -> Tensor:
+        """Return the flat gradient of the loss (same measurement context as the products)."""
+        with self._measuring():
+            loss = self._call_loss(self._model)
+            if not loss.requires_grad:
+                return torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+            grads = torch.autograd.grad(loss, self._params, allow_unused=True)
+        return self._flatten(grads)
+
+    def loss(self) -> Tensor:
+        """Return the (detached, scalar) loss in the measurement context."""
+        with self._measuring(), torch.no_grad():
+            return self._call_loss(self._model).detach()
+
+    def __repr__(self) -> str:
+        return (
+            f"HessianOperator(numel={self.numel}, params={len(self._names)}, "
+            f"hvp={self._requested_hvp!r} (using {self._method!r}), mode={self._mode!r})"
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _auto(self, V: Tensor) -> Tensor:
+        """Try forward-over-reverse once, fall back to double backward and remember the choice."""
+        try:
+            out = self._products(V, "forward_over_reverse")
+        except torch.OutOfMemoryError:
+            raise  # Memory pressure is not a missing-feature signal: do not hide it.
+        except Exception as err:  # noqa: BLE001 - any failure of forward-mode AD means "fall back"
+            _log.info(
+                "forward-over-reverse HVP failed (%s: %s); using double backward", type(err).__name__, err
+            )
+            out = self._products(V, "double_backward")
+            self._method = "double_backward"
+            return out
+        self._method = "forward_over_reverse"
+        return out
+
+    def _products(self, V: Tensor, method: str) -> Tensor:
+        with self._measuring():
+            if method == "double_backward":
+                return self._double_backward(V)
+            step = self._chunk_size or V.shape[1]
+            chunks = [self._forward_over_reverse(V[:, i : i + step]) for i in range(0, V.shape[1], step)]
+            return torch.cat(chunks, dim=1)
+
+    def _double_backward(self, V: Tensor) -> Tensor:
+        # The first-order graph is built once and reused for every column (retain_graph).
+        loss = self._call_loss(self._model)
+        out = torch.zeros_like(V)
+        if not loss.requires_grad:
+            return out
+        grads = torch.autograd.grad(loss, self._params, create_graph=True, allow_unused=True)
+        # Gradients that do not depend on any parameter contribute nothing to H v.
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        if not live:
+            return out
+        outputs = [grads[i] for i in live]
+        m = V.shape[1]
+        for j in range(m):
+            v = self._unflatten(V[:, j])
+            hv = torch.autograd.grad(
+                outputs,
+                self._params,
+                grad_outputs=[v[i] for i in live],
+                retain_graph=j < m - 1,
+                allow_unused=True,
+            )
+            out[:, j] = self._flatten(hv)
+        return out
+
+    def _forward_over_reverse(self, V: Tensor) -> Tensor:
+        primals = tuple(p.detach() for p in self._params)
+        wrapper, names, batch = self._wrapper, self._wrapped_names, self._batch
+
+        def loss_of(*values: Tensor) -> Tensor:
+            return functional_call(wrapper, dict(zip(names, values, strict=True)), (batch,))
+
+        grad_fn = grad(loss_of, argnums=tuple(range(len(primals))))
+
+        def hvp(*tangents: Tensor) -> tuple[Tensor, ...]:
+            return jvp(grad_fn, primals, tangents)[1]
+
+        if V.shape[1] == 1:
+            return self._flatten(hvp(*self._unflatten(V[:, 0]))).unsqueeze(1)
+        # randomness="same": every column sees the same dropout mask (one forward is traced).
+        columns = vmap(hvp, randomness="same")(*self._unflatten_batched(V))
+        return self._flatten_batched(columns)
+
+    def _call_loss(self, model: nn.Module) -> Tensor:
+        self._reseed()
+        loss = self._loss_fn(model, self._batch)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(f"loss_fn must return a scalar tensor, got {_shape_of(loss)}")
+        return loss.reshape(())
+
+    def _cuda_devices(self) -> list[int]:
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return []  # Touching an uninitialised CUDA RNG would initialise (and change) it.
+        devices = {p.device.index for p in self._params if p.device.type == "cuda"}
+        devices.add(torch.cuda.current_device())
+        return sorted(d for d in devices if d is not None)
+
+    def _reseed(self) -> None:
+        # Called inside the forked RNG: each forward draws the same random numbers.
+        torch.default_generator.manual_seed(self._seed)
+        for index in self._cuda_devices():
+            torch.cuda.default_generators[index].manual_seed(self._seed)
+
+    @contextlib.contextmanager
+    def _measuring(self) -> Iterator[None]:
+        model = self._model
+        training = [(module, module.training) for module in model.modules()]
+        grads = [(p, p.grad) for p in model.parameters()]
+        requires = [(p, p.requires_grad) for p in self._params]
+        buffers = [
+            (module, name, buf, buf.clone())
+            for module in model.modules()
+            for name, buf in module._buffers.items()
+            if buf is not None
+        ]
+        norms: list[_NormBase] = []
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=self._cuda_devices(), device_type="cuda"))
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+            if _autocast_available(self.device.type):
+                stack.enter_context(torch.autocast(device_type=self.device.type, enabled=False))
+            try:
+                model.train(self._mode == "train")
+                if self._mode == "train":
+                    # Batch statistics without running-stat updates: a deterministic train forward.
+                    norms = [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+                    for norm in norms:
+                        norm.track_running_stats = False
+                for p in self._params:
+                    p.requires_grad_(True)
+                yield
+            finally:
+                for norm in norms:
+                    norm.track_running_stats = True
+                for module, flag in training:
+                    module.training = flag
+                for p, req in requires:
+                    p.requires_grad_(req)
+                for p, g in grads:
+                    p.grad = g
+                _restore_buffers(buffers)
+
+    def _flatten(self, tensors: Sequence[Tensor | None]) -> Tensor:
+        return _flatten(tensors, self._numels, self.dtype, self.device)
+
+    def _unflatten(self, vec: Tensor) -> list[Tensor]:
+        return _unflatten(vec, self._params)
+
+    def _unflatten_batched(self, V: Tensor) -> list[Tensor]:
+        rows = V.T.split(self._numels, dim=1)
+        return [
+            r.reshape(V.shape[1], *p.shape).to(dtype=p.dtype, device=p.device)
+            for r, p in zip(rows, self._params, strict=True)
+        ]
+
+    def _flatten_batched(self, tensors: Sequence[Tensor]) -> Tensor:
+        cols = [t.reshape(t.shape[0], -1).to(dtype=self.dtype, device=self.device) for t in tensors]
+        return torch.cat(cols, dim=1).T.contiguous()
+
+
+class _LossModule(nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``, so ``functional_call`` can swap parameters."""
+
+    def __init__(self, model: nn.Module, call_loss: Callable[[nn.Module], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self._call_loss = call_loss
+
+    def forward(self, batch: Any) -> Tensor:  # batch is already bound in call_loss
+        return self._call_loss(self.model)
+
+
+def _select_params(
+    model: nn.Module, params: Iterable[Tensor] | None
+) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
+    """Resolve the measured parameters and their names, in a stable order."""
+    if params is None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(
+                "params=None selects no parameter: model has no parameter with requires_grad=True"
+            )
+    else:
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        named, seen = [], set()
+        for i, p in enumerate(params):
+            if id(p) not in name_of:
+                raise ValueError(f"params[{i}] (shape {_shape_of(p)}) is not a parameter of model")
+            if id(p) not in seen:
+                seen.add(id(p))
+                named.append((name_of[id(p)], p))
+        if not named:
+            raise ValueError(f"params must select at least one parameter, got {params!r}")
+    for name, p in named:
+        if not p.is_floating_point():
+            raise ValueError(f"params: parameter {name!r} must be floating point, got {p.dtype}")
+    return tuple(n for n, _ in named), tuple(p for _, p in named)
+
+
+def _flatten(
+    tensors: Sequence[Tensor | None], numels: Sequence[int], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """Concatenate tensors into one flat vector; ``None`` (an unused parameter) means zeros."""
+    parts = [
+        torch.zeros(n, dtype=dtype, device=device)
+        if t is None
+        else t.reshape(-1).to(dtype=dtype, device=device)
+        for t, n in zip(tensors, numels, strict=True)
+    ]
+    return torch.cat(parts)
+
+
+def _unflatten(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Split a flat vector into tensors shaped (and typed, placed) like ``like``."""
+    parts = vec.split([t.numel() for t in like])
+    return [
+        part.reshape(t.shape).to(dtype=t.dtype, device=t.device) for part, t in zip(parts, like, strict=True)
+    ]
+
+
+def _restore_buffers(snapshot: Sequence[tuple[nn.Module, str, Tensor, Tensor]]) -> None:
+    """Put back buffer objects and values; untouched buffers are left alone (no version bump)."""
+    with torch.no_grad():
+        for module, name, buf, saved in snapshot:
+            if module._buffers.get(name) is not buf:
+                module._buffers[name] = buf
+            if not torch.equal(buf, saved):
+                buf.copy_(saved)
+
+
+def _autocast_available(device_type: str) -> bool:
+    check = getattr(torch.amp, "is_autocast_available", None)
+    if check is not None:
+        return bool(check(device_type))
+    return device_type in ("cpu", "cuda")
+
+
+def _shape_of(x: object) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__

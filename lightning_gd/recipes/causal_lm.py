@@ -1,0 +1,119 @@
+"""LightningModule for next-token pretraining of a :class:`~lightning_gd.recipes.llama.Llama` model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from lightning_gd.optim.warmup_cosine import WarmupCosineLR
+from lightning_gd.recipes.llama import Llama, LlamaConfig
+
+__all__ = ["CausalLMModule"]
+
+# AdamW with LLaMA's betas and decay; the learning rate suits the small presets.
+_default_optimizer = partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Two groups: matrices decay; norms, biases and embeddings (and a head tied to them) do not."""
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # each parameter once, so a tied head is not listed twice
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and id(p) not in embedding_params else no_decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class CausalLMModule(LightningModule):
+    """Pretrain a LLaMA-style decoder with cross-entropy on next tokens.
+
+    The optimizer and learning-rate schedule are init arguments, so LightningCLI (``class_path`` /
+    ``init_args`` in YAML) or Python callers choose them. The optimizer receives two parameter groups:
+    weight matrices, and norms/biases/embeddings with ``weight_decay=0``. Defaults: AdamW (lr 1e-3,
+    betas (0.9, 0.95), weight decay 0.1) and :class:`~lightning_gd.optim.WarmupCosineLR` (5% warm-up, cosine
+    to 10%) over the Trainer's total steps, stepped every optimizer step.
+
+    Args:
+        preset: Name of a :class:`LlamaConfig` preset (``tiny``, ``125m``, ``350m``, ``1b``).
+        overrides: Fields of the preset to change, e.g. ``{"block_size": 128, "dropout": 0.1}``.
+        optimizer: ``params -> Optimizer``; ``None`` uses the default AdamW.
+        lr_scheduler: ``optimizer -> LRScheduler``; ``None`` uses the default warm-up + cosine. A
+            :class:`WarmupCosineLR` built without ``total_steps`` gets the Trainer's estimate.
+
+    Example::
+
+        model = CausalLMModule(
+            preset="tiny",
+            optimizer=lambda params: torch.optim.AdamW(params, lr=2e-3, weight_decay=0.1),
+        )
+        trainer = Trainer(max_steps=500)
+        trainer.fit(model, datamodule=TextCorpusDataModule(seq_len=128))
+    """
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        overrides: dict[str, Any] | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.config = LlamaConfig.from_name(preset, **(overrides or {}))
+        self.model = Llama(self.config)
+        self.optimizer_factory: Callable[[Iterable], torch.optim.Optimizer] = optimizer or _default_optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.val_loss = MeanMetric()
+        self.val_ppl = Perplexity()
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.model(idx)
+
+    def _loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        x, y = batch  # (B, T) each
+        logits = self.model(x)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), logits
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss, _ = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        loss, logits = self._loss(batch)
+        self.val_loss.update(loss, weight=batch[1].numel())
+        self.val_ppl.update(logits.float(), batch[1])
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/ppl", self.val_ppl)
+
+    test_step = validation_step
+
+    def on_fit_start(self) -> None:
+        # A `trainer.validate` before `fit` leaves metric states as inference tensors, which fit's
+        # validation (run under no_grad) cannot update: start fit from fresh states.
+        self.val_loss.reset()
+        self.val_ppl.reset()
+
+    def generate(self, idx: Tensor, max_new_tokens: int, **kwargs: Any) -> Tensor:
+        """Sample continuations of ``idx`` (B, T); see :meth:`Llama.generate`."""
+        return self.model.generate(idx, max_new_tokens, **kwargs)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(_param_groups(self.model))
+        if self.lr_scheduler_factory is None:
+            scheduler = WarmupCosineLR(optimizer, warmup_steps=0.05, min_lr_ratio=0.1)
+        else:
+            scheduler = self.lr_scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+            scheduler.set_total_steps(max(1, int(self.trainer.estimated_stepping_batches)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,249 @@
+"""``compressed_allreduce_hook`` in a real 2-process gloo DDP job on CPU.
+
+The job (``_ddp_worker.py``) runs once per module; every scenario records, per step and bucket, the
+local gradient entering the hook and the averaged gradient leaving it. Here the outputs are
+recomputed by hand from both ranks' inputs.
+"""
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_gd.compression import RandomK
+
+WORKER = Path(__file__).with_name("_ddp_worker.py")
+WORLD = 2
+TIMEOUT_S = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("ddp_compression")
+    port = str(_free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(r), str(WORLD), port, str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(WORLD)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"DDP job timed out after {TIMEOUT_S}s")
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-4000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _k(density: float, n: int) -> int:
+    return max(1, int(density * n + 0.5))
+
+
+def _numels(result: dict[str, Any]) -> dict[str, int]:
+    return {name: g.numel() for name, g in result["grads"][0].items()}
+
+
+def _hand_sparse(
+    ranks: list[dict[str, Any]], scenario: str, density: float, momentum: float | None = None
+) -> tuple[list[torch.Tensor], list[float]]:
+    """Replay top-k with error feedback (or DGC momentum correction) for every rank.
+
+    Memories are kept per parameter, so DDP's bucket rebuild after step 0 is followed exactly.
+    Returns the expected hook output of every record and rank 0's error norm after each step.
+    """
+    numels = _numels(ranks[0][scenario])
+    mem: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in ranks]
+    recs = [r[scenario]["records"] for r in ranks]
+    expected, error_norms = [], []
+    for i in range(len(recs[0])):
+        total = None
+        for r in range(len(ranks)):
+            rec = recs[r][i]
+            names, g = rec["params"], rec["grad_in"]
+
+            def cat(kind: str, names: list[str] = names, r: int = r) -> torch.Tensor:
+                return torch.cat([mem[r].get(n, {}).get(kind, torch.zeros(numels[n])) for n in names])
+
+            if momentum is None:
+                p = g + cat("e")  # p_t = g_t + e_t
+            else:
+                u = momentum * cat("u") + g  # u_t = m u_{t-1} + g_t
+                p = cat("v") + u  # v_t = v_{t-1} + u_t
+            idx = torch.topk(p.abs(), _k(density, g.numel())).indices
+            sent = torch.zeros_like(p)
+            sent[idx] = p[idx]
+            if momentum is None:
+                new = {"e": p - sent}
+            else:
+                u[idx], p[idx] = 0.0, 0.0  # momentum factor masking
+                new = {"u": u, "v": p}
+            for kind, flat in new.items():
+                for n, piece in zip(names, flat.split([numels[n] for n in names]), strict=True):
+                    mem[r].setdefault(n, {})[kind] = piece
+            total = sent if total is None else total + sent
+        expected.append(total / len(ranks))
+        if i + 1 == len(recs[0]) or recs[0][i + 1]["step"] != recs[0][i]["step"]:
+            kind = "e" if momentum is None else "v"
+            error_norms.append(math.sqrt(sum(float(m[kind].pow(2).sum()) for m in mem[0].values())))
+    return expected, error_norms
+
+
+def _records(ranks: list[dict[str, Any]], scenario: str) -> list[tuple[dict[str, Any], ...]]:
+    pairs = list(zip(*(r[scenario]["records"] for r in ranks), strict=True))
+    for pair in pairs:
+        assert len({(rec["step"], rec["bucket"]) for rec in pair}) == 1  # same bucket order on all ranks
+    return pairs
+
+
+# ---------------------------------------------------------------------- tests
+def test_compression_layer_does_not_import_lightning(ranks: list[dict[str, Any]]) -> None:
+    assert not ranks[0]["lightning_imported"]
+
+
+def test_topk_full_density_equals_dense_allreduce(ranks: list[dict[str, Any]]) -> None:
+    for r in ranks:
+        for step, grads in r["dense_ref"].items():
+            for name, g in grads.items():
+                torch.testing.assert_close(r["topk_full"]["grads"][step][name], g, rtol=0, atol=1e-7)
+    for rec0, rec1 in _records(ranks, "topk_full"):
+        torch.testing.assert_close(rec0["out"], (rec0["grad_in"] + rec1["grad_in"]) / 2, rtol=0, atol=1e-7)
+
+
+def test_topk10_with_error_feedback_matches_hand_computation(ranks: list[dict[str, Any]]) -> None:
+    expected, error_norms = _hand_sparse(ranks, "topk10", 0.1)
+    pairs = _records(ranks, "topk10")
+    assert {len(p[0]["params"]) for p in pairs} == {4, 2}  # one bucket at step 0, two after the rebuild
+    for (rec0, rec1), exp in zip(pairs, expected, strict=True):
+        torch.testing.assert_close(rec0["out"], exp, rtol=0, atol=1e-7)
+        assert torch.equal(rec0["out"], rec1["out"])
+        # DDP copied the hook's output into .grad
+        res = ranks[0]["topk10"]
+        pieces = rec0["out"].split([_numels(res)[n] for n in rec0["params"]])
+        for name, piece in zip(rec0["params"], pieces, strict=True):
+            assert torch.equal(res["grads"][rec0["step"]][name].flatten(), piece)
+    got = [s["error_norm"] for s in ranks[0]["topk10"]["stats"]]
+    assert got == pytest.approx(error_norms, rel=1e-5)
+
+
+def test_dgc_momentum_correction_matches_hand_computation(ranks: list[dict[str, Any]]) -> None:
+    expected, error_norms = _hand_sparse(ranks, "dgc", 0.25, momentum=0.9)
+    for (rec0, _), exp in zip(_records(ranks, "dgc"), expected, strict=True):
+        torch.testing.assert_close(rec0["out"], exp, rtol=1e-6, atol=1e-7)
+    assert [s["error_norm"] for s in ranks[0]["dgc"]["stats"]] == pytest.approx(error_norms, rel=1e-5)
+
+
+def test_randomk_allreduces_values_on_shared_indices(ranks: list[dict[str, Any]]) -> None:
+    comp = RandomK(0.25, seed=5)
+    calls: dict[int, int] = {}
+    for rec0, rec1 in _records(ranks, "randomk"):
+        key, n = rec0["bucket"], rec0["grad_in"].numel()
+        idx = comp.indices(n, key=key, step=calls.get(key, 0))
+        calls[key] = calls.get(key, 0) + 1
+        expected = torch.zeros(n)
+        expected[idx] = (rec0["grad_in"][idx] + rec1["grad_in"][idx]) / 2
+        torch.testing.assert_close(rec0["out"], expected, rtol=0, atol=1e-7)
+        assert torch.equal(rec0["out"], rec1["out"])
+
+
+def test_sign_averages_scaled_signs(ranks: list[dict[str, Any]]) -> None:
+    for rec0, rec1 in _records(ranks, "sign"):
+
+        def scaled_sign(g: torch.Tensor) -> torch.Tensor:
+            return torch.where(g >= 0, 1.0, -1.0) * g.abs().mean()  # ||g||_1 / d * sign(g)
+
+        expected = (scaled_sign(rec0["grad_in"]) + scaled_sign(rec1["grad_in"])) / 2
+        torch.testing.assert_close(rec0["out"], expected)
+        assert torch.equal(rec0["out"], rec1["out"])
+
+
+def test_qsgd_output_is_consistent_across_ranks(ranks: list[dict[str, Any]]) -> None:
+    for rec0, rec1 in _records(ranks, "qsgd"):
+        assert torch.equal(rec0["out"], rec1["out"]) and torch.isfinite(rec0["out"]).all()
+    assert all(s["error_norm"] > 0 for s in ranks[0]["qsgd"]["stats"])
+
+
+BYTES: dict[str, Callable[[int], int]] = {
+    "topk10": lambda n: _k(0.1, n) * (4 + 4),  # fp32 values + int32 indices
+    "dgc": lambda n: _k(0.25, n) * (4 + 4),
+    "randomk": lambda n: _k(0.25, n) * 4,  # values only
+    "sign": lambda n: math.ceil(n / 8) + 4,  # packed signs + fp32 scale
+    "qsgd": lambda n: 4 + math.ceil(n * 4 / 8),  # fp32 norm + 4-bit codes (s = 4)
+    "warmup": lambda n: 4 * n if n < 100 else _k(0.1, n) * 8,  # min_numel=100
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(BYTES))
+def test_bytes_accounting_equals_analytic_payload(ranks: list[dict[str, Any]], scenario: str) -> None:
+    for r in ranks:
+        stats = r[scenario]["stats"]
+        per_step: dict[int, list[int]] = {}
+        for rec in r[scenario]["records"]:
+            per_step.setdefault(rec["step"], []).append(rec["grad_in"].numel())
+        for step, numels in per_step.items():
+            dense = sum(4 * n for n in numels)
+            sent = dense if scenario == "warmup" and step == 0 else sum(BYTES[scenario](n) for n in numels)
+            assert stats[step]["step"] == step
+            assert stats[step]["bytes_sent"] == sent
+            assert stats[step]["dense_bytes"] == dense
+            assert stats[step]["ratio"] == pytest.approx(dense / sent)
+
+
+def test_warmup_and_small_buckets_go_dense(ranks: list[dict[str, Any]]) -> None:
+    for rec0, rec1 in _records(ranks, "warmup"):
+        dense = (rec0["grad_in"] + rec1["grad_in"]) / 2
+        if rec0["step"] == 0 or rec0["grad_in"].numel() < 100:
+            torch.testing.assert_close(rec0["out"], dense, rtol=0, atol=1e-7)
+        else:
+            assert rec0["out"].count_nonzero() <= 2 * _k(0.1, rec0["grad_in"].numel())
+    stats = ranks[0]["warmup"]["stats"]
+    assert [s["compressed_buckets"] for s in stats] == [0, 1, 1]
+    assert stats[0]["error_norm"] == 0.0
+
+
+@pytest.mark.parametrize("scenario", ["resume_gather", "resume_local"])
+def test_state_dict_round_trip_mid_run_reproduces_the_uninterrupted_run(
+    ranks: list[dict[str, Any]], scenario: str
+) -> None:
+    for r in ranks:
+        resumed = r[scenario]
+        assert resumed["warnings"] == []
+        # the restarted DDP uses its initial parameter order, the snapshot the rebuilt one
+        assert resumed["records"][0]["params"] != resumed["records"][-1]["params"]
+        for step, grads in resumed["grads"].items():
+            for name, g in grads.items():
+                assert torch.equal(g, r["uninterrupted"]["grads"][step][name]), (scenario, step, name)
+
+
+def test_resume_without_module_drops_mismatched_bucket_memory_with_warning(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for r in ranks:
+        assert any(
+            "does not match its current parameter shapes" in w for w in r["resume_unbound"]["warnings"]
+        )
+        assert all(
+            torch.isfinite(g).all() for grads in r["resume_unbound"]["grads"].values() for g in grads.values()
+        )

@@ -1,0 +1,90 @@
+"""Run a script as a real multi-process CPU DDP job (gloo) in a subprocess, with a timeout.
+
+The script gets an output directory as ``sys.argv[1]``; each rank writes ``rank<r>.json`` there with
+:func:`write_result`. Lightning's launcher re-executes the script for the other ranks, so the script must
+be a file, and everything before ``trainer.fit`` runs on every rank.
+
+Example::
+
+    results = run_ddp_script('''
+        from lightning.pytorch import Trainer
+        from tests.helpers.ddp import write_result
+        from tests.helpers.models import TinyClassifier, classification_loader
+        model = TinyClassifier()
+        trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False)
+        trainer.fit(model, classification_loader())
+        write_result({"world_size": trainer.world_size}, trainer.global_rank)
+    ''', tmp_path)
+    assert [r["world_size"] for r in results] == [2, 2]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+__all__ = ["free_port", "run_ddp_script", "write_result"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_result(result: dict[str, Any], rank: int) -> None:
+    """Write this rank's JSON result into the output directory given as ``sys.argv[1]``."""
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def run_ddp_script(
+    source: str, tmp_path: Path, num_procs: int = 2, timeout: float = 240.0
+) -> list[dict[str, Any]]:
+    """Run ``source`` as ``python script.py OUT`` and return the ranks' results in rank order.
+
+    Raises:
+        AssertionError: when the job fails, times out or a rank writes no result (with the job's output).
+    """
+    script = tmp_path / "ddp_job.py"
+    script.write_text(textwrap.dedent(source))
+    out = tmp_path / "ddp_out"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",  # two processes on a small machine: no oversubscription
+        "PYTHONUNBUFFERED": "1",
+    }
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(var, None)
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(script), str(out)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"DDP job timed out after {timeout}s\n{err.stdout}\n{err.stderr}") from err
+    log = f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"DDP job failed with exit code {proc.returncode}\n{log}"
+    results = []
+    for rank in range(num_procs):
+        path = out / f"rank{rank}.json"
+        assert path.is_file(), f"rank {rank} wrote no result\n{log}"
+        results.append(json.loads(path.read_text()))
+    return results

@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+
+from lightning_gd.optim import WarmupCosineLR
+
+
+def _lrs(n, **kw):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupCosineLR(opt, **kw)
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_hand_computed_schedule():
+    lrs = _lrs(12, warmup_steps=3, total_steps=11, min_lr_ratio=0.1)
+    assert lrs[:3] == pytest.approx([1 / 4, 2 / 4, 3 / 4])
+    # cosine over the 8 steps after warm-up: step 3 is the peak, step 11 the floor
+    expect = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 3) / 8)) for s in range(3, 12)]
+    assert lrs[3:] == pytest.approx(expect)
+    assert lrs[3] == pytest.approx(1.0) and lrs[11] == pytest.approx(0.1)
+
+
+def test_fractional_warmup_and_late_total_steps():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = WarmupCosineLR(opt, warmup_steps=0.1)  # total unknown yet
+    sched.set_total_steps(100)  # 10 warm-up steps
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.0 / 11)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.0)
+
+
+def test_resume_from_state_dict_continues_the_schedule():
+    full = _lrs(20, warmup_steps=4, total_steps=20)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupCosineLR(opt, warmup_steps=4, total_steps=20)
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched2 = WarmupCosineLR(opt2, warmup_steps=4, total_steps=20)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    resumed = []
+    for _ in range(13):
+        resumed.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert resumed == pytest.approx(full[7:])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"warmup_steps": 1.5}, "warmup_steps"),
+        ({"total_steps": 0}, "total_steps"),
+        ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match=match):
+        WarmupCosineLR(opt, **kwargs)

@@ -1,0 +1,86 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lightning_gd.cli import main
+from lightning_gd.recipes import recipe_path, recipes
+
+
+def test_recipes_lists_quickstart_with_a_description(capsys):
+    main(["recipes"])
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.strip().startswith("quickstart"))
+    assert "LLaMA" in line and recipes()["quickstart"] in line
+
+
+def test_python_m_runs_the_same_command():
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_gd", "recipes"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "quickstart" in proc.stdout
+
+
+def test_recipe_is_package_data():
+    path = recipe_path("quickstart")
+    assert path.parent.name == "configs" and path.parent.parent.name == "recipes"
+    assert recipe_path("quickstart.yaml") == path
+
+
+@pytest.mark.parametrize("name", sorted(recipes()))
+def test_every_builtin_recipe_parses(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", name, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] and printed["data"]["class_path"]
+    assert printed["trainer"]["max_steps"] > 0
+
+
+def test_every_recipe_key_is_commented_at_the_top():
+    for name in recipes():
+        first = recipe_path(name).read_text().splitlines()[0]
+        assert first.startswith("# ") and len(first) > 20, name
+
+
+def test_unknown_recipe_prints_available_names(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "quikstart"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Unknown recipe 'quikstart'" in err and "quickstart" in err
+
+
+def test_unknown_yaml_key_is_named(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("trainer:\n  max_stepz: 3\nmodel:\n  class_path: CausalLMModule\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(cfg)])
+    assert exit_info.value.code != 0
+    assert "max_stepz" in capsys.readouterr().err
+
+
+def test_quickstart_short_run_writes_the_run_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main([
+        "fit", "--config", "quickstart",
+        "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--data.seq_len", "32", "--data.train_windows", "64",
+        "--data.val_windows", "8", "--model.overrides", "{block_size: 32, n_layer: 1}",
+    ])  # fmt: skip
+    run = tmp_path / "runs" / "quickstart" / "version_0"
+    names = {p.name for p in run.iterdir()}
+    assert {
+        "metrics.csv",
+        "config.yaml",
+        "hparams.yaml",
+        "loss_curves.png",
+        "sample.txt",
+        "checkpoints",
+    } <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)  # TensorBoard in the same run directory
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["trainer"]["max_steps"] == 6
+    assert not (tmp_path / "runs" / "quickstart" / "version_1").exists()
