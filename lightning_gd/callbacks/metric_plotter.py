@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_gd.utils.plotting import new_figure, save_figure
+from lightning_gd.utils.plotting import new_figure, run_dir, save_figure
 
 __all__ = ["MetricPlotter"]
 
@@ -84,6 +84,7 @@ class MetricPlotter(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_dir = run_dir(trainer)  # on every rank: a collective under DDP
         if not trainer.is_global_zero or not any(self.history.values()):
             return
         fig, ax = new_figure()
@@ -95,7 +96,9 @@ class MetricPlotter(Callback):
         ax.set_yscale("log" if self.log_scale else "linear")
         ax.grid(alpha=0.3)
         ax.legend()
-        self.last_path = save_figure(trainer, fig, self.filename, tag="metrics/" + self.filename[:-4])
+        self.last_path = save_figure(
+            trainer, fig, log_dir, self.filename, tag="metrics/" + self.filename[:-4]
+        )
         rank_zero_info(f"MetricPlotter: wrote {self.last_path}")
 
     @override

@@ -11,6 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_gd.utils.plotting import run_dir
+
 __all__ = ["TextSampler"]
 
 
@@ -69,6 +71,7 @@ class TextSampler(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_dir = run_dir(trainer)  # on every rank: a collective under DDP
         if not trainer.is_global_zero:
             return
         idx = torch.tensor([list(self.prompt.encode())], dtype=torch.long, device=pl_module.device)  # (1, T)
@@ -83,7 +86,6 @@ class TextSampler(Callback):
             for m, training in modes.items():
                 m.training = training
         self.last_sample = bytes(out[0].tolist()).decode("utf-8", errors="replace")
-        log_dir = trainer.log_dir or trainer.default_root_dir
         os.makedirs(log_dir, exist_ok=True)
         with open(os.path.join(log_dir, self.filename), "w", encoding="utf-8") as f:
             f.write(self.last_sample)

@@ -15,7 +15,16 @@ if TYPE_CHECKING:
     from lightning.pytorch import Trainer
     from matplotlib.figure import Figure
 
-__all__ = ["new_figure", "save_figure"]
+__all__ = ["new_figure", "run_dir", "save_figure"]
+
+
+def run_dir(trainer: Trainer) -> str:
+    """The run directory (``trainer.log_dir``, else ``default_root_dir``).
+
+    Call on every rank: under DDP ``trainer.log_dir`` broadcasts from rank zero, so calling it on one rank
+    alone deadlocks.
+    """
+    return trainer.log_dir or trainer.default_root_dir
 
 
 def new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, plt.Axes]:
@@ -26,12 +35,12 @@ def new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, plt.Axe
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def save_figure(trainer: Trainer, fig: Figure, filename: str, tag: str | None = None) -> str:
-    """Write ``fig`` to ``<trainer.log_dir>/<filename>`` and to every TensorBoard logger under ``tag``.
+def save_figure(trainer: Trainer, fig: Figure, log_dir: str, filename: str, tag: str | None = None) -> str:
+    """Write ``fig`` to ``<log_dir>/<filename>`` and to every TensorBoard logger under ``tag``.
 
-    Call on global rank zero only. Returns the PNG's path.
+    Call on global rank zero only, with ``log_dir`` from :func:`run_dir` (called on every rank). Returns
+    the PNG's path.
     """
-    log_dir = trainer.log_dir or trainer.default_root_dir
     os.makedirs(log_dir, exist_ok=True)
     path = os.path.join(log_dir, filename)
     fig.tight_layout()

@@ -1,0 +1,254 @@
+"""Shared glue of the curvature callbacks: when to measure, on which batch, with which loss, on which ranks.
+
+The math is :mod:`lightning_gd.curvature`; this module only schedules it inside a Trainer, builds the
+operator over the right batch and loss, averages it over data-parallel ranks, checks for NaN/inf
+consistently on every rank, logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_gd.curvature import CurvatureOperator, HessianOperator, ReducedOperator
+
+LossFn = Callable[[LightningModule, Any], Tensor]
+
+_BATCH_MODES = ("current", "fixed")
+_MODES = ("eval", "train")
+_HVPS = ("auto", "double_backward", "forward_over_reverse")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise MisconfigurationException(f"`{name}` must be a positive integer, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise MisconfigurationException(f"`{name}` must be one of {choices}, got {value!r}")
+
+
+@contextlib.contextmanager
+def _silenced_logging(module: LightningModule) -> Iterator[None]:
+    """Make ``self.log`` / ``self.log_dict`` no-ops while the module's own step computes the loss."""
+    saved = {name: vars(module).get(name) for name in ("log", "log_dict")}
+    module.log = module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                delattr(module, name)
+            else:
+                setattr(module, name, value)
+
+
+def _training_step_loss(module: LightningModule, batch: Any) -> Tensor:
+    with _silenced_logging(module):
+        out = module.training_step(batch, 0)
+    loss = out["loss"] if isinstance(out, Mapping) else out
+    if not isinstance(loss, Tensor):
+        raise MisconfigurationException(
+            f"{type(module).__name__}.training_step returned {type(out).__name__}, not a loss tensor;"
+            " pass `loss_fn` to the curvature callback"
+        )
+    return loss
+
+
+def _mean_loss(loss_fn: LossFn) -> LossFn:
+    """Loss averaged over a list of batches (``num_batches`` > 1 measures their mean Hessian)."""
+
+    def loss(module: LightningModule, batches: list[Any]) -> Tensor:
+        return sum(loss_fn(module, b) for b in batches) / len(batches)
+
+    return loss
+
+
+def _check_strategy(strategy: Any, owner: str) -> None:
+    """Refuse sharded parameters, where double backward over the full model is not available."""
+    name = type(strategy).__name__
+    if "FSDP" in name or "ModelParallel" in name:
+        raise MisconfigurationException(
+            f"{owner} does not support {name}: FSDP shards the parameters, so Hessian-vector products of the"
+            " full model are not available. Use DDP (`strategy='ddp'`) or DeepSpeed ZeRO stage 1/2."
+        )
+    if getattr(strategy, "zero_stage_3", False):
+        raise MisconfigurationException(
+            f"{owner} does not support DeepSpeed ZeRO stage 3: it shards the parameters. Use ZeRO stage 1 or 2."
+        )
+
+
+class _CurvatureCallback(Callback):
+    """Base of :class:`HessianTraceMonitor` and :class:`SharpnessTracker` (see their docs for arguments)."""
+
+    _name = "curvature"
+
+    def __init__(
+        self,
+        every_n_steps: int,
+        batch: str,
+        num_batches: int,
+        loss_fn: LossFn | None,
+        mode: str,
+        hvp: str,
+        seed: int,
+    ) -> None:
+        _check_positive("every_n_steps", every_n_steps)
+        _check_positive("num_batches", num_batches)
+        _check_choice("batch", batch, _BATCH_MODES)
+        _check_choice("mode", mode, _MODES)
+        _check_choice("hvp", hvp, _HVPS)
+        if loss_fn is not None and not callable(loss_fn):
+            raise MisconfigurationException(f"`loss_fn` must be callable, got {loss_fn!r}")
+        self.every_n_steps = every_n_steps
+        self.batch = batch
+        self.num_batches = num_batches
+        self.loss_fn = loss_fn
+        self.mode = mode
+        self.hvp = hvp
+        self.seed = seed
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.last_metrics: dict[str, float] = {}
+        self._last_step = -1
+        self._fixed: list[Any] = []
+        self._warned_nonfinite = False
+        self._hvp_in_use: str | None = None  # remembered "auto" choice: probe it once, not every check
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Several instances (different schedules or settings) may share a Trainer and a checkpoint.
+        return self._generate_state_key(**self._key_args())
+
+    def _key_args(self) -> dict[str, Any]:
+        return {"every_n_steps": self.every_n_steps, "batch": self.batch, "num_batches": self.num_batches,
+                "mode": self.mode}  # fmt: skip
+
+    # ---------------------------------------------------------------- Lightning hooks
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        _check_strategy(trainer.strategy, type(self).__name__)
+        if not any(p.requires_grad for p in pl_module.parameters()):
+            raise MisconfigurationException(f"{type(self).__name__}: the model has no trainable parameters")
+        if self.loss_fn is None and not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                f"{type(self).__name__}: with manual optimization the module's training_step is no loss;"
+                " pass `loss_fn(module, batch) -> Tensor`"
+            )
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.batch == "fixed" and len(self._fixed) < self.num_batches:
+            self._fixed.append(apply_to_collection(batch, Tensor, lambda t: t.detach().cpu().clone()))
+        step = trainer.global_step
+        # After an optimizer step only (global_step just changed), so accumulation windows measure once.
+        if step == 0 or step == self._last_step or step % self.every_n_steps:
+            return
+        batches = self._batches(batch, pl_module)
+        if batches is None:
+            return
+        self._last_step = step
+        op = self._operator(trainer, pl_module, batches)
+        if not self._finite_everywhere(trainer, op.base.loss()):
+            return
+        metrics = self._measure(trainer, pl_module, op)
+        if metrics is None:
+            return
+        if not self._finite_everywhere(trainer, torch.tensor(list(metrics.values()), dtype=torch.float64)):
+            return
+        self._log(trainer, metrics)
+
+    # ---------------------------------------------------------------- to implement
+    def _measure(
+        self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator
+    ) -> dict[str, float] | None:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- helpers
+    def _batches(self, batch: Any, pl_module: LightningModule) -> list[Any] | None:
+        if self.batch == "current":
+            return [batch]
+        if len(self._fixed) < self.num_batches:
+            return None
+        return [move_data_to_device(b, pl_module.device) for b in self._fixed]
+
+    def _operator(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any]) -> ReducedOperator:
+        loss_fn = _mean_loss(self.loss_fn or _training_step_loss)
+        op = HessianOperator(pl_module, loss_fn, batches, hvp=self._hvp_in_use or self.hvp, mode=self.mode)
+        return ReducedOperator(op, self._reduce_fn(trainer))
+
+    @staticmethod
+    def _reduce_fn(trainer: Trainer) -> Callable[[Tensor], Tensor]:
+        if trainer.world_size == 1:
+            return lambda t: t
+        return lambda t: trainer.strategy.reduce(t, reduce_op="mean")
+
+    def _remember_hvp(self, op: CurvatureOperator) -> None:
+        base = op.base if isinstance(op, ReducedOperator) else op
+        self._hvp_in_use = getattr(base, "hvp_method", None) or self._hvp_in_use
+
+    def _finite_everywhere(self, trainer: Trainer, values: Tensor) -> bool:
+        """Agree on every rank whether to go on, so that no rank waits alone in a collective."""
+        bad = not bool(torch.isfinite(values.detach()).all())
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad and not self._warned_nonfinite:
+            rank_zero_warn(
+                f"{type(self).__name__}: non-finite loss or curvature at step {trainer.global_step}; this"
+                " measurement is skipped (training is not affected). Warning once."
+            )
+            self._warned_nonfinite = True
+        return not bad
+
+    def _log(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        step = trainer.global_step
+        self.last_metrics = metrics
+        for name, value in metrics.items():
+            self.history.setdefault(name, []).append((step, value))
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    @staticmethod
+    def _lr(trainer: Trainer) -> float:
+        return float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else math.nan
+
+    def _generator(self, trainer: Trainer, rank: int = 0) -> torch.Generator:
+        # Seeded by (seed, step, rank): reproducible, and independent of the global RNG.
+        return torch.Generator().manual_seed(hash((self.seed, trainer.global_step, rank)) & 0x7FFF_FFFF)
+
+    # ---------------------------------------------------------------- checkpointing
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_step": self._last_step,
+            "history": {k: [list(p) for p in v] for k, v in self.history.items()},
+            "fixed_batches": self._fixed,
+            "hvp_in_use": self._hvp_in_use,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict.get("last_step", -1))
+        self.history = {
+            k: [(int(s), float(v)) for s, v in pts] for k, pts in state_dict.get("history", {}).items()
+        }
+        self._fixed = list(state_dict.get("fixed_batches", []))
+        self._hvp_in_use = state_dict.get("hvp_in_use")

@@ -1,0 +1,127 @@
+"""Log the Hessian trace of the training loss, with a standard error, and the SGD linear-stability ratio.
+
+Hutchinson 1989 and Meyer et al. 2021 (Hutch++) for the estimator; Wu & Su 2023, "The Implicit
+Regularization of Dynamical Stability in Stochastic Gradient Descent": at a linearly stable minimum of
+SGD, tr(H) <= 2 / lr (GD only constrains lambda_max).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_gd.callbacks._curvature import LossFn, _check_choice, _check_positive, _CurvatureCallback
+from lightning_gd.curvature import ReducedOperator, hutchinson_trace
+
+__all__ = ["HessianTraceMonitor"]
+
+_METHODS = ("hutchinson", "hutch++")
+
+
+class HessianTraceMonitor(_CurvatureCallback):
+    """Estimate tr(H) of the training loss every ``every_n_steps`` optimizer steps and log it.
+
+    Logged (every rank computes the same numbers; rank zero writes them to every logger at the global step):
+
+    * ``hessian/trace`` and ``hessian/trace_stderr``: the estimate and its standard error;
+    * ``hessian/sgd_stability`` = lr * tr(H) / 2 with the first param group's lr: at or above 1, SGD is past
+      its linear-stability bound tr(H) <= 2/lr;
+    * ``hessian/num_hvps``: Hessian-vector products spent (per rank);
+    * with ``per_layer=True``, ``hessian/trace/<parameter name>`` from the same probes (they sum to the total).
+
+    Measuring never perturbs training: weights, gradients, buffers (BatchNorm statistics), RNG states and
+    train/eval modes are left exactly as they were (see :class:`~lightning_gd.curvature.HessianOperator`).
+    Under DDP every rank joins: with ``method="hutchinson"`` the probes are split across ranks (each rank's
+    probes see its own batch, whose Hessians average to the global batch's) and the estimates are combined;
+    with ``"hutch++"`` every product is averaged over ranks. FSDP and DeepSpeed ZeRO-3 are refused at setup.
+
+    Args:
+        every_n_steps: Measure after every this many optimizer steps.
+        num_probes: Rademacher probes per estimate (in total, over all ranks).
+        method: ``"hutchinson"`` or ``"hutch++"`` (fewer probes for low-rank-dominated spectra).
+        batch: ``"current"`` measures on the batch just trained on; ``"fixed"`` on the first ``num_batches``
+            training batches, kept (and checkpointed) for the whole run so that values are comparable.
+        num_batches: Batches averaged in ``"fixed"`` mode.
+        per_layer: Also log per-parameter traces.
+        loss_fn: ``loss_fn(module, batch) -> Tensor``; default: the module's own ``training_step`` with its
+            logging silenced (pass one if ``training_step`` has other side effects, e.g. metric updates).
+        mode: ``"eval"`` (dropout off, BatchNorm running statistics) or ``"train"`` (BatchNorm batch statistics
+            without updating them, one fixed dropout mask).
+        hvp: ``"auto"``, ``"double_backward"`` or ``"forward_over_reverse"``.
+        seed: Seed of the probes (combined with the step and rank).
+
+    Example::
+
+        trainer = Trainer(callbacks=[HessianTraceMonitor(every_n_steps=50, num_probes=30)])
+
+    Raises:
+        MisconfigurationException: for a bad argument (naming it and its value), a model without trainable
+            parameters, or a sharded strategy (FSDP, ZeRO-3).
+    """
+
+    _name = "hessian"
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        num_probes: int = 30,
+        method: str = "hutchinson",
+        batch: str = "current",
+        num_batches: int = 1,
+        per_layer: bool = False,
+        loss_fn: LossFn | None = None,
+        mode: str = "eval",
+        hvp: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(every_n_steps, batch, num_batches, loss_fn, mode, hvp, seed)
+        _check_positive("num_probes", num_probes)
+        _check_choice("method", method, _METHODS)
+        if method == "hutch++" and num_probes < 3:
+            raise MisconfigurationException(
+                f"`num_probes` must be >= 3 for method='hutch++', got {num_probes}"
+            )
+        self.num_probes = num_probes
+        self.method = method
+        self.per_layer = per_layer
+
+    def _key_args(self) -> dict[str, Any]:
+        return {**super()._key_args(), "method": self.method, "num_probes": self.num_probes}
+
+    def _measure(self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator) -> dict[str, float]:
+        P, rank = trainer.world_size, trainer.global_rank
+        if self.method == "hutchinson" and P > 1:
+            # Split the probes: rank r estimates tr(H_r) with its own probes; tr(mean H_r) is the mean.
+            local = hutchinson_trace(
+                op.base, math.ceil(self.num_probes / P), generator=self._generator(trainer, rank),
+                per_param=self.per_layer,
+            )  # fmt: skip
+            stats = torch.tensor([local.value, local.stderr**2], dtype=torch.float64, device=pl_module.device)
+            gathered = trainer.strategy.all_gather(stats).reshape(P, 2)
+            value = float(gathered[:, 0].mean())
+            stderr = float(gathered[:, 1].sum().sqrt()) / P  # independent ranks: variances add
+            per_param = local.per_param
+            if per_param is not None:
+                layer = torch.tensor(list(per_param.values()), dtype=torch.float64, device=pl_module.device)
+                per_param = dict(zip(per_param, self._reduce_fn(trainer)(layer).tolist(), strict=True))
+            num_hvps = local.num_matvecs
+        else:
+            est = hutchinson_trace(
+                op, self.num_probes, method=self.method, generator=self._generator(trainer),
+                per_param=self.per_layer,
+            )  # fmt: skip
+            value, stderr, per_param, num_hvps = est.value, est.stderr, est.per_param, est.num_matvecs
+        self._remember_hvp(op)
+        metrics = {
+            "hessian/trace": value,
+            "hessian/trace_stderr": stderr,
+            "hessian/sgd_stability": self._lr(trainer) * value / 2.0,
+            "hessian/num_hvps": float(num_hvps),
+        }
+        if per_param:
+            metrics.update({f"hessian/trace/{name}": v for name, v in per_param.items()})
+        return metrics

@@ -1,0 +1,255 @@
+"""Track sharpness (top and bottom Hessian eigenvalues) against the edge of stability, with spectra plots.
+
+Cohen et al. 2021, "Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability":
+under full-batch GD, lambda_max rises to about 2/lr and hovers there. Cohen et al. 2022, "Adaptive
+Gradient Methods at the Edge of Stability": for Adam the preconditioned sharpness lambda_max(P^-1 H),
+P = diag(sqrt(v_hat) + eps), hovers at (2 + 2 beta1) / ((1 - beta1) lr), 38/lr for beta1 = 0.9.
+Ghorbani et al. 2019 and Sagun et al. 2017 ("Empirical Analysis of the Hessian") for the density.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_gd.callbacks._curvature import LossFn, _check_positive, _CurvatureCallback
+from lightning_gd.curvature import PreconditionedOperator, ReducedOperator, lanczos, spectral_density
+from lightning_gd.utils.plotting import new_figure, run_dir, save_figure
+
+__all__ = ["SharpnessTracker"]
+
+
+def _adam_preconditioner(
+    optimizer: torch.optim.Optimizer, params: tuple[Tensor, ...]
+) -> tuple[Tensor, float] | None:
+    """Flat diag(sqrt(v_hat) + eps) over ``params`` and beta1, from an Adam-family optimizer's state."""
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    diags = []
+    beta1 = None
+    for p in params:
+        group, state = group_of.get(id(p)), optimizer.state.get(p, {})
+        if group is None or "exp_avg_sq" not in state:
+            return None
+        beta1, beta2 = group["betas"]
+        t = float(state["step"])
+        v_hat = state["exp_avg_sq"] / (1.0 - beta2**t)  # bias-corrected second moment
+        diags.append((v_hat.sqrt() + group["eps"]).flatten())
+    return torch.cat(diags), float(beta1)
+
+
+class SharpnessTracker(_CurvatureCallback):
+    """Track lambda_max (and optionally lambda_min) of the training-loss Hessian with warm-started Lanczos.
+
+    Logged every ``every_n_steps`` optimizer steps (the same numbers on every rank):
+
+    * ``sharpness/lambda_max`` and ``sharpness/edge_of_stability`` = lr * lambda_max / 2 (1 = the GD stability
+      edge 2/lr); with ``k > 1`` also ``sharpness/eig_2`` ... ``sharpness/eig_k``;
+    * with ``smallest=True``, ``sharpness/lambda_min`` (negative: a direction of negative curvature, a saddle);
+    * with ``preconditioned=True`` (Adam-family optimizers), ``sharpness/preconditioned_lambda_max`` of
+      P^-1/2 H P^-1/2, P = diag(sqrt(v_hat) + eps), and ``sharpness/edge_of_stability`` against
+      (2 + 2 beta1) / ((1 - beta1) lr), i.e. 38/lr at beta1 = 0.9;
+    * ``sharpness/num_hvps``: Hessian-vector products spent in this check.
+
+    Every ``density_every_n_steps`` steps the spectral density (stochastic Lanczos quadrature) is plotted to
+    ``<log_dir>/spectral_density_step<N>.png`` and TensorBoard; at the end of fitting, lambda_max against the
+    stability threshold over training goes to ``<log_dir>/sharpness.png``. The warm-start vectors, the fixed
+    batch and the history are checkpointed. Measuring never perturbs training; under DDP every product is
+    averaged over ranks, so all ranks run the same Lanczos; FSDP and DeepSpeed ZeRO-3 are refused at setup.
+
+    Args:
+        every_n_steps: Measure after every this many optimizer steps.
+        k: Number of top eigenvalues.
+        smallest: Also compute lambda_min.
+        warm_start: Start Lanczos from the previous check's eigenvector (few products per check).
+        density_every_n_steps: Plot the spectral density this often (``None``: never).
+        preconditioned: Track the Adam-preconditioned sharpness instead of the raw one.
+        loss_fn: ``loss_fn(module, batch) -> Tensor``; default: the module's own ``training_step`` with its
+            logging silenced.
+        batch: ``"current"`` or ``"fixed"`` (see :class:`HessianTraceMonitor`).
+        num_batches: Batches averaged in ``"fixed"`` mode.
+        mode: ``"eval"`` or ``"train"`` (see :class:`~lightning_gd.curvature.HessianOperator`).
+        hvp: ``"auto"``, ``"double_backward"`` or ``"forward_over_reverse"``.
+        tol: Relative residual tolerance of Lanczos (eigenvalue errors are about ``tol**2`` relative).
+        max_iter: Most Lanczos iterations per eigenvalue side.
+        density_num_runs: SLQ runs per density.
+        density_num_steps: Lanczos steps per SLQ run.
+        plot: Write the end-of-fit plot.
+        seed: Seed of the cold-start vectors and density probes.
+
+    Example::
+
+        trainer = Trainer(callbacks=[SharpnessTracker(every_n_steps=20, smallest=True, density_every_n_steps=500)])
+
+    Raises:
+        MisconfigurationException: for a bad argument (naming it and its value), a model without trainable
+            parameters, a sharded strategy, or ``preconditioned=True`` with an optimizer without Adam moments.
+    """
+
+    _name = "sharpness"
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        k: int = 1,
+        smallest: bool = False,
+        warm_start: bool = True,
+        density_every_n_steps: int | None = None,
+        preconditioned: bool = False,
+        loss_fn: LossFn | None = None,
+        batch: str = "current",
+        num_batches: int = 1,
+        mode: str = "eval",
+        hvp: str = "auto",
+        tol: float = 1e-3,
+        max_iter: int = 50,
+        density_num_runs: int = 1,
+        density_num_steps: int = 60,
+        plot: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(every_n_steps, batch, num_batches, loss_fn, mode, hvp, seed)
+        _check_positive("k", k)
+        _check_positive("max_iter", max_iter)
+        _check_positive("density_num_runs", density_num_runs)
+        _check_positive("density_num_steps", density_num_steps)
+        if density_every_n_steps is not None:
+            _check_positive("density_every_n_steps", density_every_n_steps)
+        if not tol > 0:
+            raise MisconfigurationException(f"`tol` must be > 0, got {tol!r}")
+        if k > max_iter:
+            raise MisconfigurationException(f"`k`={k} must not exceed `max_iter`={max_iter}")
+        self.k = k
+        self.smallest = smallest
+        self.warm_start = warm_start
+        self.density_every_n_steps = density_every_n_steps
+        self.preconditioned = preconditioned
+        self.tol = tol
+        self.max_iter = max_iter
+        self.density_num_runs = density_num_runs
+        self.density_num_steps = density_num_steps
+        self.plot = plot
+        self._init: dict[str, Tensor] = {}  # warm-start vectors: "max", "min"
+        self.density_paths: list[str] = []
+        self.plot_path: str | None = None
+
+    def _key_args(self) -> dict[str, Any]:
+        return {**super()._key_args(), "k": self.k, "preconditioned": self.preconditioned}
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.preconditioned:
+            group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
+            if "betas" not in group or "eps" not in group:
+                raise MisconfigurationException(
+                    "SharpnessTracker(preconditioned=True) needs an Adam-family optimizer (betas, eps and"
+                    f" exp_avg_sq state); got {type(trainer.optimizers[0]).__name__ if trainer.optimizers else None}"
+                )
+
+    def _measure(
+        self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator
+    ) -> dict[str, float] | None:
+        lr = self._lr(trainer)
+        metrics: dict[str, float] = {}
+        target: Any = op
+        threshold = 2.0 / lr
+        if self.preconditioned:
+            pre = _adam_preconditioner(trainer.optimizers[0], op.base.params)
+            if pre is None:
+                rank_zero_warn("SharpnessTracker: no Adam second moments yet; skipping this measurement.")
+                return None
+            diag, beta1 = pre
+            target = PreconditionedOperator(op, diag)
+            threshold = (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
+        num_hvps = 0
+        top = self._lanczos(target, "largest", trainer)
+        num_hvps += top.num_matvecs
+        lam = top.eigenvalues.tolist()
+        key = "sharpness/preconditioned_lambda_max" if self.preconditioned else "sharpness/lambda_max"
+        metrics[key] = lam[0]
+        metrics["sharpness/edge_of_stability"] = lam[0] / threshold
+        metrics["sharpness/threshold"] = threshold
+        for i, value in enumerate(lam[1:], start=2):
+            metrics[f"sharpness/eig_{i}"] = value
+        if self.smallest:
+            bottom = self._lanczos(target, "smallest", trainer)
+            num_hvps += bottom.num_matvecs
+            metrics["sharpness/lambda_min"] = bottom.eigenvalues[0].item()
+        metrics["sharpness/num_hvps"] = float(num_hvps)
+        self._remember_hvp(op)
+        step = trainer.global_step
+        if self.density_every_n_steps and step % self.density_every_n_steps == 0:
+            self._plot_density(trainer, target, step)
+        return metrics
+
+    def _lanczos(self, op: Any, which: str, trainer: Trainer) -> Any:
+        side = "max" if which == "largest" else "min"
+        init = self._init.get(side) if self.warm_start else None
+        if init is not None:
+            init = init.to(device=op.device, dtype=op.dtype)
+        k = self.k if which == "largest" else 1
+        result = lanczos(
+            op, k=k, which=which, tol=self.tol, max_iter=self.max_iter, init=init,
+            generator=self._generator(trainer),
+        )  # fmt: skip
+        if self.warm_start and torch.isfinite(result.eigenvectors).all():
+            self._init[side] = result.eigenvectors[:, 0].detach().clone()
+        return result
+
+    def _plot_density(self, trainer: Trainer, op: Any, step: int) -> None:
+        density = spectral_density(
+            op, num_runs=self.density_num_runs, num_steps=self.density_num_steps,
+            generator=self._generator(trainer, rank=1_000_003),
+        )  # fmt: skip
+        log_dir = run_dir(trainer)  # on every rank: a collective under DDP
+        if not trainer.is_global_zero:
+            return
+        fig, ax = new_figure()
+        ax.semilogy(density.grid.cpu().numpy(), density.density.clamp_min(1e-12).cpu().numpy())
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density")
+        ax.set_title(f"Hessian spectral density, step {step}")
+        ax.grid(alpha=0.3)
+        path = save_figure(
+            trainer, fig, log_dir, f"spectral_density_step{step}.png", tag="sharpness/spectral_density"
+        )
+        self.density_paths.append(path)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        key = "sharpness/preconditioned_lambda_max" if self.preconditioned else "sharpness/lambda_max"
+        log_dir = run_dir(trainer)  # on every rank: a collective under DDP
+        if not self.plot or not trainer.is_global_zero or not self.history.get(key):
+            return
+        steps, lam = zip(*self.history[key], strict=True)
+        _, thresholds = zip(*self.history["sharpness/threshold"], strict=True)
+        fig, ax = new_figure()
+        ax.plot(steps, lam, marker="o", markersize=3, label=key.split("/")[1])
+        bound = "38/lr" if self.preconditioned else "2/lr"
+        ax.plot(steps, thresholds, linestyle="--", color="black", label=bound)
+        if "sharpness/lambda_min" in self.history:
+            s_min, l_min = zip(*self.history["sharpness/lambda_min"], strict=True)
+            ax.plot(s_min, l_min, marker="v", markersize=3, label="lambda_min")
+        ax.set_xlabel("step")
+        ax.set_ylabel("eigenvalue")
+        ax.set_title("Sharpness against the stability threshold")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        self.plot_path = save_figure(trainer, fig, log_dir, "sharpness.png", tag="sharpness/vs_threshold")
+        rank_zero_info(f"SharpnessTracker: wrote {self.plot_path}")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["warm_start"] = {side: v.detach().cpu() for side, v in self._init.items()}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._init = dict(state_dict.get("warm_start", {}))

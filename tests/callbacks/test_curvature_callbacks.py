@@ -1,0 +1,260 @@
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.func import functional_call
+
+from lightning_gd.callbacks import HessianTraceMonitor, SharpnessTracker
+from lightning_gd.callbacks._curvature import _check_strategy
+from lightning_gd.callbacks.sharpness_tracker import _adam_preconditioner
+from tests.helpers.models import TinyClassifier, classification_loader
+
+
+def _trainer(tmp_path, callbacks, **kw):
+    defaults = dict(
+        accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=callbacks,
+    )  # fmt: skip
+    return Trainer(**{**defaults, **kw})
+
+
+def _exact_hessian(module, batch):
+    """Dense Hessian of the module's eval-mode training loss w.r.t. all parameters (float64)."""
+    names = [n for n, _ in module.named_parameters()]
+    shapes = [p.shape for _, p in module.named_parameters()]
+    flat0 = torch.cat([p.detach().flatten() for p in module.parameters()])
+    x, y = batch
+    module.eval()
+
+    def loss(flat):
+        params, i = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            params[n] = flat[i : i + s.numel()].view(s)
+            i += s.numel()
+        return F.cross_entropy(functional_call(module, params, (x,)), y)
+
+    H = torch.autograd.functional.hessian(loss, flat0)
+    module.train()
+    return H
+
+
+def _first_batch(n=64):
+    x, y = next(iter(classification_loader(n=n)))
+    return x.double(), y
+
+
+def test_values_match_the_exact_hessian_in_a_real_trainer(tmp_path):
+    seed_everything(0)
+    model = TinyClassifier(dropout=0.2)
+    trace = HessianTraceMonitor(every_n_steps=8, num_probes=200, batch="fixed", per_layer=True)
+    sharp = SharpnessTracker(every_n_steps=8, k=2, smallest=True, batch="fixed", tol=1e-8, max_iter=200)
+    _trainer(tmp_path, [trace, sharp], precision="64-true").fit(model, classification_loader())
+    H = _exact_hessian(model, _first_batch())
+    eig = torch.linalg.eigvalsh(H)
+    m = sharp.last_metrics
+    assert m["sharpness/lambda_max"] == pytest.approx(eig[-1].item(), rel=1e-6)
+    assert m["sharpness/eig_2"] == pytest.approx(eig[-2].item(), rel=1e-6)
+    assert m["sharpness/lambda_min"] == pytest.approx(eig[0].item(), rel=1e-6)
+    assert m["sharpness/edge_of_stability"] == pytest.approx(0.1 * eig[-1].item() / 2, rel=1e-6)
+    t = trace.last_metrics
+    exact_trace = torch.trace(H).item()
+    assert abs(t["hessian/trace"] - exact_trace) < 3 * t["hessian/trace_stderr"]
+    assert t["hessian/sgd_stability"] == pytest.approx(0.1 * t["hessian/trace"] / 2)
+    layers = {k: v for k, v in t.items() if k.startswith("hessian/trace/")}
+    assert set(layers) == {f"hessian/trace/{n}" for n, _ in model.named_parameters()}
+    assert sum(layers.values()) == pytest.approx(t["hessian/trace"], rel=1e-9)
+    assert [s for s, _ in trace.history["hessian/trace"]] == [8]
+
+
+def test_measuring_never_changes_the_training_trajectory(tmp_path):
+    def run(callbacks):
+        seed_everything(7)
+        model = TinyClassifier(dropout=0.3, momentum=0.9)
+        _trainer(tmp_path, callbacks).fit(model, classification_loader(shuffle=True))
+        return model.state_dict(), torch.get_rng_state()
+
+    plain, rng_plain = run([])
+    measured, rng_measured = run(
+        [
+            HessianTraceMonitor(every_n_steps=1, num_probes=6, mode="train", per_layer=True),
+            SharpnessTracker(every_n_steps=2, smallest=True, density_every_n_steps=4, max_iter=10),
+            HessianTraceMonitor(every_n_steps=3, num_probes=6, method="hutch++", batch="fixed"),
+        ]
+    )
+    assert plain.keys() == measured.keys()
+    for key in plain:  # weights and BatchNorm buffers, bit for bit
+        assert torch.equal(plain[key], measured[key]), key
+    assert torch.equal(rng_plain, rng_measured)
+
+
+def test_warm_start_and_checkpoint_resume_continue_as_if_never_stopped(tmp_path):
+    def tracker():
+        return SharpnessTracker(every_n_steps=2, batch="fixed", tol=1e-4, max_iter=60)
+
+    def fit(steps, callbacks, ckpt_path=None, extra=()):
+        seed_everything(3)
+        model = TinyClassifier(dropout=0.0)
+        trainer = _trainer(tmp_path, [*callbacks, *extra], max_steps=steps, enable_checkpointing=bool(extra))
+        trainer.fit(model, classification_loader(), ckpt_path=ckpt_path)
+        return trainer
+
+    full = tracker()
+    fit(8, [full])
+    first = tracker()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1)
+    fit(4, [first], extra=[ckpt])
+    resumed = tracker()
+    fit(8, [resumed], ckpt_path=tmp_path / "ck" / "epoch=0-step=4.ckpt")
+    assert resumed._fixed and torch.equal(resumed._fixed[0][0], full._fixed[0][0])
+    for key in ("sharpness/lambda_max", "sharpness/num_hvps"):
+        got, want = resumed.history[key], full.history[key]
+        assert [s for s, _ in got] == [s for s, _ in want] == [2, 4, 6, 8]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-9)
+    hvps = [v for _, v in full.history["sharpness/num_hvps"]]
+    cold = SharpnessTracker(every_n_steps=2, batch="fixed", tol=1e-4, max_iter=60, warm_start=False)
+    fit(8, [cold])
+    assert sum(hvps[1:]) < sum(v for _, v in cold.history["sharpness/num_hvps"][1:])
+
+
+def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path):
+    trace = HessianTraceMonitor(every_n_steps=1, num_probes=4)
+    _trainer(tmp_path, [trace], max_steps=3, accumulate_grad_batches=2).fit(
+        TinyClassifier(), classification_loader()
+    )
+    assert [s for s, _ in trace.history["hessian/trace"]] == [1, 2, 3]
+
+
+def test_preconditioned_sharpness_matches_the_exact_adam_preconditioned_hessian(tmp_path):
+    seed_everything(0)
+    model = TinyClassifier(dropout=0.0, optimizer="adam", lr=0.01)
+    sharp = SharpnessTracker(every_n_steps=4, preconditioned=True, batch="fixed", tol=1e-9, max_iter=200)
+    trainer = _trainer(tmp_path, [sharp], max_steps=4, precision="64-true")
+    trainer.fit(model, classification_loader())
+    diag, beta1 = _adam_preconditioner(trainer.optimizers[0], tuple(model.parameters()))
+    H = _exact_hessian(model, _first_batch())
+    s = diag.rsqrt()
+    exact = torch.linalg.eigvalsh(s[:, None] * H * s[None, :])[-1].item()
+    m = sharp.last_metrics
+    assert m["sharpness/preconditioned_lambda_max"] == pytest.approx(exact, rel=1e-6)
+    assert m["sharpness/threshold"] == pytest.approx(38 / 0.01)
+    assert m["sharpness/edge_of_stability"] == pytest.approx(exact / 3800, rel=1e-6)
+
+
+def test_plots_and_logs(tmp_path):
+    tb = TensorBoardLogger(tmp_path, name="tb", version=0)
+    csv = CSVLogger(tmp_path, name="csv", version=0)
+    sharp = SharpnessTracker(every_n_steps=2, density_every_n_steps=4, max_iter=10)
+    trace = HessianTraceMonitor(every_n_steps=2, num_probes=4)
+    _trainer(tmp_path, [sharp, trace], logger=[tb, csv]).fit(TinyClassifier(), classification_loader())
+    run = tmp_path / "tb" / "version_0"
+    assert sharp.plot_path == str(run / "sharpness.png")
+    assert [p.rsplit("/", 1)[1] for p in sharp.density_paths] == [
+        "spectral_density_step4.png",
+        "spectral_density_step8.png",
+    ]
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert {"sharpness/spectral_density", "sharpness/vs_threshold"} <= set(events.Tags()["images"])
+    steps = [e.step for e in events.Scalars("hessian/trace")]
+    assert steps == [2, 4, 6, 8]  # every measurement reaches the logger, whatever log_every_n_steps is
+    assert "sharpness/lambda_max" in (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+
+
+def test_nonfinite_loss_skips_with_one_warning_and_leaves_training_alone(tmp_path):
+    def nan_loss(module, batch):
+        return module(batch[0]).sum() * math.nan
+
+    def run(callbacks):
+        seed_everything(1)
+        model = TinyClassifier()
+        _trainer(tmp_path, callbacks, max_steps=6).fit(model, classification_loader())
+        return model.state_dict()
+
+    trace = HessianTraceMonitor(every_n_steps=1, num_probes=4, loss_fn=nan_loss)
+    sharp = SharpnessTracker(every_n_steps=1, loss_fn=nan_loss, max_iter=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        measured = run([trace, sharp])
+    ours = [w for w in caught if "non-finite" in str(w.message)]
+    assert len(ours) == 2  # one per callback, not one per step
+    assert trace.history == {} and sharp.history == {}
+    plain = run([])
+    assert all(torch.equal(plain[k], measured[k]) for k in plain)
+
+
+def test_custom_loss_fn_is_used(tmp_path):
+    def quadratic(module, batch):
+        return sum((p**2).sum() for p in module.parameters())  # Hessian = 2 I
+
+    sharp = SharpnessTracker(every_n_steps=2, loss_fn=quadratic, smallest=True)
+    trace = HessianTraceMonitor(every_n_steps=2, num_probes=3, loss_fn=quadratic)
+    model = TinyClassifier(dropout=0.0)
+    _trainer(tmp_path, [sharp, trace], max_steps=2).fit(model, classification_loader())
+    n = sum(p.numel() for p in model.parameters())
+    assert sharp.last_metrics["sharpness/lambda_max"] == pytest.approx(2.0)
+    assert sharp.last_metrics["sharpness/lambda_min"] == pytest.approx(2.0)
+    assert trace.last_metrics["hessian/trace"] == pytest.approx(2.0 * n)
+    assert trace.last_metrics["hessian/trace_stderr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_no_trainable_parameters_and_sharded_strategies_are_refused_at_setup(tmp_path):
+    model = TinyClassifier()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(MisconfigurationException, match="no trainable parameters"):
+        _trainer(tmp_path, [HessianTraceMonitor()]).fit(model, classification_loader())
+    with pytest.raises(MisconfigurationException, match="does not support FSDPStrategy"):
+        _check_strategy(FSDPStrategy(), "SharpnessTracker")  # FSDP cannot run on CPU; the check can
+    with pytest.raises(MisconfigurationException, match="Adam-family"):
+        _trainer(tmp_path, [SharpnessTracker(preconditioned=True)]).fit(
+            TinyClassifier(), classification_loader()
+        )
+
+
+def test_deepspeed_zero3_is_refused():
+    pytest.importorskip("deepspeed")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    with pytest.raises(MisconfigurationException, match="ZeRO stage 3"):
+        _check_strategy(DeepSpeedStrategy(stage=3), "HessianTraceMonitor")
+    _check_strategy(DeepSpeedStrategy(stage=2), "HessianTraceMonitor")
+
+
+@pytest.mark.gpu
+def test_fsdp_is_refused_at_setup_on_gpu(tmp_path):
+    trainer = _trainer(tmp_path, [SharpnessTracker()], accelerator="cuda", strategy="fsdp", devices=1)
+    with pytest.raises(MisconfigurationException, match="does not support FSDPStrategy"):
+        trainer.fit(TinyClassifier(), classification_loader())
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "match"),
+    [
+        (HessianTraceMonitor, {"every_n_steps": 0}, "`every_n_steps` must be a positive integer, got 0"),
+        (HessianTraceMonitor, {"num_probes": -3}, "`num_probes` must be a positive integer, got -3"),
+        (HessianTraceMonitor, {"method": "hutch"}, "`method` must be one of .*, got 'hutch'"),
+        (HessianTraceMonitor, {"method": "hutch++", "num_probes": 2}, "`num_probes` must be >= 3"),
+        (HessianTraceMonitor, {"batch": "random"}, "`batch` must be one of .*, got 'random'"),
+        (HessianTraceMonitor, {"mode": "test"}, "`mode` must be one of .*, got 'test'"),
+        (HessianTraceMonitor, {"hvp": "fd"}, "`hvp` must be one of .*, got 'fd'"),
+        (SharpnessTracker, {"k": 0}, "`k` must be a positive integer, got 0"),
+        (SharpnessTracker, {"every_n_steps": -1}, "`every_n_steps` must be a positive integer, got -1"),
+        (SharpnessTracker, {"tol": 0.0}, "`tol` must be > 0, got 0.0"),
+        (
+            SharpnessTracker,
+            {"density_every_n_steps": 0},
+            "`density_every_n_steps` must be a positive integer",
+        ),
+        (SharpnessTracker, {"mode": "both"}, "`mode` must be one of .*, got 'both'"),
+    ],
+)
+def test_bad_arguments(cls, kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        cls(**kwargs)

@@ -1,0 +1,49 @@
+from tests.helpers.ddp import run_ddp_script
+
+_SCRIPT = """
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Trainer, seed_everything
+from lightning_gd.callbacks import HessianTraceMonitor, MetricPlotter, SharpnessTracker
+from tests.callbacks.test_curvature_callbacks import _exact_hessian
+from tests.helpers.ddp import write_result
+from tests.helpers.models import TinyClassifier, classification_loader
+
+seed_everything(0)
+model = TinyClassifier(dropout=0.2)
+trace = HessianTraceMonitor(every_n_steps=4, num_probes=400, batch="fixed", per_layer=True)
+sharp = SharpnessTracker(every_n_steps=2, smallest=True, batch="fixed", tol=1e-8, max_iter=200,
+                         density_every_n_steps=4)
+trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, precision="64-true", logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=[trace, sharp, MetricPlotter(every_n_steps=1)], default_root_dir=".")
+trainer.fit(model, classification_loader(n=128))
+# The exact Hessian of the global batch: the mean of the ranks' fixed-batch Hessians at the final weights.
+x, y = sharp._fixed[0]
+H = _exact_hessian(model, (x.double(), y))
+dist.all_reduce(H)
+H /= trainer.world_size
+eig = torch.linalg.eigvalsh(H)
+write_result({
+    "trace": trace.last_metrics, "sharp": sharp.last_metrics, "exact_trace": torch.trace(H).item(),
+    "exact_max": eig[-1].item(), "exact_min": eig[0].item(), "first_x": x[0].tolist(),
+    "weights": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
+    "history_steps": [s for s, _ in sharp.history["sharpness/lambda_max"]],
+}, trainer.global_rank)
+"""
+
+
+def test_curvature_callbacks_on_two_process_ddp(tmp_path):
+    r0, r1 = run_ddp_script(_SCRIPT, tmp_path)
+    assert r0["first_x"] != r1["first_x"]  # each rank measured its own data
+    assert r0["weights"] == r1["weights"]
+    for key in ("trace", "sharp"):
+        assert r0[key] == r1[key]  # every rank logs the same numbers
+    assert r0["history_steps"] == [2, 4]
+    s = r0["sharp"]
+    assert abs(s["sharpness/lambda_max"] - r0["exact_max"]) < 1e-6 * abs(r0["exact_max"])
+    assert abs(s["sharpness/lambda_min"] - r0["exact_min"]) < 1e-6 * abs(r0["exact_min"])
+    t = r0["trace"]
+    assert abs(t["hessian/trace"] - r0["exact_trace"]) < 3 * t["hessian/trace_stderr"]
+    assert t["hessian/num_hvps"] == 200  # the 400 probes are split over the two ranks
+    assert (tmp_path / "sharpness.png").is_file() and (tmp_path / "spectral_density_step4.png").is_file()
