@@ -175,9 +175,7 @@ class _CurvatureCallback(Callback):
         self._log(trainer, metrics)
 
     # ---------------------------------------------------------------- to implement
-    def _measure(
-        self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator
-    ) -> dict[str, float] | None:
+    def _measure(self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator) -> dict[str, float] | None:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- helpers
@@ -247,8 +245,6 @@ class _CurvatureCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
-        self.history = {
-            k: [(int(s), float(v)) for s, v in pts] for k, pts in state_dict.get("history", {}).items()
-        }
+        self.history = {k: [(int(s), float(v)) for s, v in pts] for k, pts in state_dict.get("history", {}).items()}
         self._fixed = list(state_dict.get("fixed_batches", []))
         self._hvp_in_use = state_dict.get("hvp_in_use")

@@ -82,9 +82,7 @@ class HessianTraceMonitor(_CurvatureCallback):
         _check_positive("num_probes", num_probes)
         _check_choice("method", method, _METHODS)
         if method == "hutch++" and num_probes < 3:
-            raise MisconfigurationException(
-                f"`num_probes` must be >= 3 for method='hutch++', got {num_probes}"
-            )
+            raise MisconfigurationException(f"`num_probes` must be >= 3 for method='hutch++', got {num_probes}")
         self.num_probes = num_probes
         self.method = method
         self.per_layer = per_layer

@@ -96,9 +96,7 @@ class MetricPlotter(Callback):
         ax.set_yscale("log" if self.log_scale else "linear")
         ax.grid(alpha=0.3)
         ax.legend()
-        self.last_path = save_figure(
-            trainer, fig, log_dir, self.filename, tag="metrics/" + self.filename[:-4]
-        )
+        self.last_path = save_figure(trainer, fig, log_dir, self.filename, tag="metrics/" + self.filename[:-4])
         rank_zero_info(f"MetricPlotter: wrote {self.last_path}")
 
     @override

@@ -25,9 +25,7 @@ from lightning_gd.utils.plotting import new_figure, run_dir, save_figure
 __all__ = ["SharpnessTracker"]
 
 
-def _adam_preconditioner(
-    optimizer: torch.optim.Optimizer, params: tuple[Tensor, ...]
-) -> tuple[Tensor, float] | None:
+def _adam_preconditioner(optimizer: torch.optim.Optimizer, params: tuple[Tensor, ...]) -> tuple[Tensor, float] | None:
     """Flat diag(sqrt(v_hat) + eps) over ``params`` and beta1, from an Adam-family optimizer's state."""
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     diags = []
@@ -151,9 +149,7 @@ class SharpnessTracker(_CurvatureCallback):
                     f" exp_avg_sq state); got {type(trainer.optimizers[0]).__name__ if trainer.optimizers else None}"
                 )
 
-    def _measure(
-        self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator
-    ) -> dict[str, float] | None:
+    def _measure(self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator) -> dict[str, float] | None:
         lr = self._lr(trainer)
         metrics: dict[str, float] = {}
         target: Any = op
@@ -215,9 +211,7 @@ class SharpnessTracker(_CurvatureCallback):
         ax.set_ylabel("density")
         ax.set_title(f"Hessian spectral density, step {step}")
         ax.grid(alpha=0.3)
-        path = save_figure(
-            trainer, fig, log_dir, f"spectral_density_step{step}.png", tag="sharpness/spectral_density"
-        )
+        path = save_figure(trainer, fig, log_dir, f"spectral_density_step{step}.png", tag="sharpness/spectral_density")
         self.density_paths.append(path)
 
     @override

@@ -92,6 +92,4 @@ class TextSampler(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("sample", f"```\n{self.last_sample}\n```", trainer.global_step)
-        rank_zero_info(
-            f"Sample after {trainer.global_step} steps:\n{'-' * 60}\n{self.last_sample}\n{'-' * 60}"
-        )
+        rank_zero_info(f"Sample after {trainer.global_step} steps:\n{'-' * 60}\n{self.last_sample}\n{'-' * 60}")

@@ -53,9 +53,7 @@ class ErrorFeedback:
         if e is None:
             return grad.clone()
         if e.shape != grad.shape:
-            raise ValueError(
-                f"residual for key={key!r} has shape {tuple(e.shape)}, gradient has {tuple(grad.shape)}"
-            )
+            raise ValueError(f"residual for key={key!r} has shape {tuple(e.shape)}, gradient has {tuple(grad.shape)}")
         if e.device != grad.device or e.dtype != grad.dtype:
             # Loaded from a CPU checkpoint: move once and keep it there.
             e = e.to(device=grad.device, dtype=grad.dtype)

@@ -111,13 +111,10 @@ class CompressionHookState:
             raise ValueError(f"momentum must be in [0, 1), got momentum={momentum!r}")
         if momentum > 0 and not compressor.sparse:
             raise ValueError(
-                f"momentum={momentum!r} (DGC momentum correction) needs a sparse compressor, "
-                f"got {compressor!r}"
+                f"momentum={momentum!r} (DGC momentum correction) needs a sparse compressor, got {compressor!r}"
             )
         if momentum > 0 and not error_feedback:
-            raise ValueError(
-                f"momentum={momentum!r} needs error_feedback=True (the DGC accumulation is the memory)"
-            )
+            raise ValueError(f"momentum={momentum!r} needs error_feedback=True (the DGC accumulation is the memory)")
         self.compressor = compressor
         self.error_feedback = bool(error_feedback)
         self.warmup_steps = int(warmup_steps)
@@ -341,9 +338,7 @@ class CompressionHookState:
             0.0,
         )
 
-    def _account(
-        self, numel: int, sent: int, dense: int, sent_numel: int, allgather: bool, compressed: bool
-    ) -> None:
+    def _account(self, numel: int, sent: int, dense: int, sent_numel: int, allgather: bool, compressed: bool) -> None:
         p = self._world_size_or_1()
         acc = self._acc
         acc["bytes_sent"] += sent
@@ -377,9 +372,7 @@ class CompressionHookState:
         if self.memory is not None:
             return [t for k in self.memory.keys() if (t := self.memory.residual(k)) is not None]
         if self.momentum_correction is not None:
-            return [
-                b[1] for k in self.momentum_correction.keys() if (b := self.momentum_correction.buffers(k))
-            ]
+            return [b[1] for k in self.momentum_correction.keys() if (b := self.momentum_correction.buffers(k))]
         return []
 
     # ------------------------------------------------------------------ memory per bucket
@@ -431,9 +424,7 @@ class CompressionHookState:
             shapes=tuple(tuple(p.shape) for p in params),
         )
         if sum(layout.numels) != buf.numel():
-            raise RuntimeError(
-                f"bucket {key}: parameters hold {sum(layout.numels)} elements, buffer {buf.numel()}"
-            )
+            raise RuntimeError(f"bucket {key}: parameters hold {sum(layout.numels)} elements, buffer {buf.numel()}")
         # Cut every bucket that shares a parameter with the new layout (including the old `key`).
         new_ptrs = set(ptrs)
         for other in [k for k, lay in self._layouts.items() if k == key or new_ptrs.intersection(lay.ptrs)]:
@@ -491,9 +482,7 @@ class CompressionHookState:
                     stacklevel=3,
                 )
             if local is None:
-                warnings.warn(
-                    f"no compression memory saved for rank {rank}: starting from zero", stacklevel=3
-                )
+                warnings.warn(f"no compression memory saved for rank {rank}: starting from zero", stacklevel=3)
                 return
         else:
             local = sd

@@ -39,8 +39,7 @@ def powersgd_state_dict(state: PowerSGDState) -> dict[str, Any]:
         >>> torch.save({"powersgd": sd}, "ckpt.pt")
     """
     out: dict[str, Any] = {
-        name: {str(k): t.detach().cpu().clone() for k, t in getattr(state, name).items()}
-        for name in _TENSOR_DICTS
+        name: {str(k): t.detach().cpu().clone() for k, t in getattr(state, name).items()} for name in _TENSOR_DICTS
     }
     for name in _COUNTERS:
         out[name] = int(getattr(state, name))

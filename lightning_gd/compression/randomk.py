@@ -76,9 +76,7 @@ class RandomK(Compressor):
         # k values only; indices are regenerated locally
         return self.k(numel) * torch.empty((), dtype=dtype).element_size()
 
-    def indices(
-        self, numel: int, key: int | str, step: int, device: torch.device | str = "cpu"
-    ) -> torch.Tensor:
+    def indices(self, numel: int, key: int | str, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """The (sorted, int64) indices used for call number ``step`` of ``key``.
 
         Args:
@@ -100,9 +98,7 @@ class RandomK(Compressor):
         step = self._next_step(key)
         flat = tensor.reshape(-1)
         idx = self.indices(flat.numel(), key, step, flat.device)
-        return CompressedTensor(
-            payload=(flat[idx],), shape=tensor.shape, dtype=tensor.dtype, ctx={"indices": idx}
-        )
+        return CompressedTensor(payload=(flat[idx],), shape=tensor.shape, dtype=tensor.dtype, ctx={"indices": idx})
 
     def decompress(self, compressed: CompressedTensor) -> torch.Tensor:
         (values,) = compressed.payload

@@ -43,9 +43,7 @@ class Sign(Compressor):
         self._next_step(key)
         flat = tensor.reshape(-1)
         # scale = ||x||_1 / d, accumulated in fp32 for low-precision inputs
-        scale = (
-            flat.float().abs().mean().reshape(1) if flat.numel() else flat.new_zeros(1, dtype=torch.float32)
-        )
+        scale = flat.float().abs().mean().reshape(1) if flat.numel() else flat.new_zeros(1, dtype=torch.float32)
         bits = _pack_bits(flat >= 0)  # bit 1 <=> non-negative
         # Fixed-size fp32 header first keeps it 4-byte aligned when payloads are byte-packed.
         return CompressedTensor(payload=(scale, bits), shape=tensor.shape, dtype=tensor.dtype)

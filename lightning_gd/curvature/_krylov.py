@@ -45,9 +45,7 @@ class _LanczosProcess:
         """Add ``q`` to the basis, compute its residual; return the residual norm ``beta``."""
         j = self.size
         if j == self.basis.shape[1]:  # grow geometrically: few copies, memory only as needed
-            grown = torch.empty(
-                self.op.numel, min(2 * j, self.capacity), dtype=self.dtype, device=self.op.device
-            )
+            grown = torch.empty(self.op.numel, min(2 * j, self.capacity), dtype=self.dtype, device=self.op.device)
             grown[:, :j] = self.basis
             self.basis = grown
         self.basis[:, j] = self.q

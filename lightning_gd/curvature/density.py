@@ -115,11 +115,7 @@ def spectral_density(
     if sigma is None:
         spread = hi - lo
         sigma = _RELATIVE_SIGMA * (spread if spread > 0 else max(abs(hi), 1.0))
-    grid = torch.linspace(
-        lo - _GRID_MARGIN * sigma, hi + _GRID_MARGIN * sigma, grid_size, dtype=torch.float64
-    )
-    kernel = torch.exp(-0.5 * ((grid[:, None] - nodes.reshape(1, -1)) / sigma) ** 2) / (
-        sigma * math.sqrt(2 * math.pi)
-    )
+    grid = torch.linspace(lo - _GRID_MARGIN * sigma, hi + _GRID_MARGIN * sigma, grid_size, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * ((grid[:, None] - nodes.reshape(1, -1)) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
     density = kernel @ weights.reshape(-1) / num_runs
     return SpectralDensity(grid=grid, density=density, nodes=nodes, weights=weights, num_matvecs=num_matvecs)

@@ -235,9 +235,7 @@ class HessianOperator:
         except torch.OutOfMemoryError:
             raise  # Memory pressure is not a missing-feature signal: do not hide it.
         except Exception as err:  # noqa: BLE001 - any failure of forward-mode AD means "fall back"
-            _log.info(
-                "forward-over-reverse HVP failed (%s: %s); using double backward", type(err).__name__, err
-            )
+            _log.info("forward-over-reverse HVP failed (%s: %s); using double backward", type(err).__name__, err)
             out = self._products(V, "double_backward")
             self._method = "double_backward"
             return out
@@ -385,16 +383,12 @@ class _LossModule(nn.Module):
         return self._call_loss(self.model)
 
 
-def _select_params(
-    model: nn.Module, params: Iterable[Tensor] | None
-) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
+def _select_params(model: nn.Module, params: Iterable[Tensor] | None) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
     """Resolve the measured parameters and their names, in a stable order."""
     if params is None:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
-            raise ValueError(
-                "params=None selects no parameter: model has no parameter with requires_grad=True"
-            )
+            raise ValueError("params=None selects no parameter: model has no parameter with requires_grad=True")
     else:
         name_of = {id(p): n for n, p in model.named_parameters()}
         named, seen = [], set()
@@ -417,9 +411,7 @@ def _flatten(
 ) -> Tensor:
     """Concatenate tensors into one flat vector; ``None`` (an unused parameter) means zeros."""
     parts = [
-        torch.zeros(n, dtype=dtype, device=device)
-        if t is None
-        else t.reshape(-1).to(dtype=dtype, device=device)
+        torch.zeros(n, dtype=dtype, device=device) if t is None else t.reshape(-1).to(dtype=dtype, device=device)
         for t, n in zip(tensors, numels, strict=True)
     ]
     return torch.cat(parts)
@@ -428,9 +420,7 @@ def _flatten(
 def _unflatten(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     """Split a flat vector into tensors shaped (and typed, placed) like ``like``."""
     parts = vec.split([t.numel() for t in like])
-    return [
-        part.reshape(t.shape).to(dtype=t.dtype, device=t.device) for part, t in zip(parts, like, strict=True)
-    ]
+    return [part.reshape(t.shape).to(dtype=t.dtype, device=t.device) for part, t in zip(parts, like, strict=True)]
 
 
 def _restore_buffers(snapshot: Sequence[tuple[nn.Module, str, Tensor, Tensor]]) -> None:

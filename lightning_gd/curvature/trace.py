@@ -184,9 +184,7 @@ def _param_slices(op: CurvatureOperator) -> dict[str, slice]:
     names = getattr(op, "param_names", None)
     numels = getattr(op, "param_numels", None)
     if names is None or numels is None:
-        raise ValueError(
-            f"per_param=True needs an operator with param_names and param_numels, got {type(op).__name__}"
-        )
+        raise ValueError(f"per_param=True needs an operator with param_names and param_numels, got {type(op).__name__}")
     slices, offset = {}, 0
     for name, n in zip(names, numels, strict=True):
         slices[name] = slice(offset, offset + n)

@@ -66,17 +66,11 @@ class LlamaConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"LlamaConfig: `{name}` must be >= 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
-            raise ValueError(
-                f"LlamaConfig: `n_embd`={self.n_embd} is not a multiple of `n_head`={self.n_head}"
-            )
+            raise ValueError(f"LlamaConfig: `n_embd`={self.n_embd} is not a multiple of `n_head`={self.n_head}")
         if self.n_head % self.n_kv_head:
-            raise ValueError(
-                f"LlamaConfig: `n_head`={self.n_head} is not a multiple of `n_kv_head`={self.n_kv_head}"
-            )
+            raise ValueError(f"LlamaConfig: `n_head`={self.n_head} is not a multiple of `n_kv_head`={self.n_kv_head}")
         if self.head_size % 2:
-            raise ValueError(
-                f"LlamaConfig: the head size n_embd/n_head={self.head_size} must be even for RoPE"
-            )
+            raise ValueError(f"LlamaConfig: the head size n_embd/n_head={self.head_size} must be even for RoPE")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LlamaConfig: `dropout` must be in [0, 1), got {self.dropout}")
         if self.intermediate_size is None:

@@ -40,9 +40,7 @@ class _RandomWindows(Dataset):
 
 def _stdlib_files() -> tuple[Path, list[Path]]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [
-        f for f in root.rglob("*.py") if not _EXCLUDED_DIRS & set(f.relative_to(root).parts) and f.is_file()
-    ]
+    files = [f for f in root.rglob("*.py") if not _EXCLUDED_DIRS & set(f.relative_to(root).parts) and f.is_file()]
     return root, sorted(files)
 
 
@@ -131,14 +129,10 @@ class TextCorpusDataModule(LightningDataModule):
                 return root.parent, [root]
         pattern = glob or "**/*.txt"
         files = sorted(
-            f
-            for f in root.glob(pattern)
-            if f.is_file() and not _EXCLUDED_DIRS & set(f.relative_to(root).parts)
+            f for f in root.glob(pattern) if f.is_file() and not _EXCLUDED_DIRS & set(f.relative_to(root).parts)
         )
         if not files:
-            raise MisconfigurationException(
-                f"No files match `glob`={pattern!r} under `data_dir`={str(root)!r}"
-            )
+            raise MisconfigurationException(f"No files match `glob`={pattern!r} under `data_dir`={str(root)!r}")
         return root, files
 
     @property
@@ -177,9 +171,7 @@ class TextCorpusDataModule(LightningDataModule):
         assert self.train_data is not None, "call setup() first"
         hp = self.hparams
         ds = _RandomWindows(self.train_data, hp.seq_len, hp.train_windows, hp.seed)
-        return DataLoader(
-            ds, batch_size=hp.batch_size, shuffle=True, num_workers=hp.num_workers, drop_last=True
-        )
+        return DataLoader(ds, batch_size=hp.batch_size, shuffle=True, num_workers=hp.num_workers, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_data is not None, "call setup() first"

@@ -47,7 +47,5 @@ def save_figure(trainer: Trainer, fig: Figure, log_dir: str, filename: str, tag:
     fig.savefig(path)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_figure(
-                tag or os.path.splitext(filename)[0], fig, global_step=trainer.global_step
-            )
+            logger.experiment.add_figure(tag or os.path.splitext(filename)[0], fig, global_step=trainer.global_step)
     return path

@@ -126,9 +126,7 @@ def test_warm_start_and_checkpoint_resume_continue_as_if_never_stopped(tmp_path)
 
 def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path):
     trace = HessianTraceMonitor(every_n_steps=1, num_probes=4)
-    _trainer(tmp_path, [trace], max_steps=3, accumulate_grad_batches=2).fit(
-        TinyClassifier(), classification_loader()
-    )
+    _trainer(tmp_path, [trace], max_steps=3, accumulate_grad_batches=2).fit(TinyClassifier(), classification_loader())
     assert [s for s, _ in trace.history["hessian/trace"]] == [1, 2, 3]
 
 
@@ -213,9 +211,7 @@ def test_no_trainable_parameters_and_sharded_strategies_are_refused_at_setup(tmp
     with pytest.raises(MisconfigurationException, match="does not support FSDPStrategy"):
         _check_strategy(FSDPStrategy(), "SharpnessTracker")  # FSDP cannot run on CPU; the check can
     with pytest.raises(MisconfigurationException, match="Adam-family"):
-        _trainer(tmp_path, [SharpnessTracker(preconditioned=True)]).fit(
-            TinyClassifier(), classification_loader()
-        )
+        _trainer(tmp_path, [SharpnessTracker(preconditioned=True)]).fit(TinyClassifier(), classification_loader())
 
 
 def test_deepspeed_zero3_is_refused():

@@ -69,9 +69,7 @@ class _Recorder:
         self.records: list[dict[str, Any]] = []
         self.stats: list[dict[str, float]] = []
 
-    def hook(
-        self, state: CompressionHookState, bucket: dist.GradBucket
-    ) -> torch.futures.Future[torch.Tensor]:
+    def hook(self, state: CompressionHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         rec = {
             "step": self.step,
             "bucket": bucket.index(),
@@ -152,9 +150,7 @@ def _resume(rank: int, gather: bool, bind: bool, save_at: int = 2, total: int = 
     One bucket, so top-k selections do not depend on the bucket layout; the restarted DDP still
     uses its initial (reversed) parameter order in the first resumed step.
     """
-    first = _train(
-        rank, TopK(0.1), range(save_at + 1), bind=bind, save_at=save_at, gather=gather, bucket_cap_mb=25
-    )
+    first = _train(rank, TopK(0.1), range(save_at + 1), bind=bind, save_at=save_at, gather=gather, bucket_cap_mb=25)
     snap = first["snapshot"]
     model = _model()
     model.load_state_dict(snap["model"])
@@ -197,9 +193,7 @@ def main() -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results: dict[str, Any] = {name: fn(rank) for name, fn in SCENARIOS.items()}
-        results["lightning_imported"] = any(
-            m == "lightning" or m.startswith("lightning.") for m in sys.modules
-        )
+        results["lightning_imported"] = any(m == "lightning" or m.startswith("lightning.") for m in sys.modules)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

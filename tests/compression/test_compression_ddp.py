@@ -241,9 +241,5 @@ def test_resume_without_module_drops_mismatched_bucket_memory_with_warning(
     ranks: list[dict[str, Any]],
 ) -> None:
     for r in ranks:
-        assert any(
-            "does not match its current parameter shapes" in w for w in r["resume_unbound"]["warnings"]
-        )
-        assert all(
-            torch.isfinite(g).all() for grads in r["resume_unbound"]["grads"].values() for g in grads.values()
-        )
+        assert any("does not match its current parameter shapes" in w for w in r["resume_unbound"]["warnings"])
+        assert all(torch.isfinite(g).all() for grads in r["resume_unbound"]["grads"].values() for g in grads.values())

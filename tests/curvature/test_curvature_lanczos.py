@@ -46,16 +46,12 @@ def test_top_k_and_bottom_k_on_known_spectrum():
     A = spectrum_matrix(eigs.double())
     res = lanczos(DenseOperator(A), k=3, tol=1e-10)
     assert res.converged
-    torch.testing.assert_close(
-        res.eigenvalues, torch.tensor([9.0, 7.0, 6.5], dtype=torch.float64), rtol=1e-8, atol=0
-    )
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([9.0, 7.0, 6.5], dtype=torch.float64), rtol=1e-8, atol=0)
     residual = A @ res.eigenvectors - res.eigenvectors * res.eigenvalues
     assert residual.norm() < 1e-6
     torch.testing.assert_close(res.eigenvectors.T @ res.eigenvectors, torch.eye(3, dtype=torch.float64))
     low = lanczos(DenseOperator(A), k=2, which="smallest", tol=1e-10)
-    torch.testing.assert_close(
-        low.eigenvalues, torch.tensor([-5.0, -2.0], dtype=torch.float64), rtol=1e-8, atol=0
-    )
+    torch.testing.assert_close(low.eigenvalues, torch.tensor([-5.0, -2.0], dtype=torch.float64), rtol=1e-8, atol=0)
 
 
 def test_warm_start_needs_fewer_matvecs():

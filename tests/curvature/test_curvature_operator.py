@@ -120,17 +120,13 @@ def cross_entropy_sq(model, batch, square):
 
 def test_param_subset_gradient_and_chunks(mlp, mlp_hessian):
     first, second = mlp.model[0], mlp.model[2]
-    op = HessianOperator(
-        mlp.model, mlp.loss_fn, mlp.batch, params=[second.weight, second.bias, second.weight]
-    )
+    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.batch, params=[second.weight, second.bias, second.weight])
     assert op.param_names == ("2.weight", "2.bias")
     assert op.param_numels == (18, 3)
     block = mlp_hessian[30:, 30:]
     V = probes(21, 5)
     assert rel_err(op.matmat(V), block @ V) < 1e-10
-    chunked = HessianOperator(
-        mlp.model, mlp.loss_fn, mlp.batch, params=[second.weight, second.bias], chunk_size=2
-    )
+    chunked = HessianOperator(mlp.model, mlp.loss_fn, mlp.batch, params=[second.weight, second.bias], chunk_size=2)
     assert rel_err(chunked.matmat(V), block @ V) < 1e-10
 
     full = HessianOperator(mlp.model, mlp.loss_fn, mlp.batch)

@@ -59,15 +59,11 @@ def test_per_param_hutchinson(mlp, mlp_hessian):
 
 def test_per_param_hutch_plus_plus_is_exact_with_full_sketch(mlp, mlp_hessian):
     op = HessianOperator(mlp.model, mlp.loss_fn, mlp.batch)
-    est = hutchinson_trace(
-        op, num_probes=3 * op.numel, method="hutch++", per_param=True, probes_per_matmat=64
-    )
+    est = hutchinson_trace(op, num_probes=3 * op.numel, method="hutch++", per_param=True, probes_per_matmat=64)
     assert math.isclose(est.value, torch.trace(mlp_hessian).item(), rel_tol=1e-8)
     assert math.isclose(sum(est.per_param.values()), est.value, rel_tol=1e-10)
     for name, s in block_slices(op).items():
-        assert math.isclose(
-            est.per_param[name], torch.trace(mlp_hessian[s, s]).item(), rel_tol=1e-8, abs_tol=1e-10
-        )
+        assert math.isclose(est.per_param[name], torch.trace(mlp_hessian[s, s]).item(), rel_tol=1e-8, abs_tol=1e-10)
 
 
 def test_reproducible_and_global_rng_untouched():
@@ -76,9 +72,7 @@ def test_reproducible_and_global_rng_untouched():
     first, second = hutchinson_trace(A, num_probes=7), hutchinson_trace(A, num_probes=7, probes_per_matmat=3)
     assert torch.equal(torch.get_rng_state(), rng)
     assert first.value == pytest.approx(second.value, rel=1e-12)  # same probes, chunked differently
-    exact = hutchinson_trace(
-        DenseOperator(torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))), num_probes=1
-    )
+    exact = hutchinson_trace(DenseOperator(torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))), num_probes=1)
     assert exact.value == 15.0 and math.isnan(exact.stderr)
 
 

@@ -48,9 +48,7 @@ def write_result(result: dict[str, Any], rank: int) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def run_ddp_script(
-    source: str, tmp_path: Path, num_procs: int = 2, timeout: float = 240.0
-) -> list[dict[str, Any]]:
+def run_ddp_script(source: str, tmp_path: Path, num_procs: int = 2, timeout: float = 240.0) -> list[dict[str, Any]]:
     """Run ``source`` as ``python script.py OUT`` and return the ranks' results in rank order.
 
     Raises:

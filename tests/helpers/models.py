@@ -11,9 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 __all__ = ["TinyClassifier", "classification_loader", "classification_tensors"]
 
 
-def classification_tensors(
-    n: int = 64, in_dim: int = 8, classes: int = 3, seed: int = 0
-) -> tuple[Tensor, Tensor]:
+def classification_tensors(n: int = 64, in_dim: int = 8, classes: int = 3, seed: int = 0) -> tuple[Tensor, Tensor]:
     """A seeded, learnable classification problem: labels from a random linear teacher."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, in_dim, generator=gen)
