@@ -1,3 +1,5 @@
 """Lightning strategies (registered with Lightning's StrategyRegistry on import)."""
 
-__all__: list[str] = []
+from lightning_gd.strategies.compressed_ddp import CompressedDDPStrategy
+
+__all__ = ["CompressedDDPStrategy"]
