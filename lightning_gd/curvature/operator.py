@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _NormBase
 
 __all__ = ["HessianOperator"]
@@ -50,7 +51,9 @@ class HessianOperator:
       The caller's RNG state is restored afterwards;
     * snapshots all buffers and restores them (only when changed), restores every parameter's
       ``.grad`` reference (products use ``torch.autograd.grad``, which never accumulates);
-    * disables autocast and enables grad, so the Hessian is measured in the parameters' dtype.
+    * disables autocast and enables grad, so the Hessian is measured in the parameters' dtype, and
+      restricts ``scaled_dot_product_attention`` to its math kernel (the fused kernels have no
+      forward-mode AD or double backward).
 
     The batch is passed to ``loss_fn`` untouched; the parameters are read at each product, so
     the operator follows in-place updates of the model.
@@ -332,6 +335,9 @@ class HessianOperator:
             stack.enter_context(torch.enable_grad())
             if _autocast_available(self.device.type):
                 stack.enter_context(torch.autocast(device_type=self.device.type, enabled=False))
+            # Flash / memory-efficient attention kernels have neither forward-mode AD nor double backward:
+            # measure through the math kernel, which is plain differentiable ops.
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             try:
                 model.train(self._mode == "train")
                 if self._mode == "train":

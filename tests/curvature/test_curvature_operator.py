@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_gd.curvature import DenseOperator, HessianOperator, PreconditionedOperator
@@ -205,3 +206,19 @@ def test_cuda_matches_cpu_and_keeps_cuda_rng(method, cnn):
     assert torch.equal(out, op.matmat(V.cuda()).cpu())  # deterministic dropout on the GPU too
     # CUDA dropout masks differ from CPU ones: compare symmetry and the train-mode structure instead.
     assert rel_err(V.T @ out, (V.T @ out).T) < 1e-10
+
+
+@pytest.mark.parametrize("hvp", ["double_backward", "forward_over_reverse", "auto"])
+def test_attention_models_are_measured_through_the_math_kernel(hvp):
+    # The fused CPU/GPU attention kernels support neither double backward nor forward-mode AD.
+    from lightning_gd.recipes.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("tiny", block_size=8, n_layer=1, n_embd=16, n_head=2, n_kv_head=1))
+    x = torch.randint(0, 256, (2, 8))
+    op = HessianOperator(model, lambda m, b: F.cross_entropy(m(b).flatten(0, 1), b.flatten()), x, hvp=hvp)
+    v = torch.randn(op.numel, generator=torch.Generator().manual_seed(1))
+    ref = HessianOperator(
+        model, lambda m, b: F.cross_entropy(m(b).flatten(0, 1), b.flatten()), x, hvp="double_backward"
+    ).matvec(v)
+    assert torch.allclose(op.matvec(v), ref, rtol=1e-4, atol=1e-6)
