@@ -254,3 +254,15 @@ def test_fsdp_is_refused_at_setup_on_gpu(tmp_path):
 def test_bad_arguments(cls, kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
         cls(**kwargs)
+
+
+def test_bf16_autocast_training_is_measured_in_float32(tmp_path):
+    seed_everything(0)
+    model = TinyClassifier(dropout=0.0)
+    sharp = SharpnessTracker(every_n_steps=4, batch="fixed", tol=1e-6, max_iter=200)
+    trace = HessianTraceMonitor(every_n_steps=4, num_probes=8, batch="fixed")
+    _trainer(tmp_path, [sharp, trace], max_steps=4, precision="bf16-mixed").fit(model, classification_loader())
+    # The same weights measured in float64 without autocast: bf16 would be off by ~1e-2 relative.
+    H = _exact_hessian(model.double(), _first_batch())
+    assert sharp.last_metrics["sharpness/lambda_max"] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=1e-4)
+    assert math.isfinite(trace.last_metrics["hessian/trace"])
