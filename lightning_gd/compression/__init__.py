@@ -16,7 +16,12 @@ from lightning_gd.compression.base import CompressedTensor, Compressor
 from lightning_gd.compression.error_feedback import ErrorFeedback
 from lightning_gd.compression.hook import CompressionHookState, compressed_allreduce_hook
 from lightning_gd.compression.momentum import MomentumCorrection
-from lightning_gd.compression.powersgd import load_powersgd_state_dict, powersgd_state_dict
+from lightning_gd.compression.powersgd import (
+    PowerSGDLayoutState,
+    load_powersgd_state_dict,
+    powersgd_layout_hook,
+    powersgd_state_dict,
+)
 from lightning_gd.compression.qsgd import QSGD
 from lightning_gd.compression.randomk import RandomK
 from lightning_gd.compression.sign import Sign
@@ -33,6 +38,8 @@ __all__ = [
     "Sign",
     "TopK",
     "compressed_allreduce_hook",
+    "PowerSGDLayoutState",
     "load_powersgd_state_dict",
+    "powersgd_layout_hook",
     "powersgd_state_dict",
 ]

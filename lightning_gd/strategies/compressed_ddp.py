@@ -27,12 +27,12 @@ from lightning_gd.compression import (
     QSGD,
     CompressionHookState,
     Compressor,
+    PowerSGDLayoutState,
     RandomK,
     Sign,
     TopK,
     compressed_allreduce_hook,
-    load_powersgd_state_dict,
-    powersgd_state_dict,
+    powersgd_layout_hook,
 )
 
 __all__ = ["CompressedDDPStrategy"]
@@ -58,12 +58,10 @@ class CompressedDDPStrategy(DDPStrategy):
     payload this rank contributed), ``compression/dense_bytes`` (what a dense allreduce would send),
     ``compression/ratio``, ``compression/density`` and ``compression/error_norm``. Every rank's memory and the
     compressor state (RNG counters, PowerSGD's P/Q memories) go into the checkpoint, so a run resumed at step N
-    continues as the uninterrupted run would (tested bit for bit for top-k and sign). Known gap: PowerSGD's memories
-    are saved and restored too, but torch keys them by DDP bucket, and the first bucket after a restart holds the
-    parameters in another order than the rebuilt one they were saved from, so a PowerSGD resume is close to, not
-    identical with, the uninterrupted run. On a world-size change each rank restores the memory saved under
-    its own rank id if there is one (so no residual is applied twice) and starts others from zero, with a
-    warning.
+    continues as the uninterrupted run would (tested for top-k, sign and PowerSGD, whose bucket-keyed memories are
+    re-mapped per parameter when DDP regroups its buckets after the restart). On a world-size change each rank
+    restores the memory saved under its own rank id if there is one (so no residual is applied twice) and starts
+    others from zero, with a warning.
 
     Which optimizers: with ``error_feedback=True`` the sparse compressors match dense SGD; with momentum
     optimizers the residual fights the momentum buffer. For SGD with momentum use ``momentum_correction=m``
@@ -156,7 +154,7 @@ class CompressedDDPStrategy(DDPStrategy):
         self.min_numel = min_numel
         self.powersgd_rank = powersgd_rank
         self.seed = seed
-        self.hook_state: CompressionHookState | powerSGD_hook.PowerSGDState | None = None
+        self.hook_state: CompressionHookState | PowerSGDLayoutState | None = None
         self._pending_state: dict[str, Any] | None = None
         self._powersgd_counts = (0, 0)  # cumulative (numel before, numel after) at the last step
 
@@ -197,7 +195,7 @@ class CompressedDDPStrategy(DDPStrategy):
         # Lightning registers comm hooks on CUDA only; DDP's hooks work with gloo too.
         assert isinstance(self.model, DistributedDataParallel)
         if self.compressor == "powersgd":
-            self.hook_state = powerSGD_hook.PowerSGDState(
+            powersgd = powerSGD_hook.PowerSGDState(
                 process_group=None,
                 matrix_approximation_rank=self.powersgd_rank,
                 start_powerSGD_iter=max(2, self.warmup_steps),  # torch needs >= 2 with error feedback
@@ -206,7 +204,8 @@ class CompressedDDPStrategy(DDPStrategy):
                 warm_start=True,
                 random_seed=self.seed,
             )
-            self.model.register_comm_hook(self.hook_state, powerSGD_hook.powerSGD_hook)
+            self.hook_state = PowerSGDLayoutState(powersgd, self.model.module)
+            self.model.register_comm_hook(self.hook_state, powersgd_layout_hook)
         else:
             self.hook_state = CompressionHookState(
                 self._make_compressor(),
@@ -240,8 +239,8 @@ class CompressedDDPStrategy(DDPStrategy):
         """This rank's accounting of the last step: bytes_sent, dense_bytes, ratio, density, error_norm."""
         if isinstance(self.hook_state, CompressionHookState):
             return self.hook_state.stats()
-        if isinstance(self.hook_state, powerSGD_hook.PowerSGDState):
-            return self._powersgd_stats(self.hook_state)
+        if isinstance(self.hook_state, PowerSGDLayoutState):
+            return self._powersgd_stats(self.hook_state.state)
         return {}
 
     def _powersgd_stats(self, state: powerSGD_hook.PowerSGDState) -> dict[str, float]:
@@ -264,8 +263,8 @@ class CompressedDDPStrategy(DDPStrategy):
     def _gather_hook_state(self) -> dict[str, Any] | None:
         if isinstance(self.hook_state, CompressionHookState):
             return {"kind": "hook", "state": self.hook_state.gather_state_dict()}
-        if isinstance(self.hook_state, powerSGD_hook.PowerSGDState):
-            local = powersgd_state_dict(self.hook_state)
+        if isinstance(self.hook_state, PowerSGDLayoutState):
+            local = self.hook_state.state_dict()
             gathered: list[Any] = [None] * self.world_size
             dist.all_gather_object(gathered, local)
             return {"kind": "powersgd", "ranks": dict(enumerate(gathered)), "world_size": self.world_size}
@@ -274,7 +273,7 @@ class CompressedDDPStrategy(DDPStrategy):
     def _load_hook_state(self, saved: dict[str, Any]) -> None:
         if saved["kind"] == "hook" and isinstance(self.hook_state, CompressionHookState):
             self.hook_state.load_state_dict(saved["state"])
-        elif saved["kind"] == "powersgd" and isinstance(self.hook_state, powerSGD_hook.PowerSGDState):
+        elif saved["kind"] == "powersgd" and isinstance(self.hook_state, PowerSGDLayoutState):
             mine = saved["ranks"].get(self.global_rank)
             if saved["world_size"] != self.world_size:
                 rank_zero_warn(
@@ -282,7 +281,7 @@ class CompressedDDPStrategy(DDPStrategy):
                     f" {self.world_size}; ranks restore their own memories where saved, others start from zero"
                 )
             if mine is not None:
-                load_powersgd_state_dict(self.hook_state, mine, device=self.root_device)
+                self.hook_state.load_state_dict(mine, device=self.root_device)
         else:
             rank_zero_warn(
                 f"CompressedDDPStrategy: the checkpoint holds {saved['kind']!r} compression state, this run uses"

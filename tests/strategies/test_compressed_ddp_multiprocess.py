@@ -74,7 +74,7 @@ def fit(name, compressor, steps, ckpt_path=None, save=False):
     return trainer, torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
 
 out = {}
-for compressor in ("topk", "sign"):
+for compressor in ("topk", "sign", "powersgd"):
     _, full = fit(compressor, compressor, 8)
     trainer, _ = fit(compressor, compressor, 4, save=True)
     ckpt = f"ck_{compressor}/epoch=0-step=4.ckpt"
@@ -93,7 +93,7 @@ write_result(out, trainer.global_rank)
 
 def test_resume_continues_exactly_with_the_saved_memories(tmp_path):
     r0, r1 = run_ddp_script(_RESUME, tmp_path)
-    for compressor in ("topk", "sign"):
+    for compressor in ("topk", "sign", "powersgd"):
         run = r0[compressor]
         assert run["has_state"]
         assert run["resumed"] == pytest.approx(run["full"], rel=0, abs=1e-6), compressor
