@@ -39,6 +39,7 @@ __all__ = ["CompressedDDPStrategy"]
 
 _COMPRESSORS = ("topk", "randomk", "sign", "qsgd", "powersgd")
 _CHECKPOINT_KEY = "compressed_ddp"
+_DGC_START_DENSITY = 0.25
 _DESCRIPTIONS = {
     "topk": "DDP sending the top-k gradient entries (allgather) with error feedback",
     "randomk": "DDP sending k shared-seed random gradient entries (allreduce) with error feedback",
@@ -81,6 +82,8 @@ class CompressedDDPStrategy(DDPStrategy):
             loss 191 vs 0.195 dense on the 2-rank test task; 0.1948 without memory). PowerSGD keeps its own.
         momentum_correction: DGC momentum factor in [0, 1) (0: off).
         warmup_steps: Dense steps before compression starts (PowerSGD's ``start_powerSGD_iter``).
+        density_warmup_steps: DGC's density warm-up for top-k / random-k: over this many steps after the dense
+            ones, the density decays exponentially from 0.25 to ``density`` (DGC: 0.25, 0.063, 0.015, 0.004, 0.001).
         min_numel: Buckets with fewer entries are sent dense.
         powersgd_rank: Rank of PowerSGD's approximation.
         seed: Seed of the shared random-k indices and QSGD's rounding.
@@ -108,6 +111,7 @@ class CompressedDDPStrategy(DDPStrategy):
         error_feedback: bool | None = None,
         momentum_correction: float = 0.0,
         warmup_steps: int = 0,
+        density_warmup_steps: int = 0,
         min_numel: int = 0,
         powersgd_rank: int = 1,
         seed: int = 0,
@@ -139,6 +143,12 @@ class CompressedDDPStrategy(DDPStrategy):
             raise MisconfigurationException(f"`warmup_steps` must be >= 0, got {warmup_steps!r}")
         if min_numel < 0:
             raise MisconfigurationException(f"`min_numel` must be >= 0, got {min_numel!r}")
+        if density_warmup_steps < 0:
+            raise MisconfigurationException(f"`density_warmup_steps` must be >= 0, got {density_warmup_steps!r}")
+        if density_warmup_steps and compressor not in ("topk", "randomk"):
+            raise MisconfigurationException(
+                f"`density_warmup_steps`={density_warmup_steps} applies to topk and randomk, not {compressor!r}"
+            )
         if powersgd_rank < 1:
             raise MisconfigurationException(f"`powersgd_rank` must be >= 1, got {powersgd_rank!r}")
         for key in ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper"):
@@ -151,6 +161,7 @@ class CompressedDDPStrategy(DDPStrategy):
         self.error_feedback = error_feedback
         self.momentum_correction = momentum_correction
         self.warmup_steps = warmup_steps
+        self.density_warmup_steps = density_warmup_steps
         self.min_numel = min_numel
         self.powersgd_rank = powersgd_rank
         self.seed = seed
@@ -221,8 +232,17 @@ class CompressedDDPStrategy(DDPStrategy):
             self._pending_state = None
 
     # ---------------------------------------------------------------- accounting
+    def density_at(self, step: int) -> float:
+        """Top-k / random-k density at hook step ``step`` (DGC's exponential warm-up, then ``density``)."""
+        t = step - self.warmup_steps
+        if t < 0 or t >= self.density_warmup_steps or self.density >= _DGC_START_DENSITY:
+            return self.density
+        return _DGC_START_DENSITY * (self.density / _DGC_START_DENSITY) ** (t / self.density_warmup_steps)
+
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        if self.density_warmup_steps and isinstance(self.hook_state, CompressionHookState):
+            self.hook_state.compressor.density = self.density_at(self.hook_state.step)
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
         stats = self.compression_stats()
         if stats and self.lightning_module is not None:

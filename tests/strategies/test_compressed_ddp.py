@@ -1,8 +1,9 @@
 import math
 
 import pytest
+import torch
 import torch.distributed as dist
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -89,6 +90,8 @@ def test_powersgd_runs_and_accounts(single_process_group):
         ({"momentum_correction": 1.0}, "`momentum_correction` must be in \\[0, 1\\), got 1.0"),
         ({"compressor": "sign", "momentum_correction": 0.9}, "needs a sparse compressor"),
         ({"ddp_comm_hook": lambda s, b: None}, "drop `ddp_comm_hook`"),
+        ({"density_warmup_steps": -2}, "`density_warmup_steps` must be >= 0, got -2"),
+        ({"compressor": "sign", "density_warmup_steps": 5}, "applies to topk and randomk, not 'sign'"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -102,3 +105,57 @@ def test_yaml_strategy_name_parses(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", "quickstart", "--trainer.strategy", "ddp_topk", "--print_config"])
     assert "strategy: ddp_topk" in capsys.readouterr().out
+
+
+class _DensityLog(Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.values.append(trainer.callback_metrics["compression/density"].item())
+
+
+def test_dgc_density_warmup_decays_exponentially(single_process_group):
+    strategy = CompressedDDPStrategy("topk", density=0.01, warmup_steps=1, density_warmup_steps=4)
+    expected = [0.25 * (0.04 ** (t / 4)) for t in range(4)]  # after one dense step
+    assert [strategy.density_at(s) for s in range(1, 5)] == pytest.approx(expected)
+    assert strategy.density_at(5) == strategy.density_at(50) == 0.01
+    log = _DensityLog()
+    seed_everything(0)
+    model = TinyClassifier(in_dim=32, hidden=64, dropout=0.0)
+    Trainer(
+        accelerator="cpu", devices=1, strategy=strategy, max_steps=6, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[log],
+    ).fit(model, classification_loader(in_dim=32))  # fmt: skip
+    n = sum(p.numel() for p in model.parameters())
+    assert log.values == pytest.approx([1.0] + [round(d * n) / n for d in expected] + [round(0.01 * n) / n])
+
+
+def test_accumulation_compresses_only_on_synchronizing_steps(single_process_group):
+    seed_everything(0)
+    trainer = Trainer(
+        accelerator="cpu", devices=1, strategy=CompressedDDPStrategy("sign"), max_steps=3, accumulate_grad_batches=2,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(TinyClassifier(dropout=0.0), classification_loader(n=128))
+    assert trainer.strategy.hook_state.step == 3  # 6 backward passes, 3 of them synchronizing
+
+
+def test_bf16_autocast_and_unused_parameters(single_process_group):
+    class WithUnused(TinyClassifier):
+        def __init__(self) -> None:
+            super().__init__(dropout=0.0)
+            self.unused = torch.nn.Linear(4, 4)
+
+    seed_everything(0)
+    model = WithUnused()
+    before = model.unused.weight.detach().clone()
+    trainer = Trainer(
+        accelerator="cpu", devices=1, strategy=CompressedDDPStrategy("topk", density=0.1, find_unused_parameters=True),
+        precision="bf16-mixed", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, classification_loader())
+    assert torch.equal(model.unused.weight, before)
+    assert math.isfinite(trainer.callback_metrics["compression/error_norm"].item())
+    assert trainer.callback_metrics["compression/ratio"].item() > 1
