@@ -14,12 +14,13 @@ import torch
 from torch import Tensor
 
 from lightning_gd.curvature._utils import _matmat
+from lightning_gd.curvature._wrapper import _OperatorWrapper
 from lightning_gd.curvature.base import CurvatureOperator
 
 __all__ = ["PreconditionedOperator"]
 
 
-class PreconditionedOperator:
+class PreconditionedOperator(_OperatorWrapper):
     """Apply ``P^{-1/2} A P^{-1/2}`` for a positive diagonal ``P`` given as a flat tensor.
 
     Parameter metadata (``param_names``, ``param_numels``) of the wrapped operator is passed
@@ -48,41 +49,9 @@ class PreconditionedOperator:
             raise ValueError(f"diag must be a tensor of shape ({op.numel},), got {shape}")
         if not bool(torch.isfinite(diag).all()) or not bool((diag > 0).all()):
             raise ValueError(f"diag must be finite and strictly positive, got min {diag.min().item():.3g}")
-        self._op = op
+        super().__init__(op)
         # P^{-1/2} is applied on both sides; precompute it once in the operator's dtype.
         self._scale = diag.to(dtype=op.dtype, device=op.device).rsqrt()
-        self._num_matvecs = 0
-
-    @property
-    def base(self) -> CurvatureOperator:
-        """The wrapped operator ``A``."""
-        return self._op
-
-    @property
-    def numel(self) -> int:
-        """Size of the operator (that of the wrapped one)."""
-        return self._op.numel
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Dtype of the wrapped operator."""
-        return self._op.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the wrapped operator."""
-        return self._op.device
-
-    @property
-    def num_matvecs(self) -> int:
-        """Number of products computed through this wrapper."""
-        return self._num_matvecs
-
-    def __getattr__(self, name: str) -> object:
-        # Forward parameter metadata only, so per-parameter traces work on wrapped Hessians.
-        if name in ("param_names", "param_numels"):
-            return getattr(self._op, name)
-        raise AttributeError(name)
 
     def matvec(self, v: Tensor) -> Tensor:
         """Return ``P^{-1/2} A P^{-1/2} v`` for ``v`` of shape ``(numel,)``."""

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 from lightning_gd.curvature._utils import _matmat
+from lightning_gd.curvature._wrapper import _OperatorWrapper
 from lightning_gd.curvature.base import CurvatureOperator
 
 __all__ = ["ReducedOperator"]
 
 
-class ReducedOperator:
+class ReducedOperator(_OperatorWrapper):
     """Apply ``reduce_fn(op.matvec(v))``, with ``reduce_fn`` a cross-rank mean (identity on one process).
 
     Args:
@@ -39,37 +39,8 @@ class ReducedOperator:
     def __init__(self, op: CurvatureOperator, reduce_fn: Callable[[Tensor], Tensor]) -> None:
         if not callable(reduce_fn):
             raise ValueError(f"reduce_fn must be callable, got {type(reduce_fn).__name__}")
-        self._op = op
+        super().__init__(op)
         self._reduce = reduce_fn
-        self._num_matvecs = 0
-
-    @property
-    def base(self) -> CurvatureOperator:
-        """The rank-local operator."""
-        return self._op
-
-    @property
-    def numel(self) -> int:
-        return self._op.numel
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._op.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._op.device
-
-    @property
-    def num_matvecs(self) -> int:
-        """Products computed through this wrapper (each one a product on every rank)."""
-        return self._num_matvecs
-
-    def __getattr__(self, name: str) -> object:
-        # Forward parameter metadata only, so per-parameter traces work on reduced Hessians.
-        if name in ("param_names", "param_numels"):
-            return getattr(self._op, name)
-        raise AttributeError(name)
 
     def matvec(self, v: Tensor) -> Tensor:
         self._num_matvecs += 1
