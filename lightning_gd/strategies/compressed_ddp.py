@@ -168,6 +168,7 @@ class CompressedDDPStrategy(DDPStrategy):
         self.hook_state: CompressionHookState | PowerSGDLayoutState | None = None
         self._pending_state: dict[str, Any] | None = None
         self._powersgd_counts = (0, 0)  # cumulative (numel before, numel after) at the last step
+        self._powersgd_last: dict[str, float] = {}  # accounting of the last step, computed once per step
 
     # ---------------------------------------------------------------- setup
     def _make_compressor(self) -> Compressor:
@@ -185,6 +186,8 @@ class CompressedDDPStrategy(DDPStrategy):
             raise MisconfigurationException(
                 f"CompressedDDPStrategy runs on CPU (gloo) or CUDA (NCCL), not on {self.root_device.type!r}"
             )
+        if self.compressor == "powersgd" and self.root_device.type == "cpu":
+            self._single_bucket_on_gloo(trainer)
         super().setup(trainer)
         if self.momentum_correction > 0:
             for opt in trainer.optimizers:
@@ -200,6 +203,20 @@ class CompressedDDPStrategy(DDPStrategy):
                         "CompressedDDPStrategy: error feedback with an optimizer momentum can do worse than no"
                         " feedback at all; set `momentum_correction` to the momentum and SGD(momentum=0)."
                     )
+
+    def _single_bucket_on_gloo(self, trainer: Trainer) -> None:
+        """torch's PowerSGD hook issues collectives from future callbacks, which gloo may run in a different
+        order on different ranks once there are several buckets (a collective mismatch, then SIGABRT): one bucket."""
+        model_mb = sum(p.numel() * p.element_size() for p in trainer.lightning_module.parameters()) / 2**20
+        wanted = model_mb + 1.0
+        current = self._ddp_kwargs.get("bucket_cap_mb")
+        if current is not None and current < wanted:
+            rank_zero_warn(
+                f"CompressedDDPStrategy(powersgd) on CPU/gloo: `bucket_cap_mb`={current} would split the model into"
+                f" several buckets, which torch's PowerSGD hook cannot order on gloo; using {wanted:.1f}"
+            )
+        if current is None or current < wanted:
+            self._ddp_kwargs["bucket_cap_mb"] = wanted
 
     @override
     def _register_ddp_hooks(self) -> None:
@@ -244,6 +261,8 @@ class CompressedDDPStrategy(DDPStrategy):
         if self.density_warmup_steps and isinstance(self.hook_state, CompressionHookState):
             self.hook_state.compressor.density = self.density_at(self.hook_state.step)
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if isinstance(self.hook_state, PowerSGDLayoutState):
+            self._powersgd_last = self._powersgd_stats(self.hook_state.state)  # consumes the counters' delta
         stats = self.compression_stats()
         if stats and self.lightning_module is not None:
             trainer = self.lightning_module.trainer
@@ -260,7 +279,7 @@ class CompressedDDPStrategy(DDPStrategy):
         if isinstance(self.hook_state, CompressionHookState):
             return self.hook_state.stats()
         if isinstance(self.hook_state, PowerSGDLayoutState):
-            return self._powersgd_stats(self.hook_state.state)
+            return dict(self._powersgd_last)
         return {}
 
     def _powersgd_stats(self, state: powerSGD_hook.PowerSGDState) -> dict[str, float]:
