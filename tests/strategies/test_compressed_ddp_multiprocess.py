@@ -25,11 +25,16 @@ configs = {
     "sign": CompressedDDPStrategy("sign"),
     "qsgd": CompressedDDPStrategy("qsgd", levels=16),
     "powersgd": CompressedDDPStrategy("powersgd", warmup_steps=2),
+    # Momentum: the error memory fights SGD's own momentum; DGC's correction moves the momentum into the hook.
+    "topk_sgd_momentum": CompressedDDPStrategy("topk", density=0.02),
+    "topk_momentum_correction": CompressedDDPStrategy("topk", density=0.02, momentum_correction=0.9),
+    "dense_momentum": "ddp",
 }
 out = {}
 for name, strategy in configs.items():
     seed_everything(0)
-    model = Recorder(in_dim=32, hidden=64, classes=4, batchnorm=False, dropout=0.0, lr=0.2)
+    momentum = 0.9 if name in ("topk_sgd_momentum", "dense_momentum") else 0.0
+    model = Recorder(in_dim=32, hidden=64, classes=4, batchnorm=False, dropout=0.0, lr=0.2, momentum=momentum)
     trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=150, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, classification_loader(n=1024, in_dim=32, classes=4, batch_size=32, shuffle=True))
@@ -50,6 +55,11 @@ def test_every_compressor_trains_like_dense_ddp_and_memory_matters(tmp_path):
     # Top-k at 2% without error feedback drops most of the gradient for good: measurably worse.
     assert r0["topk_no_memory"]["last10"] > 1.5 * r0["topk"]["last10"]
     assert r0["topk"]["ratio"] > 10
+    # SGD momentum 0.9 on top of the error memory vs DGC momentum correction with SGD(momentum=0). Measured:
+    # 0.118 vs 0.078 (dense momentum 0.013): the correction helps clearly, without reaching dense momentum here.
+    corrected, naive = r0["topk_momentum_correction"]["last10"], r0["topk_sgd_momentum"]["last10"]
+    assert corrected < 0.8 * naive
+    assert r0["dense_momentum"]["last10"] < corrected
 
 
 _RESUME = """
