@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -104,8 +105,13 @@ class _CurvatureCallback(Callback):
         mode: str,
         hvp: str,
         seed: int,
+        max_overhead: float | None,
     ) -> None:
         _check_positive("every_n_steps", every_n_steps)
+        if max_overhead is not None and (
+            isinstance(max_overhead, bool) or not isinstance(max_overhead, int | float) or not max_overhead > 0
+        ):
+            raise MisconfigurationException(f"`max_overhead` must be a positive fraction or None, got {max_overhead!r}")
         _check_positive("num_batches", num_batches)
         _check_choice("batch", batch, _BATCH_MODES)
         _check_choice("mode", mode, _MODES)
@@ -119,12 +125,19 @@ class _CurvatureCallback(Callback):
         self.mode = mode
         self.hvp = hvp
         self.seed = seed
+        self.max_overhead = max_overhead
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.last_metrics: dict[str, float] = {}
         self._last_step = -1
         self._fixed: list[Any] = []
         self._warned_nonfinite = False
         self._hvp_in_use: str | None = None  # remembered "auto" choice: probe it once, not every check
+        self._last_seen = -1  # last optimizer step handled (accumulation: several batches per step)
+        self._pending = False  # a check is due but waits for the overhead budget or the fixed batches
+        self._spent_s = 0.0  # wall time spent measuring (this fit and before a resume)
+        self._last_cost_s = 0.0  # duration of the latest check: the estimate of the next one's
+        self._elapsed_before_s = 0.0  # training wall time of the run before it was resumed
+        self._fit_start: float | None = None
 
     @property
     @override
@@ -151,6 +164,10 @@ class _CurvatureCallback(Callback):
             )
 
     @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -158,12 +175,26 @@ class _CurvatureCallback(Callback):
             self._fixed.append(apply_to_collection(batch, Tensor, lambda t: t.detach().cpu().clone()))
         step = trainer.global_step
         # After an optimizer step only (global_step just changed), so accumulation windows measure once.
-        if step == 0 or step == self._last_step or step % self.every_n_steps:
+        if step == 0 or step == self._last_seen:
+            return
+        self._last_seen = step
+        if step % self.every_n_steps == 0:
+            self._pending = True
+        if not self._pending or self._over_budget(trainer):
             return
         batches = self._batches(batch, pl_module)
         if batches is None:
             return
+        self._pending = False
         self._last_step = step
+        start = time.perf_counter()
+        try:
+            self._measure_and_log(trainer, pl_module, batches)
+        finally:
+            self._last_cost_s = time.perf_counter() - start
+            self._spent_s += self._last_cost_s
+
+    def _measure_and_log(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any]) -> None:
         op = self._operator(trainer, pl_module, batches)
         if not self._finite_everywhere(trainer, op.base.loss()):
             return
@@ -173,6 +204,20 @@ class _CurvatureCallback(Callback):
         if not self._finite_everywhere(trainer, torch.tensor(list(metrics.values()), dtype=torch.float64)):
             return
         self._log(trainer, metrics)
+
+    def _elapsed_s(self) -> float:
+        running = 0.0 if self._fit_start is None else time.perf_counter() - self._fit_start
+        return self._elapsed_before_s + running
+
+    def _over_budget(self, trainer: Trainer) -> bool:
+        """Whether a check now (as costly as the last) would exceed ``max_overhead`` (rank 0 decides for all)."""
+        if self.max_overhead is None:
+            return False
+        training_s = self._elapsed_s() - self._spent_s
+        over = self._spent_s + self._last_cost_s > self.max_overhead * training_s
+        if trainer.world_size > 1:  # wall clocks differ per rank: one decision, or a rank waits alone
+            over = bool(trainer.strategy.broadcast(over, src=0))
+        return over
 
     # ---------------------------------------------------------------- to implement
     def _measure(self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator) -> dict[str, float] | None:
@@ -240,6 +285,11 @@ class _CurvatureCallback(Callback):
             "history": {k: [list(p) for p in v] for k, v in self.history.items()},
             "fixed_batches": self._fixed,
             "hvp_in_use": self._hvp_in_use,
+            "last_seen": self._last_seen,
+            "pending": self._pending,
+            "spent_s": self._spent_s,
+            "last_cost_s": self._last_cost_s,
+            "elapsed_s": self._elapsed_s(),
         }
 
     @override
@@ -248,3 +298,8 @@ class _CurvatureCallback(Callback):
         self.history = {k: [(int(s), float(v)) for s, v in pts] for k, pts in state_dict.get("history", {}).items()}
         self._fixed = list(state_dict.get("fixed_batches", []))
         self._hvp_in_use = state_dict.get("hvp_in_use")
+        self._last_seen = int(state_dict.get("last_seen", self._last_step))
+        self._pending = bool(state_dict.get("pending", False))
+        self._spent_s = float(state_dict.get("spent_s", 0.0))
+        self._last_cost_s = float(state_dict.get("last_cost_s", 0.0))
+        self._elapsed_before_s = float(state_dict.get("elapsed_s", 0.0))

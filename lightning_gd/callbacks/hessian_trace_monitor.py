@@ -40,7 +40,7 @@ class HessianTraceMonitor(_CurvatureCallback):
     with ``"hutch++"`` every product is averaged over ranks. FSDP and DeepSpeed ZeRO-3 are refused at setup.
 
     Args:
-        every_n_steps: Measure after every this many optimizer steps.
+        every_n_steps: Measure after every this many optimizer steps (see ``max_overhead``).
         num_probes: Rademacher probes per estimate (in total, over all ranks).
         method: ``"hutchinson"`` or ``"hutch++"`` (fewer probes for low-rank-dominated spectra).
         batch: ``"current"`` measures on the batch just trained on; ``"fixed"`` on the first ``num_batches``
@@ -53,6 +53,12 @@ class HessianTraceMonitor(_CurvatureCallback):
             without updating them, one fixed dropout mask).
         hvp: ``"auto"``, ``"double_backward"`` or ``"forward_over_reverse"``.
         seed: Seed of the probes (combined with the step and rank).
+        max_overhead: Largest fraction of the training wall time this callback may spend measuring (default
+            2.5%, so that both curvature callbacks together stay within 5%). A check that falls due when one
+            more check (timed like the last one) would exceed it waits, and runs at the first later step
+            within budget: with expensive products checks become sparser than ``every_n_steps``. The first
+            check always runs. ``None`` measures exactly every ``every_n_steps``. Rank zero's clock decides for
+            all ranks.
 
     Example::
 
@@ -77,8 +83,9 @@ class HessianTraceMonitor(_CurvatureCallback):
         mode: str = "eval",
         hvp: str = "auto",
         seed: int = 0,
+        max_overhead: float | None = 0.025,
     ) -> None:
-        super().__init__(every_n_steps, batch, num_batches, loss_fn, mode, hvp, seed)
+        super().__init__(every_n_steps, batch, num_batches, loss_fn, mode, hvp, seed, max_overhead)
         _check_positive("num_probes", num_probes)
         _check_choice("method", method, _METHODS)
         if method == "hutch++" and num_probes < 3:

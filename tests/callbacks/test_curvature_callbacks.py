@@ -54,8 +54,10 @@ def _first_batch(n=64):
 def test_values_match_the_exact_hessian_in_a_real_trainer(tmp_path):
     seed_everything(0)
     model = TinyClassifier(dropout=0.2)
-    trace = HessianTraceMonitor(every_n_steps=8, num_probes=200, batch="fixed", per_layer=True)
-    sharp = SharpnessTracker(every_n_steps=8, k=2, smallest=True, batch="fixed", tol=1e-8, max_iter=200)
+    trace = HessianTraceMonitor(max_overhead=None, every_n_steps=8, num_probes=200, batch="fixed", per_layer=True)
+    sharp = SharpnessTracker(
+        max_overhead=None, every_n_steps=8, k=2, smallest=True, batch="fixed", tol=1e-8, max_iter=200
+    )
     _trainer(tmp_path, [trace, sharp], precision="64-true").fit(model, classification_loader())
     H = _exact_hessian(model, _first_batch())
     eig = torch.linalg.eigvalsh(H)
@@ -84,9 +86,9 @@ def test_measuring_never_changes_the_training_trajectory(tmp_path):
     plain, rng_plain = run([])
     measured, rng_measured = run(
         [
-            HessianTraceMonitor(every_n_steps=1, num_probes=6, mode="train", per_layer=True),
-            SharpnessTracker(every_n_steps=2, smallest=True, density_every_n_steps=4, max_iter=10),
-            HessianTraceMonitor(every_n_steps=3, num_probes=6, method="hutch++", batch="fixed"),
+            HessianTraceMonitor(max_overhead=None, every_n_steps=1, num_probes=6, mode="train", per_layer=True),
+            SharpnessTracker(max_overhead=None, every_n_steps=2, smallest=True, density_every_n_steps=4, max_iter=10),
+            HessianTraceMonitor(max_overhead=None, every_n_steps=3, num_probes=6, method="hutch++", batch="fixed"),
         ]
     )
     assert plain.keys() == measured.keys()
@@ -97,7 +99,7 @@ def test_measuring_never_changes_the_training_trajectory(tmp_path):
 
 def test_warm_start_and_checkpoint_resume_continue_as_if_never_stopped(tmp_path):
     def tracker():
-        return SharpnessTracker(every_n_steps=2, batch="fixed", tol=1e-4, max_iter=60)
+        return SharpnessTracker(max_overhead=None, every_n_steps=2, batch="fixed", tol=1e-4, max_iter=60)
 
     def fit(steps, callbacks, ckpt_path=None, extra=()):
         seed_everything(3)
@@ -119,13 +121,13 @@ def test_warm_start_and_checkpoint_resume_continue_as_if_never_stopped(tmp_path)
         assert [s for s, _ in got] == [s for s, _ in want] == [2, 4, 6, 8]
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-9)
     hvps = [v for _, v in full.history["sharpness/num_hvps"]]
-    cold = SharpnessTracker(every_n_steps=2, batch="fixed", tol=1e-4, max_iter=60, warm_start=False)
+    cold = SharpnessTracker(max_overhead=None, every_n_steps=2, batch="fixed", tol=1e-4, max_iter=60, warm_start=False)
     fit(8, [cold])
     assert sum(hvps[1:]) < sum(v for _, v in cold.history["sharpness/num_hvps"][1:])
 
 
 def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path):
-    trace = HessianTraceMonitor(every_n_steps=1, num_probes=4)
+    trace = HessianTraceMonitor(max_overhead=None, every_n_steps=1, num_probes=4)
     _trainer(tmp_path, [trace], max_steps=3, accumulate_grad_batches=2).fit(TinyClassifier(), classification_loader())
     assert [s for s, _ in trace.history["hessian/trace"]] == [1, 2, 3]
 
@@ -133,7 +135,9 @@ def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path):
 def test_preconditioned_sharpness_matches_the_exact_adam_preconditioned_hessian(tmp_path):
     seed_everything(0)
     model = TinyClassifier(dropout=0.0, optimizer="adam", lr=0.01)
-    sharp = SharpnessTracker(every_n_steps=4, preconditioned=True, batch="fixed", tol=1e-9, max_iter=200)
+    sharp = SharpnessTracker(
+        max_overhead=None, every_n_steps=4, preconditioned=True, batch="fixed", tol=1e-9, max_iter=200
+    )
     trainer = _trainer(tmp_path, [sharp], max_steps=4, precision="64-true")
     trainer.fit(model, classification_loader())
     diag, beta1 = _adam_preconditioner(trainer.optimizers[0], tuple(model.parameters()))
@@ -149,8 +153,8 @@ def test_preconditioned_sharpness_matches_the_exact_adam_preconditioned_hessian(
 def test_plots_and_logs(tmp_path):
     tb = TensorBoardLogger(tmp_path, name="tb", version=0)
     csv = CSVLogger(tmp_path, name="csv", version=0)
-    sharp = SharpnessTracker(every_n_steps=2, density_every_n_steps=4, max_iter=10)
-    trace = HessianTraceMonitor(every_n_steps=2, num_probes=4)
+    sharp = SharpnessTracker(max_overhead=None, every_n_steps=2, density_every_n_steps=4, max_iter=10)
+    trace = HessianTraceMonitor(max_overhead=None, every_n_steps=2, num_probes=4)
     _trainer(tmp_path, [sharp, trace], logger=[tb, csv]).fit(TinyClassifier(), classification_loader())
     run = tmp_path / "tb" / "version_0"
     assert sharp.plot_path == str(run / "sharpness.png")
@@ -175,8 +179,8 @@ def test_nonfinite_loss_skips_with_one_warning_and_leaves_training_alone(tmp_pat
         _trainer(tmp_path, callbacks, max_steps=6).fit(model, classification_loader())
         return model.state_dict()
 
-    trace = HessianTraceMonitor(every_n_steps=1, num_probes=4, loss_fn=nan_loss)
-    sharp = SharpnessTracker(every_n_steps=1, loss_fn=nan_loss, max_iter=5)
+    trace = HessianTraceMonitor(max_overhead=None, every_n_steps=1, num_probes=4, loss_fn=nan_loss)
+    sharp = SharpnessTracker(max_overhead=None, every_n_steps=1, loss_fn=nan_loss, max_iter=5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         measured = run([trace, sharp])
@@ -191,8 +195,8 @@ def test_custom_loss_fn_is_used(tmp_path):
     def quadratic(module, batch):
         return sum((p**2).sum() for p in module.parameters())  # Hessian = 2 I
 
-    sharp = SharpnessTracker(every_n_steps=2, loss_fn=quadratic, smallest=True)
-    trace = HessianTraceMonitor(every_n_steps=2, num_probes=3, loss_fn=quadratic)
+    sharp = SharpnessTracker(max_overhead=None, every_n_steps=2, loss_fn=quadratic, smallest=True)
+    trace = HessianTraceMonitor(max_overhead=None, every_n_steps=2, num_probes=3, loss_fn=quadratic)
     model = TinyClassifier(dropout=0.0)
     _trainer(tmp_path, [sharp, trace], max_steps=2).fit(model, classification_loader())
     n = sum(p.numel() for p in model.parameters())
@@ -243,6 +247,8 @@ def test_fsdp_is_refused_at_setup_on_gpu(tmp_path):
         (SharpnessTracker, {"k": 0}, "`k` must be a positive integer, got 0"),
         (SharpnessTracker, {"every_n_steps": -1}, "`every_n_steps` must be a positive integer, got -1"),
         (SharpnessTracker, {"tol": 0.0}, "`tol` must be > 0, got 0.0"),
+        (HessianTraceMonitor, {"max_overhead": 0}, "`max_overhead` must be a positive fraction or None, got 0"),
+        (SharpnessTracker, {"max_overhead": -0.1}, "`max_overhead` must be a positive fraction or None, got -0.1"),
         (
             SharpnessTracker,
             {"density_every_n_steps": 0},
@@ -259,10 +265,32 @@ def test_bad_arguments(cls, kwargs, match):
 def test_bf16_autocast_training_is_measured_in_float32(tmp_path):
     seed_everything(0)
     model = TinyClassifier(dropout=0.0)
-    sharp = SharpnessTracker(every_n_steps=4, batch="fixed", tol=1e-6, max_iter=200)
-    trace = HessianTraceMonitor(every_n_steps=4, num_probes=8, batch="fixed")
+    sharp = SharpnessTracker(max_overhead=None, every_n_steps=4, batch="fixed", tol=1e-6, max_iter=200)
+    trace = HessianTraceMonitor(max_overhead=None, every_n_steps=4, num_probes=8, batch="fixed")
     _trainer(tmp_path, [sharp, trace], max_steps=4, precision="bf16-mixed").fit(model, classification_loader())
     # The same weights measured in float64 without autocast: bf16 would be off by ~1e-2 relative.
     H = _exact_hessian(model.double(), _first_batch())
     assert sharp.last_metrics["sharpness/lambda_max"] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=1e-4)
     assert math.isfinite(trace.last_metrics["hessian/trace"])
+
+
+def test_max_overhead_defers_checks_and_keeps_its_accounting_in_the_checkpoint(tmp_path):
+    # 60 probes per check cost far more than 1% of a tiny model's training steps: after the first check
+    # every due check waits until the training time has grown 100x past the time spent measuring.
+    budget = HessianTraceMonitor(every_n_steps=1, num_probes=60, max_overhead=0.01)
+    exact = HessianTraceMonitor(every_n_steps=1, num_probes=60, max_overhead=None, method="hutch++")
+    # Checks every 2 steps, densities every 3: a density is drawn at the first check past each multiple of 3.
+    sharp = SharpnessTracker(every_n_steps=2, density_every_n_steps=3, max_overhead=None, max_iter=20)
+    trainer = _trainer(tmp_path, [budget, exact, sharp], max_steps=12)
+    trainer.fit(TinyClassifier(), classification_loader())
+    steps = [s for s, _ in budget.history["hessian/trace"]]
+    assert steps[0] == 1 and len(steps) < 6
+    assert [s for s, _ in exact.history["hessian/trace"]] == list(range(1, 13))
+    densities = sorted(int(p.stem.rsplit("step", 1)[1]) for p in tmp_path.glob("spectral_density_step*.png"))
+    assert densities == [4, 6, 10, 12]
+    state = budget.state_dict()
+    assert 0 < state["spent_s"] < state["elapsed_s"]
+    restored = HessianTraceMonitor(every_n_steps=1, num_probes=60, max_overhead=0.01)
+    restored.load_state_dict(state)
+    assert restored._spent_s == state["spent_s"] and restored._elapsed_s() >= state["elapsed_s"]
+    assert restored._over_budget(trainer)  # still over budget right after the resume, as before the stop

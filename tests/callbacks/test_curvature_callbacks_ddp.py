@@ -11,12 +11,14 @@ from tests.helpers.models import TinyClassifier, classification_loader
 
 seed_everything(0)
 model = TinyClassifier(dropout=0.2)
-trace = HessianTraceMonitor(every_n_steps=4, num_probes=400, batch="fixed", per_layer=True)
-sharp = SharpnessTracker(every_n_steps=2, smallest=True, batch="fixed", tol=1e-8, max_iter=200,
+trace = HessianTraceMonitor(max_overhead=None, every_n_steps=4, num_probes=400, batch="fixed", per_layer=True)
+sharp = SharpnessTracker(max_overhead=None, every_n_steps=2, smallest=True, batch="fixed", tol=1e-8, max_iter=200,
                          density_every_n_steps=4)
+# Over its 1% budget after the first check: rank 0's clock must decide for both ranks (or they deadlock).
+budget = SharpnessTracker(every_n_steps=1, max_iter=30, max_overhead=0.01, plot=False)
 trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, precision="64-true", logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  callbacks=[trace, sharp, MetricPlotter(every_n_steps=1)], default_root_dir=".")
+                  callbacks=[trace, sharp, budget, MetricPlotter(every_n_steps=1)], default_root_dir=".")
 trainer.fit(model, classification_loader(n=128))
 # The exact Hessian of the global batch: the mean of the ranks' fixed-batch Hessians at the final weights.
 x, y = sharp._fixed[0]
@@ -29,6 +31,7 @@ write_result({
     "exact_max": eig[-1].item(), "exact_min": eig[0].item(), "first_x": x[0].tolist(),
     "weights": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
     "history_steps": [s for s, _ in sharp.history["sharpness/lambda_max"]],
+    "budget_steps": [s for s, _ in budget.history["sharpness/lambda_max"]],
 }, trainer.global_rank)
 """
 
@@ -40,6 +43,8 @@ def test_curvature_callbacks_on_two_process_ddp(tmp_path):
     for key in ("trace", "sharp"):
         assert r0[key] == r1[key]  # every rank logs the same numbers
     assert r0["history_steps"] == [2, 4]
+    assert r0["budget_steps"] == r1["budget_steps"]
+    assert r0["budget_steps"][0] == 1 and len(r0["budget_steps"]) < 4  # deferred checks, the same on both ranks
     s = r0["sharp"]
     assert abs(s["sharpness/lambda_max"] - r0["exact_max"]) < 1e-6 * abs(r0["exact_max"])
     assert abs(s["sharpness/lambda_min"] - r0["exact_min"]) < 1e-6 * abs(r0["exact_min"])

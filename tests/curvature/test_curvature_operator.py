@@ -31,7 +31,7 @@ def test_products_match_dense_hessian(kind, method, request, make_problem):
     assert rel_err(op.matvec(V[:, 0]), H @ V[:, 0]) < 1e-10
     assert rel_err(op.matmat(V), H @ V) < 1e-10
     assert op.num_matvecs == 5
-    expected = "forward_over_reverse" if method == "auto" else method
+    expected = "double_backward" if method == "auto" else method  # CPU prefers double backward
     assert op.hvp_method == expected
 
 
@@ -107,11 +107,53 @@ def test_auto_falls_back_without_forward_mode_ad(mlp, mlp_hessian):
     assert op.hvp_method is None
     V = probes(op.numel, 2)
     out = op.matmat(V)
-    assert op.hvp_method == "double_backward"
+    assert op.hvp_method == "double_backward"  # preferred on CPU, and the one that works here
     reference = HessianOperator(mlp.model, lambda m, b: cross_entropy_sq(m, b, lambda t: t * t), mlp.batch)
     assert rel_err(out, reference.matmat(V)) < 1e-10
     with pytest.raises(Exception):  # noqa: B017 - whatever torch.func raises
         HessianOperator(mlp.model, loss_fn, mlp.batch, hvp="forward_over_reverse").matmat(V)
+
+
+def test_auto_falls_back_without_double_backward(mlp):
+    class Cube(torch.autograd.Function):
+        """Forward-mode AD (jvp) but no double backward: stands in for such ops in torch."""
+
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x):
+            return x**3
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+            ctx.save_for_forward(inputs[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            # create_graph=True backward (grad mode on) outside torch.func's transforms: refuse.
+            if torch.is_grad_enabled() and not torch._C._functorch.is_functorch_wrapped_tensor(g):
+                raise RuntimeError("Cube has no double backward")
+            return 3 * x * x * g
+
+        @staticmethod
+        def jvp(ctx, t):
+            (x,) = ctx.saved_tensors
+            return 3 * x * x * t
+
+    def cube_loss(model, batch, cube):
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y) + 0.05 * cube(model(x)).pow(2).mean()
+
+    V = probes(sum(p.numel() for p in mlp.model.parameters()), 2)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        HessianOperator(mlp.model, lambda m, b: cube_loss(m, b, Cube.apply), mlp.batch, hvp="double_backward").matmat(V)
+    op = HessianOperator(mlp.model, lambda m, b: cube_loss(m, b, Cube.apply), mlp.batch)
+    out = op.matmat(V)
+    assert op.hvp_method == "forward_over_reverse"  # double backward (preferred on CPU) raised
+    reference = HessianOperator(mlp.model, lambda m, b: cube_loss(m, b, lambda t: t**3), mlp.batch)
+    assert rel_err(out, reference.matmat(V)) < 1e-10
 
 
 def cross_entropy_sq(model, batch, square):
