@@ -1,8 +1,13 @@
 """Real 2-process gloo DDP jobs on CPU: convergence against dense DDP, and checkpoint/resume."""
 
 import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Trainer, seed_everything
 
+from lightning_gd.strategies import CompressedDDPStrategy
 from tests.helpers.ddp import run_ddp_script
+from tests.helpers.models import TinyClassifier, classification_loader
 
 _CONVERGENCE = """
 import torch
@@ -133,3 +138,50 @@ write_result({"stats": trainer.strategy.compression_stats(),
 def test_powersgd_on_gloo_uses_one_bucket_and_reports_stable_stats(tmp_path):
     r0, _ = run_ddp_script(_POWERSGD_MANY_BUCKETS, tmp_path)  # several buckets would abort gloo
     assert r0["stats"]["ratio"] == pytest.approx(r0["logged"]) and r0["logged"] > 2
+
+
+_SAVE_AT_TWO_RANKS = """
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_gd.strategies import CompressedDDPStrategy
+from tests.helpers.ddp import write_result
+from tests.helpers.models import TinyClassifier, classification_loader
+
+seed_everything(0)
+model = TinyClassifier(in_dim=32, hidden=64, classes=4, batchnorm=False, dropout=0.0, lr=0.2)
+trainer = Trainer(accelerator="cpu", devices=2, strategy=CompressedDDPStrategy("topk", density=0.05),
+                  max_steps=4, logger=False, callbacks=[ModelCheckpoint(dirpath="ck", save_top_k=-1,
+                  every_n_train_steps=4)], enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(model, classification_loader(n=256, in_dim=32, classes=4, batch_size=32))
+write_result({"step": trainer.global_step}, trainer.global_rank)
+"""
+
+
+def test_world_size_change_on_resume_keeps_rank_zero_memory(tmp_path):
+    """A 2-rank checkpoint resumed on 1 rank: rank 0's memory is applied, rank 1's dropped with a warning."""
+    run_ddp_script(_SAVE_AT_TWO_RANKS, tmp_path)
+    ckpt = tmp_path / "ck" / "epoch=0-step=4.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    assert set(saved["compressed_ddp"]["state"]["ranks"]) == {0, 1}
+    forgetful = tmp_path / "no_memory.ckpt"
+    torch.save({k: v for k, v in saved.items() if k != "compressed_ddp"}, forgetful)
+
+    def resume(path):
+        seed_everything(0)
+        model = TinyClassifier(in_dim=32, hidden=64, classes=4, batchnorm=False, dropout=0.0, lr=0.2)
+        trainer = Trainer(
+            accelerator="cpu", devices=1, strategy=CompressedDDPStrategy("topk", density=0.05), max_steps=6,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        try:
+            trainer.fit(model, classification_loader(n=256, in_dim=32, classes=4, batch_size=32), ckpt_path=path)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        return trainer, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    with pytest.warns(UserWarning, match=r"world size 2, now 1.*\[1\] dropped"):
+        trainer, weights = resume(ckpt)
+    assert trainer.global_step == 6 and torch.isfinite(weights).all()
+    _, weights_without_memory = resume(forgetful)
+    assert (weights - weights_without_memory).abs().max() > 1e-5  # rank 0's memory took part in steps 5-6
