@@ -81,12 +81,8 @@ class SharpnessTracker(_CurvatureCallback):
         density_num_steps: Lanczos steps per SLQ run.
         plot: Write the end-of-fit plot.
         seed: Seed of the cold-start vectors and density probes.
-        max_overhead: Largest fraction of the training wall time this callback may spend measuring (default
-            2.5%, so that both curvature callbacks together stay within 5%). A check that falls due when one
-            more check (timed like the last one) would exceed it waits, and runs at the first later step
-            within budget: with expensive products checks become sparser than ``every_n_steps``. The first
-            check always runs. ``None`` measures exactly every ``every_n_steps``. Rank zero's clock decides for
-            all ranks.
+        max_overhead: Largest fraction of the training wall time spent measuring, default 2.5%; due checks wait
+            while over it (see :class:`HessianTraceMonitor`). ``None``: exactly every ``every_n_steps``.
 
     Example::
 
