@@ -133,7 +133,6 @@ class _CurvatureCallback(Callback):
         self._warned_nonfinite = False
         self._hvp_in_use: str | None = None  # remembered "auto" choice: probe it once, not every check
         self._last_seen = -1  # last optimizer step handled (accumulation: several batches per step)
-        self._pending = False  # a check is due but waits for the overhead budget or the fixed batches
         self._spent_s = 0.0  # wall time spent measuring (this fit and before a resume)
         self._last_cost_s = 0.0  # duration of the latest check: the estimate of the next one's
         self._elapsed_before_s = 0.0  # training wall time of the run before it was resumed
@@ -178,14 +177,12 @@ class _CurvatureCallback(Callback):
         if step == 0 or step == self._last_seen:
             return
         self._last_seen = step
-        if step % self.every_n_steps == 0:
-            self._pending = True
-        if not self._pending or self._over_budget(trainer):
+        # Over budget: skip this due step (decided at due steps only, so one collective per every_n_steps).
+        if step % self.every_n_steps or self._over_budget(trainer):
             return
         batches = self._batches(batch, pl_module)
         if batches is None:
             return
-        self._pending = False
         self._last_step = step
         start = time.perf_counter()
         try:
@@ -286,7 +283,6 @@ class _CurvatureCallback(Callback):
             "fixed_batches": self._fixed,
             "hvp_in_use": self._hvp_in_use,
             "last_seen": self._last_seen,
-            "pending": self._pending,
             "spent_s": self._spent_s,
             "last_cost_s": self._last_cost_s,
             "elapsed_s": self._elapsed_s(),
@@ -299,7 +295,6 @@ class _CurvatureCallback(Callback):
         self._fixed = list(state_dict.get("fixed_batches", []))
         self._hvp_in_use = state_dict.get("hvp_in_use")
         self._last_seen = int(state_dict.get("last_seen", self._last_step))
-        self._pending = bool(state_dict.get("pending", False))
         self._spent_s = float(state_dict.get("spent_s", 0.0))
         self._last_cost_s = float(state_dict.get("last_cost_s", 0.0))
         self._elapsed_before_s = float(state_dict.get("elapsed_s", 0.0))

@@ -54,11 +54,10 @@ class HessianTraceMonitor(_CurvatureCallback):
         hvp: ``"auto"``, ``"double_backward"`` or ``"forward_over_reverse"``.
         seed: Seed of the probes (combined with the step and rank).
         max_overhead: Largest fraction of the training wall time this callback may spend measuring (default
-            2.5%, so that both curvature callbacks together stay within 5%). A check that falls due when one
-            more check (timed like the last one) would exceed it waits, and runs at the first later step
-            within budget: with expensive products checks become sparser than ``every_n_steps``. The first
-            check always runs. ``None`` measures exactly every ``every_n_steps``. Rank zero's clock decides for
-            all ranks.
+            2.5%, so that both curvature callbacks together stay within 5%). A due check is skipped when one more
+            check (timed like the last one) would exceed it, so with expensive products checks land on fewer
+            multiples of ``every_n_steps``. The first check always runs. ``None`` measures at every multiple.
+            Rank zero's clock decides for all ranks.
 
     Example::
 

@@ -81,8 +81,8 @@ class SharpnessTracker(_CurvatureCallback):
         density_num_steps: Lanczos steps per SLQ run.
         plot: Write the end-of-fit plot.
         seed: Seed of the cold-start vectors and density probes.
-        max_overhead: Largest fraction of the training wall time spent measuring, default 2.5%; due checks wait
-            while over it (see :class:`HessianTraceMonitor`). ``None``: exactly every ``every_n_steps``.
+        max_overhead: Largest fraction of the training wall time spent measuring, default 2.5%; due checks are
+            skipped while over it (see :class:`HessianTraceMonitor`). ``None``: exactly every ``every_n_steps``.
 
     Example::
 
@@ -185,7 +185,7 @@ class SharpnessTracker(_CurvatureCallback):
         metrics["sharpness/num_hvps"] = float(num_hvps)
         self._remember_hvp(op)
         step = trainer.global_step
-        # A deferred check (max_overhead) may land past a multiple of density_every_n_steps: still plot it.
+        # Checks skipped by max_overhead may miss a multiple of density_every_n_steps: plot at the next check.
         if (
             self.density_every_n_steps
             and step // self.density_every_n_steps > self._last_density_step // self.density_every_n_steps

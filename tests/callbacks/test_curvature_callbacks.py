@@ -274,9 +274,9 @@ def test_bf16_autocast_training_is_measured_in_float32(tmp_path):
     assert math.isfinite(trace.last_metrics["hessian/trace"])
 
 
-def test_max_overhead_defers_checks_and_keeps_its_accounting_in_the_checkpoint(tmp_path):
+def test_max_overhead_skips_checks_and_keeps_its_accounting_in_the_checkpoint(tmp_path):
     # 60 probes per check cost far more than 1% of a tiny model's training steps: after the first check
-    # every due check waits until the training time has grown 100x past the time spent measuring.
+    # due checks are skipped until the training time has grown 100x past the time spent measuring.
     budget = HessianTraceMonitor(every_n_steps=1, num_probes=60, max_overhead=0.01)
     exact = HessianTraceMonitor(every_n_steps=1, num_probes=60, max_overhead=None, method="hutch++")
     # Checks every 2 steps, densities every 3: a density is drawn at the first check past each multiple of 3.

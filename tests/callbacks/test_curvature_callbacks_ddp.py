@@ -44,7 +44,7 @@ def test_curvature_callbacks_on_two_process_ddp(tmp_path):
         assert r0[key] == r1[key]  # every rank logs the same numbers
     assert r0["history_steps"] == [2, 4]
     assert r0["budget_steps"] == r1["budget_steps"]
-    assert r0["budget_steps"][0] == 1 and len(r0["budget_steps"]) < 4  # deferred checks, the same on both ranks
+    assert r0["budget_steps"][0] == 1 and len(r0["budget_steps"]) < 4  # skipped checks, the same on both ranks
     s = r0["sharp"]
     assert abs(s["sharpness/lambda_max"] - r0["exact_max"]) < 1e-6 * abs(r0["exact_max"])
     assert abs(s["sharpness/lambda_min"] - r0["exact_min"]) < 1e-6 * abs(r0["exact_min"])
