@@ -249,7 +249,7 @@ def trainer_table(args):
         loader = DataLoader(
             TensorDataset(X, Y), batch_size=args.batch, shuffle=True, generator=torch.Generator().manual_seed(args.seed)
         )
-        tracker = SharpnessTracker(every_n_steps=args.every, batch=batch_mode, tol=tol, plot=False)
+        tracker = SharpnessTracker(every_n_steps=args.every, batch=batch_mode, tol=tol, plot=False, max_overhead=None)
         exact = ExactSharpness(tracker)
         trainer = L.Trainer(
             max_steps=args.steps, precision="64-true", accelerator="cpu", devices=1, logger=False,
