@@ -9,6 +9,7 @@ Ghorbani et al. 2019 and Sagun et al. 2017 ("Empirical Analysis of the Hessian")
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -23,6 +24,18 @@ from lightning_gd.curvature import PreconditionedOperator, ReducedOperator, lanc
 from lightning_gd.utils.plotting import new_figure, run_dir, save_figure
 
 __all__ = ["SharpnessTracker"]
+
+
+def _wide_range_scale(ax: Any, values: list[float]) -> None:
+    """Log (or, with negative values, symlog) y axis when the values span more than 20x: e.g. lambda_max far
+    below 2/lr under a decaying learning rate, which a linear axis flattens to a line at zero."""
+    magnitudes = [abs(v) for v in values if v != 0 and math.isfinite(v)]
+    if not magnitudes or max(magnitudes) <= 20 * min(magnitudes):
+        return
+    if all(v > 0 for v in values):
+        ax.set_yscale("log")
+    else:
+        ax.set_yscale("symlog", linthresh=min(magnitudes))
 
 
 def _adam_preconditioner(optimizer: torch.optim.Optimizer, params: tuple[Tensor, ...]) -> tuple[Tensor, float] | None:
@@ -237,9 +250,12 @@ class SharpnessTracker(_CurvatureCallback):
         ax.plot(steps, lam, marker="o", markersize=3, label=key.split("/")[1])
         bound = "38/lr" if self.preconditioned else "2/lr"
         ax.plot(steps, thresholds, linestyle="--", color="black", label=bound)
+        values = [*lam, *thresholds]
         if "sharpness/lambda_min" in self.history:
             s_min, l_min = zip(*self.history["sharpness/lambda_min"], strict=True)
             ax.plot(s_min, l_min, marker="v", markersize=3, label="lambda_min")
+            values += l_min
+        _wide_range_scale(ax, values)
         ax.set_xlabel("step")
         ax.set_ylabel("eigenvalue")
         ax.set_title("Sharpness against the stability threshold")

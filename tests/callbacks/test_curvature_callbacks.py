@@ -294,3 +294,14 @@ def test_max_overhead_skips_checks_and_keeps_its_accounting_in_the_checkpoint(tm
     restored.load_state_dict(state)
     assert restored._spent_s == state["spent_s"] and restored._elapsed_s() >= state["elapsed_s"]
     assert restored._over_budget(trainer)  # still over budget right after the resume, as before the stop
+
+
+def test_sharpness_plot_uses_a_log_axis_when_lambda_max_is_far_below_the_threshold():
+    from lightning_gd.callbacks.sharpness_tracker import _wide_range_scale
+    from lightning_gd.utils.plotting import new_figure
+
+    cases = [([19.9, 18.6, 800.0, 6700.0], "log"), ([-0.5, 19.9, 800.0], "symlog"), ([30.0, 38.0, 40.0], "linear")]
+    for values, scale in cases:
+        _, ax = new_figure()
+        _wide_range_scale(ax, values)
+        assert ax.get_yscale() == scale, values
