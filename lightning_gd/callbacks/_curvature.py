@@ -128,7 +128,6 @@ class _CurvatureCallback(Callback):
         self.max_overhead = max_overhead
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.last_metrics: dict[str, float] = {}
-        self._last_step = -1
         self._fixed: list[Any] = []
         self._warned_nonfinite = False
         self._hvp_in_use: str | None = None  # remembered "auto" choice: probe it once, not every check
@@ -183,7 +182,6 @@ class _CurvatureCallback(Callback):
         batches = self._batches(batch, pl_module)
         if batches is None:
             return
-        self._last_step = step
         start = time.perf_counter()
         try:
             self._measure_and_log(trainer, pl_module, batches)
@@ -278,7 +276,6 @@ class _CurvatureCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "last_step": self._last_step,
             "history": {k: [list(p) for p in v] for k, v in self.history.items()},
             "fixed_batches": self._fixed,
             "hvp_in_use": self._hvp_in_use,
@@ -290,11 +287,10 @@ class _CurvatureCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_step = int(state_dict.get("last_step", -1))
         self.history = {k: [(int(s), float(v)) for s, v in pts] for k, pts in state_dict.get("history", {}).items()}
         self._fixed = list(state_dict.get("fixed_batches", []))
         self._hvp_in_use = state_dict.get("hvp_in_use")
-        self._last_seen = int(state_dict.get("last_seen", self._last_step))
+        self._last_seen = int(state_dict.get("last_seen", state_dict.get("last_step", -1)))  # older checkpoints
         self._spent_s = float(state_dict.get("spent_s", 0.0))
         self._last_cost_s = float(state_dict.get("last_cost_s", 0.0))
         self._elapsed_before_s = float(state_dict.get("elapsed_s", 0.0))

@@ -194,6 +194,13 @@ def _k_for(numel: int, density: float) -> int:
     return min(numel, max(1, int(density * numel + 0.5)))
 
 
+def _index_mask(numel: int, indices: torch.Tensor) -> torch.Tensor:
+    """Flat boolean mask of length ``numel``, ``True`` at ``indices`` (what a sparse payload sent)."""
+    mask = torch.zeros(numel, dtype=torch.bool, device=indices.device)
+    mask[indices.long()] = True
+    return mask
+
+
 def _derive_seed(*parts: int | str) -> int:
     """Stable 63-bit seed from ``parts`` (process-independent, unlike ``hash``)."""
     digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()

@@ -23,6 +23,7 @@ from lightning_gd.compression.base import (
     _check_density,
     _derive_seed,
     _generator,
+    _index_mask,
     _k_for,
 )
 
@@ -123,10 +124,7 @@ class RandomK(Compressor):
         return out.reshape(compressed.shape)
 
     def sent_mask(self, compressed: CompressedTensor) -> torch.Tensor:
-        idx = compressed.ctx["indices"]
-        mask = torch.zeros(compressed.numel, dtype=torch.bool, device=idx.device)
-        mask[idx] = True
-        return mask
+        return _index_mask(compressed.numel, compressed.ctx["indices"])
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

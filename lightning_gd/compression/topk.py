@@ -24,6 +24,7 @@ from lightning_gd.compression.base import (
     _check_density,
     _derive_seed,
     _generator,
+    _index_mask,
     _k_for,
 )
 
@@ -135,10 +136,7 @@ class TopK(Compressor):
         return out.reshape(first.shape)
 
     def sent_mask(self, compressed: CompressedTensor) -> torch.Tensor:
-        idx = compressed.payload[1]
-        mask = torch.zeros(compressed.numel, dtype=torch.bool, device=idx.device)
-        mask[idx.long()] = True
-        return mask
+        return _index_mask(compressed.numel, compressed.payload[1])
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
