@@ -23,6 +23,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gd.curvature import CurvatureOperator, HessianOperator, ReducedOperator
+from lightning_gd.utils.checks import check_choice, check_positive_int
+from lightning_gd.utils.logging import log_to_loggers
 
 LossFn = Callable[[LightningModule, Any], Tensor]
 
@@ -32,13 +34,11 @@ _HVPS = ("auto", "double_backward", "forward_over_reverse")
 
 
 def _check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise MisconfigurationException(f"`{name}` must be a positive integer, got {value!r}")
+    check_positive_int(name, value, error=MisconfigurationException)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise MisconfigurationException(f"`{name}` must be one of {choices}, got {value!r}")
+    check_choice(name, value, choices, error=MisconfigurationException)
 
 
 @contextlib.contextmanager
@@ -259,10 +259,7 @@ class _CurvatureCallback(Callback):
         self.last_metrics = metrics
         for name, value in metrics.items():
             self.history.setdefault(name, []).append((step, value))
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+        log_to_loggers(trainer, metrics, step=step)
 
     @staticmethod
     def _lr(trainer: Trainer) -> float:

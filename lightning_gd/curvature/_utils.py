@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from lightning_gd.curvature.base import CurvatureOperator
+from lightning_gd.utils.checks import check_positive_int
 
 # Seed of the private generator used when the caller passes none: estimates are reproducible
 # and the global RNG is never consumed.
@@ -49,7 +50,5 @@ def _matmat(op: CurvatureOperator, V: Tensor) -> Tensor:
 
 
 def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    """Validate an integer argument, naming it and its value in the error."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    """Validate an integer argument, naming it and its value in the error (``ValueError``)."""
+    return check_positive_int(name, value, minimum)

@@ -107,7 +107,7 @@ def test_float32_operator():
 def test_bad_arguments():
     op = DenseOperator(torch.eye(4, dtype=torch.float64))
     for kwargs, pattern in [
-        ({"k": 0}, "k must.*0"),
+        ({"k": 0}, "`k` must.*0"),
         ({"k": 5}, "k must.*5"),
         ({"which": "biggest"}, "which.*'biggest'"),
         ({"tol": 0.0}, "tol.*0.0"),
