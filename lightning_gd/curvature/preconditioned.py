@@ -3,9 +3,10 @@
 For a positive diagonal preconditioner ``P`` the matrix ``P^{-1/2} A P^{-1/2}`` is symmetric and
 similar to ``P^{-1} A``, so its extreme eigenvalues are the "preconditioned sharpness" that
 governs the stability of preconditioned gradient descent such as Adam (Cohen et al. 2022,
-"Adaptive gradient methods at the edge of stability"), where ``P = diag(sqrt(v_hat) + eps) / lr``.
-Keeping it symmetric lets the Lanczos (Golub & Meurant 2010) and Hutchinson (1989) estimators
-apply unchanged.
+"Adaptive gradient methods at the edge of stability", Section 2: Adam's update is
+``w_{t+1} = w_t - lr P_t^{-1} m_t`` with ``P_t = (1 - beta1^t) (diag(sqrt(v_hat_t)) + eps I)``, and
+``lambda_max(P_t^{-1} H)`` is compared with ``(2 + 2 beta1) / ((1 - beta1) lr)``). Keeping it symmetric
+lets the Lanczos (Golub & Meurant 2010) and Hutchinson (1989) estimators apply unchanged.
 """
 
 from __future__ import annotations
