@@ -1,0 +1,291 @@
+"""Annealed gradient or weight noise, and perturbed gradient descent, as a Lightning callback.
+
+* Neelakantan et al. 2015, "Adding Gradient Noise Improves Learning for Very Deep Networks":
+  ``g_t <- g_t + N(0, sigma_t^2)`` with the *variance* ``sigma_t^2 = eta / (1 + t)^gamma`` (the paper's
+  definition; some implementations, e.g. ESPnet, use it as the standard deviation), ``eta`` in
+  {0.01, 0.3, 1.0}, ``gamma = 0.55``.
+* Zhou et al. 2019, "Towards Understanding the Importance of Noise in Training Neural Networks": noise on the
+  weights, annealed in steps (their standard deviation shrinks by a factor per epoch).
+* Jin et al. 2017, "How to Escape Saddle Points Efficiently": perturbed gradient descent adds a point drawn
+  uniformly from the ball of radius ``r`` when ``||grad|| <= g_thres`` and no perturbation happened in the last
+  ``t_thres`` steps.
+* Adilova et al., "Introducing Noise in Decentralized Training of Neural Networks": independent noise on
+  each replica of local SGD, between model averagings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_gd.utils.checks import check_choice, check_positive_int
+from lightning_gd.utils.logging import log_to_loggers
+
+__all__ = ["NoiseAnnealing"]
+
+Target = Literal["gradient", "weights"]
+Schedule = Literal["polynomial", "step"]
+
+
+def _check_nonnegative(name: str, value: Any, positive: bool = False) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        need = "a positive finite number" if positive else "a non-negative finite number"
+        raise MisconfigurationException(f"`{name}` must be {need}, got {value!r}")
+    return float(value)
+
+
+def _averages_models(trainer: Trainer) -> bool:
+    """Whether replicas are averaged every few steps: Lightning's post-local-SGD model averager, or torch's
+    ``PostLocalSGDOptimizer``."""
+    from torch.distributed.optim import PostLocalSGDOptimizer
+
+    if getattr(trainer.strategy, "_model_averager", None) is not None:
+        return True
+    return any(isinstance(opt, PostLocalSGDOptimizer) for opt in trainer.optimizers)
+
+
+def _seed(*parts: int) -> int:
+    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class NoiseAnnealing(Callback):
+    """Add annealed Gaussian noise to the gradients or the weights, and/or perturb at saddles (perturbed GD).
+
+    At optimizer step ``t`` (``trainer.global_step``, the steps already taken) the noise has standard deviation
+    ``sigma_t`` per entry, with
+
+    * ``schedule="polynomial"`` (default for gradients, Neelakantan et al.): ``sigma_t^2 = eta / (1 + t)^gamma``;
+    * ``schedule="step"`` (default for weights, Zhou et al.): ``sigma_t^2 = eta * gamma^(2 j)``, the standard
+      deviation shrinking by ``gamma`` every period, ``j = t // decay_steps`` (or the epoch when
+      ``decay_steps=None``); needs ``gamma <= 1``.
+
+    ``target="gradient"`` adds ``N(0, sigma_t^2)`` to every ``.grad`` of the optimizer's parameters;
+    ``target="weights"`` adds it to the parameters themselves (``w <- w + xi_t``, then the optimizer steps with
+    the gradient taken at ``w``). With ``grad_norm_threshold`` set, perturbed GD (Jin et al.) also adds to the
+    weights a point uniform in the ball of radius ``radius`` (over all the optimizer's parameters jointly)
+    whenever the gradient norm is at most the threshold and no perturbation happened in the last
+    ``perturb_interval`` steps; ``eta=0`` then gives pure perturbed GD.
+
+    **Where in the step** (Lightning 2.x, ``Precision._after_closure`` / ``MixedPrecision.optimizer_step``):
+    backward, DDP gradient all-reduce, AMP ``unscale_``, then the callbacks' ``on_before_optimizer_step`` (the
+    noise is added here), the module's ``on_before_optimizer_step``, *then* Lightning's gradient clipping
+    (``gradient_clip_val``), then ``optimizer.step()``. So Trainer clipping clips the noisy gradient. For the
+    papers' order (clip, then noise) leave ``gradient_clip_val`` unset and pass ``clip_norm``: this callback then
+    clips the gradient norm itself before adding noise (a warning says so when both are set).
+
+    **Ranks and reproducibility.** The noise of step ``t`` comes from a generator seeded by
+    ``(seed, t, optimizer index)``, so every DDP rank adds the same noise to the same (all-reduced) gradient and
+    replicas stay identical; with ``per_rank=True`` the rank joins the seed and each replica draws its own
+    noise, which only makes sense when replicas are averaged every few steps (local SGD: Lightning's
+    ``DDPStrategy(ddp_comm_state=PostLocalSGDState(...), ddp_comm_hook=post_localSGD_hook,
+    model_averaging_period=H)`` or torch's ``PostLocalSGDOptimizer``; anything else is refused at the start of
+    fit). This counter-based generator *is* the RNG state: the checkpoint holds the seed, the step the noise is
+    drawn at and the perturbation bookkeeping, so a resumed run draws exactly the noise of an uninterrupted
+    one. The global RNG is never consumed, and with ``eta=0`` (and no threshold) nothing is touched: the run is
+    bit-identical to one without the callback.
+
+    Logs ``noise/std`` (``sigma_t``) and ``noise/perturbations`` (the count so far) every
+    ``trainer.log_every_n_steps`` steps. A non-finite gradient norm skips that step's perturbation decision
+    (one warning).
+
+    Args:
+        eta: Initial noise variance (``>= 0``).
+        gamma: Annealing exponent (``schedule="polynomial"``) or per-period factor of the standard deviation
+            (``schedule="step"``, ``0 <= gamma <= 1``).
+        target: ``"gradient"`` or ``"weights"``.
+        schedule: ``"polynomial"`` or ``"step"``; ``None``: polynomial for gradients, step for weights.
+        decay_steps: Period of the step schedule in optimizer steps (``None``: one epoch).
+        grad_norm_threshold: Perturbed GD's ``g_thres`` (``None``: off).
+        radius: Perturbed GD's ball radius ``r``.
+        perturb_interval: Perturbed GD's ``t_thres``: steps after a perturbation before the next may happen.
+        clip_norm: Clip the gradient norm to this value before adding gradient noise (``None``: no clipping).
+        per_rank: Independent noise on each rank (local SGD only).
+        seed: Seed of the noise.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[NoiseAnnealing(eta=0.3, gamma=0.55)])  # Neelakantan et al.
+        trainer = L.Trainer(callbacks=[NoiseAnnealing(eta=0.0, grad_norm_threshold=1e-3, radius=0.1)])  # Jin et al.
+    """
+
+    def __init__(
+        self,
+        eta: float = 0.01,
+        gamma: float = 0.55,
+        target: Target = "gradient",
+        schedule: Schedule | None = None,
+        decay_steps: int | None = None,
+        grad_norm_threshold: float | None = None,
+        radius: float = 0.01,
+        perturb_interval: int = 10,
+        clip_norm: float | None = None,
+        per_rank: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.eta = _check_nonnegative("eta", eta)
+        self.gamma = _check_nonnegative("gamma", gamma)
+        check_choice("target", target, ("gradient", "weights"), error=MisconfigurationException)
+        if schedule is None:
+            schedule = "polynomial" if target == "gradient" else "step"
+        check_choice("schedule", schedule, ("polynomial", "step"), error=MisconfigurationException)
+        if schedule == "step" and self.gamma > 1:
+            raise MisconfigurationException(f"`gamma` must be at most 1 with schedule='step', got {gamma!r}")
+        if decay_steps is not None:
+            check_positive_int("decay_steps", decay_steps, error=MisconfigurationException)
+        self.grad_norm_threshold = (
+            None if grad_norm_threshold is None else _check_nonnegative("grad_norm_threshold", grad_norm_threshold)
+        )
+        self.radius = _check_nonnegative("radius", radius, positive=True)
+        check_positive_int("perturb_interval", perturb_interval, error=MisconfigurationException)
+        self.clip_norm = None if clip_norm is None else _check_nonnegative("clip_norm", clip_norm, positive=True)
+        if not isinstance(per_rank, bool):
+            raise MisconfigurationException(f"`per_rank` must be a bool, got {per_rank!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise MisconfigurationException(f"`seed` must be an integer, got {seed!r}")
+        self.target: Target = target
+        self.schedule: Schedule = schedule
+        self.decay_steps = decay_steps
+        self.perturb_interval = perturb_interval
+        self.per_rank = per_rank
+        self.seed = seed
+        self.perturbations = 0
+        self.last_perturbation: int | None = None  # step of the latest perturbed-GD perturbation
+        self.last_std = 0.0
+        self._warned_nonfinite = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            eta=self.eta,
+            gamma=self.gamma,
+            target=self.target,
+            seed=self.seed,
+            per_rank=self.per_rank,
+            grad_norm_threshold=self.grad_norm_threshold,
+        )
+
+    def std(self, step: int, epoch: int = 0) -> float:
+        """``sigma_t``, the noise's standard deviation at optimizer step ``step`` (and epoch ``epoch``)."""
+        if self.schedule == "polynomial":
+            return math.sqrt(self.eta / (1.0 + step) ** self.gamma)
+        period = epoch if self.decay_steps is None else step // self.decay_steps
+        return math.sqrt(self.eta) * self.gamma**period
+
+    # ---------------------------------------------------------------- Lightning hooks
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and self.clip_norm is not None and trainer.gradient_clip_val:
+            rank_zero_warn(
+                "NoiseAnnealing(clip_norm=...) with the Trainer's gradient_clip_val: Lightning clips after this"
+                " callback adds the noise, so the noisy gradient is clipped again; set only one of them."
+            )
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.per_rank and not _averages_models(trainer):
+            raise MisconfigurationException(
+                "NoiseAnnealing(per_rank=True) needs a strategy that averages models every few steps (local SGD):"
+                " DDPStrategy(ddp_comm_state=PostLocalSGDState(...), ddp_comm_hook=post_localSGD_hook,"
+                f" model_averaging_period=H) or torch's PostLocalSGDOptimizer; got {type(trainer.strategy).__name__}"
+                " without model averaging, where per-rank noise would make the replicas drift apart"
+            )
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        step = trainer.global_step
+        std = self.std(step, trainer.current_epoch)
+        self.last_std = std
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if params and (std > 0 or self.clip_norm is not None or self.grad_norm_threshold is not None):
+            opt_idx = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+            rank = trainer.global_rank if self.per_rank else 0
+            with torch.no_grad():
+                if self.clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+                perturb = self._perturb_due(trainer, params, step)
+                if std > 0:
+                    gens = _Generators(_seed(self.seed, step, opt_idx, rank, 0))
+                    for p in params:
+                        noise = torch.randn(p.shape, generator=gens(p.device), device=p.device, dtype=p.dtype)
+                        (p.grad if self.target == "gradient" else p).add_(noise, alpha=std)
+                if perturb:
+                    self._perturb(params, _Generators(_seed(self.seed, step, opt_idx, rank, 1)))
+                    self.perturbations += 1
+                    self.last_perturbation = step
+        if step % max(trainer.log_every_n_steps, 1) == 0:
+            log_to_loggers(trainer, {"noise/std": std, "noise/perturbations": float(self.perturbations)}, step=step)
+
+    # ---------------------------------------------------------------- perturbed GD
+    def _perturb_due(self, trainer: Trainer, params: list[Tensor], step: int) -> bool:
+        if self.grad_norm_threshold is None:
+            return False
+        if self.last_perturbation is not None and step - self.last_perturbation < self.perturb_interval:
+            return False
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.double()) for p in params]))
+        finite = bool(torch.isfinite(norm))
+        due = finite and norm.item() <= self.grad_norm_threshold
+        if trainer.world_size > 1 and not self.per_rank:  # one decision, or replicas drift apart
+            due = bool(trainer.strategy.broadcast(due, src=0))
+            finite = bool(trainer.strategy.broadcast(finite, src=0))
+        if not finite and not self._warned_nonfinite:
+            rank_zero_warn(
+                f"NoiseAnnealing: non-finite gradient norm at step {step}; no perturbation decided. Warning once."
+            )
+            self._warned_nonfinite = True
+        return due
+
+    def _perturb(self, params: list[Tensor], gens: _Generators) -> None:
+        """Add a point drawn uniformly from the ball of radius ``radius`` (all parameters jointly)."""
+        directions = [
+            torch.randn(p.shape, generator=gens(p.device), device=p.device, dtype=torch.float64) for p in params
+        ]
+        d = sum(v.numel() for v in directions)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in directions])).item()
+        u = torch.rand((), generator=gens(torch.device("cpu")), dtype=torch.float64).item()
+        scale = self.radius * u ** (1.0 / d) / norm  # uniform in the ball: radius r * U^(1/d)
+        for p, v in zip(params, directions, strict=True):
+            p.add_((v * scale).to(p.dtype))
+
+    # ---------------------------------------------------------------- checkpointing
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # The noise generator is counter-based (seeded by seed, step, optimizer and rank): these numbers are
+        # its whole state, so a resumed run draws what an uninterrupted one would.
+        return {
+            "seed": self.seed,
+            "perturbations": self.perturbations,
+            "last_perturbation": self.last_perturbation,
+            "last_std": self.last_std,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seed = int(state_dict.get("seed", self.seed))
+        self.perturbations = int(state_dict.get("perturbations", 0))
+        last = state_dict.get("last_perturbation")
+        self.last_perturbation = None if last is None else int(last)
+        self.last_std = float(state_dict.get("last_std", 0.0))
+
+
+class _Generators:
+    """One generator per device, all seeded alike (``torch.randn`` needs a generator on the tensor's device)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._by_device: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, device: torch.device) -> torch.Generator:
+        if device not in self._by_device:
+            self._by_device[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._by_device[device]
