@@ -13,8 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.func import functional_call
 
 from lightning_gd.callbacks import HessianTraceMonitor, SharpnessTracker
-from lightning_gd.callbacks._curvature import _check_strategy
 from lightning_gd.callbacks.sharpness_tracker import _adam_preconditioner
+from lightning_gd.curvature import HessianOperator, hutchinson_trace
 from tests.helpers.models import TinyClassifier, classification_loader
 
 
@@ -132,6 +132,18 @@ def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path):
     assert [s for s, _ in trace.history["hessian/trace"]] == [1, 2, 3]
 
 
+def _adam_p_by_hand(optimizer, params):
+    """Cohen et al. 2022, Section 2: P_t = (1 - beta1^t) (diag(sqrt(v_t / (1 - beta2^t))) + eps I), from the state."""
+    (beta1, beta2), eps = optimizer.param_groups[0]["betas"], optimizer.param_groups[0]["eps"]
+    diags = []
+    for p in params:
+        state = optimizer.state[p]
+        t = int(state["step"])
+        v_hat = state["exp_avg_sq"] / (1 - beta2**t)
+        diags.append(((1 - beta1**t) * (v_hat.sqrt() + eps)).flatten())
+    return torch.cat(diags)
+
+
 def test_preconditioned_sharpness_matches_the_exact_adam_preconditioned_hessian(tmp_path):
     seed_everything(0)
     model = TinyClassifier(dropout=0.0, optimizer="adam", lr=0.01)
@@ -140,7 +152,9 @@ def test_preconditioned_sharpness_matches_the_exact_adam_preconditioned_hessian(
     )
     trainer = _trainer(tmp_path, [sharp], max_steps=4, precision="64-true")
     trainer.fit(model, classification_loader())
-    diag, beta1 = _adam_preconditioner(trainer.optimizers[0], tuple(model.parameters()))
+    opt = trainer.optimizers[0]
+    assert int(opt.state[next(model.parameters())]["step"]) == 4  # early: 1 - beta1^t = 0.34, far from 1
+    diag = _adam_p_by_hand(opt, tuple(model.parameters()))
     H = _exact_hessian(model, _first_batch())
     s = diag.rsqrt()
     exact = torch.linalg.eigvalsh(s[:, None] * H * s[None, :])[-1].item()
@@ -148,6 +162,23 @@ def test_preconditioned_sharpness_matches_the_exact_adam_preconditioned_hessian(
     assert m["sharpness/preconditioned_lambda_max"] == pytest.approx(exact, rel=1e-6)
     assert m["sharpness/threshold"] == pytest.approx(38 / 0.01)
     assert m["sharpness/edge_of_stability"] == pytest.approx(exact / 3800, rel=1e-6)
+
+
+def test_adam_preconditioner_is_the_one_in_adams_own_update():
+    # w_t - w_{t-1} = -lr P_t^{-1} m_t with m_t torch's exp_avg: P_t is the matrix Adam divides its momentum by.
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    target = torch.randn(5, dtype=torch.float64)
+    opt = torch.optim.Adam([w], lr=0.05, betas=(0.9, 0.99), eps=1e-3)
+    for _ in range(3):
+        before = w.detach().clone()
+        opt.zero_grad()
+        ((w - target) ** 4).sum().backward()
+        opt.step()
+        diag, beta1 = _adam_preconditioner(opt, (w,))
+        assert beta1 == 0.9
+        torch.testing.assert_close(diag, _adam_p_by_hand(opt, (w,)), rtol=1e-12, atol=0)
+        torch.testing.assert_close(w.detach() - before, -0.05 * opt.state[w]["exp_avg"] / diag, rtol=1e-10, atol=0)
 
 
 def test_plots_and_logs(tmp_path):
@@ -206,25 +237,40 @@ def test_custom_loss_fn_is_used(tmp_path):
     assert trace.last_metrics["hessian/trace_stderr"] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_no_trainable_parameters_and_sharded_strategies_are_refused_at_setup(tmp_path):
+def test_no_trainable_parameters_and_an_optimizer_without_adam_moments_are_refused(tmp_path):
     model = TinyClassifier()
     for p in model.parameters():
         p.requires_grad_(False)
     with pytest.raises(MisconfigurationException, match="no trainable parameters"):
         _trainer(tmp_path, [HessianTraceMonitor()]).fit(model, classification_loader())
-    with pytest.raises(MisconfigurationException, match="does not support FSDPStrategy"):
-        _check_strategy(FSDPStrategy(), "SharpnessTracker")  # FSDP cannot run on CPU; the check can
     with pytest.raises(MisconfigurationException, match="Adam-family"):
         _trainer(tmp_path, [SharpnessTracker(preconditioned=True)]).fit(TinyClassifier(), classification_loader())
 
 
-def test_deepspeed_zero3_is_refused():
+class _CPUFSDPStrategy(FSDPStrategy):
+    """A real FSDPStrategy. The Trainer refuses ``type(strategy) is FSDPStrategy`` on CPU before anything runs, a
+    subclass passes that guard, so fit goes through FSDP's environment set-up to the callbacks' ``setup``."""
+
+
+@pytest.mark.parametrize("cls", [HessianTraceMonitor, SharpnessTracker])
+def test_fsdp_is_refused_in_setup_of_a_real_fit(tmp_path, cls):
+    trainer = _trainer(tmp_path, [cls()], strategy=_CPUFSDPStrategy(), devices=1)
+    with pytest.raises(MisconfigurationException, match=f"{cls.__name__} does not support _CPUFSDPStrategy"):
+        trainer.fit(TinyClassifier(), classification_loader())
+
+
+@pytest.mark.parametrize("cls", [HessianTraceMonitor, SharpnessTracker])
+def test_deepspeed_zero3_is_refused_in_setup(tmp_path, cls):
     pytest.importorskip("deepspeed")
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    with pytest.raises(MisconfigurationException, match="ZeRO stage 3"):
-        _check_strategy(DeepSpeedStrategy(stage=3), "HessianTraceMonitor")
-    _check_strategy(DeepSpeedStrategy(stage=2), "HessianTraceMonitor")
+    # DeepSpeed's environment set-up needs CUDA, so on CPU the Trainer never reaches `setup` in `fit`: call the
+    # callback's own `setup` hook with a real Trainer built on the strategy, as `fit` does after that set-up.
+    zero3 = _trainer(tmp_path, [], strategy=DeepSpeedStrategy(stage=3), devices=1)
+    with pytest.raises(MisconfigurationException, match=f"{cls.__name__} does not support DeepSpeed ZeRO stage 3"):
+        cls().setup(zero3, TinyClassifier(), stage="fit")
+    zero2 = _trainer(tmp_path, [], strategy=DeepSpeedStrategy(stage=2), devices=1)
+    cls().setup(zero2, TinyClassifier(), stage="fit")  # ZeRO-1/2 keep whole parameters on every rank
 
 
 @pytest.mark.gpu
@@ -271,7 +317,16 @@ def test_bf16_autocast_training_is_measured_in_float32(tmp_path):
     # The same weights measured in float64 without autocast: bf16 would be off by ~1e-2 relative.
     H = _exact_hessian(model.double(), _first_batch())
     assert sharp.last_metrics["sharpness/lambda_max"] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=1e-4)
-    assert math.isfinite(trace.last_metrics["hessian/trace"])
+    # The trace: the same 8 probes (seeded by seed 0, step 4, rank 0) through a float32 operator built here on the
+    # same weights, outside autocast. Under bf16 the products would be off by ~1e-2 relative.
+    model.float()
+    x, y = next(iter(classification_loader()))
+    op = HessianOperator(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y), hvp="double_backward")
+    gen = torch.Generator().manual_seed(hash((0, 4, 0)) & 0x7FFF_FFFF)
+    fp32 = hutchinson_trace(op, 8, generator=gen)
+    assert trace.last_metrics["hessian/trace"] == pytest.approx(fp32.value, rel=1e-5)
+    assert trace.last_metrics["hessian/trace_stderr"] == pytest.approx(fp32.stderr, rel=1e-4)
+    assert abs(fp32.value - torch.trace(H).item()) < 4 * fp32.stderr  # and it estimates the float64 trace
 
 
 def test_max_overhead_skips_checks_and_keeps_its_accounting_in_the_checkpoint(tmp_path):
