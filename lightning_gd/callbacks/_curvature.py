@@ -11,7 +11,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -22,15 +22,16 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gd.curvature import CurvatureOperator, HessianOperator, ReducedOperator
+from lightning_gd.curvature import CurvatureOperator, HessianOperator, HvpMethod, OperatorMode, ReducedOperator
 from lightning_gd.utils.checks import check_choice, check_positive_int
 from lightning_gd.utils.logging import log_to_loggers
 
 LossFn = Callable[[LightningModule, Any], Tensor]
 
-_BATCH_MODES = ("current", "fixed")
-_MODES = ("eval", "train")
-_HVPS = ("auto", "double_backward", "forward_over_reverse")
+BatchMode = Literal["current", "fixed"]
+_BATCH_MODES: tuple[str, ...] = get_args(BatchMode)
+_MODES: tuple[str, ...] = get_args(OperatorMode)
+_HVPS: tuple[str, ...] = get_args(HvpMethod)
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -99,11 +100,11 @@ class _CurvatureCallback(Callback):
     def __init__(
         self,
         every_n_steps: int,
-        batch: str,
+        batch: BatchMode,
         num_batches: int,
         loss_fn: LossFn | None,
-        mode: str,
-        hvp: str,
+        mode: OperatorMode,
+        hvp: HvpMethod,
         seed: int,
         max_overhead: float | None,
     ) -> None:
@@ -130,6 +131,8 @@ class _CurvatureCallback(Callback):
         self.last_metrics: dict[str, float] = {}
         self._fixed: list[Any] = []
         self._warned_nonfinite = False
+        self._warned_skip = False
+        self.skipped_checks = 0  # due checks skipped by the max_overhead budget (logged as <name>/skipped_checks)
         self._hvp_in_use: str | None = None  # remembered "auto" choice: probe it once, not every check
         self._last_seen = -1  # last optimizer step handled (accumulation: several batches per step)
         self._spent_s = 0.0  # wall time spent measuring (this fit and before a resume)
@@ -176,8 +179,11 @@ class _CurvatureCallback(Callback):
         if step == 0 or step == self._last_seen:
             return
         self._last_seen = step
+        if step % self.every_n_steps:
+            return
         # Over budget: skip this due step (decided at due steps only, so one collective per every_n_steps).
-        if step % self.every_n_steps or self._over_budget(trainer):
+        if self._over_budget(trainer):
+            self._skip(trainer, step)
             return
         batches = self._batches(batch, pl_module)
         if batches is None:
@@ -198,6 +204,7 @@ class _CurvatureCallback(Callback):
             return
         if not self._finite_everywhere(trainer, torch.tensor(list(metrics.values()), dtype=torch.float64)):
             return
+        metrics[f"{self._name}/skipped_checks"] = float(self.skipped_checks)
         self._log(trainer, metrics)
 
     def _elapsed_s(self) -> float:
@@ -213,6 +220,24 @@ class _CurvatureCallback(Callback):
         if trainer.world_size > 1:  # wall clocks differ per rank: one decision, or a rank waits alone
             over = bool(trainer.strategy.broadcast(over, src=0))
         return over
+
+    def _skip(self, trainer: Trainer, step: int) -> None:
+        """Count a due check skipped by the budget, log the count, and say why the first time."""
+        self.skipped_checks += 1
+        log_to_loggers(trainer, {f"{self._name}/skipped_checks": float(self.skipped_checks)}, step=step)
+        if self._warned_skip:
+            return
+        self._warned_skip = True
+        step_s = max(self._elapsed_s() - self._spent_s, 1e-9) / max(step, 1)
+        cost, budget = self._last_cost_s, float(self.max_overhead or 0.0)
+        rank_zero_warn(
+            f"{type(self).__name__}: skipped the check due at step {step}, and will skip due checks while over its"
+            f" budget `max_overhead={self.max_overhead}` ({budget:.1%} of the training time). One check costs"
+            f" {cost:.3g} s, about {cost / step_s:.1f} training steps of {step_s:.3g} s, against one check every"
+            f" {self.every_n_steps} steps. To measure at every due step pass `max_overhead=None`; to stay within the"
+            f" budget use `every_n_steps` >= {math.ceil(cost / (budget * step_s))}. `{self._name}/skipped_checks`"
+            " counts the skipped checks. Warning once."
+        )
 
     # ---------------------------------------------------------------- to implement
     def _measure(self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator) -> dict[str, float] | None:
@@ -280,6 +305,7 @@ class _CurvatureCallback(Callback):
             "spent_s": self._spent_s,
             "last_cost_s": self._last_cost_s,
             "elapsed_s": self._elapsed_s(),
+            "skipped_checks": self.skipped_checks,
         }
 
     @override
@@ -291,3 +317,4 @@ class _CurvatureCallback(Callback):
         self._spent_s = float(state_dict.get("spent_s", 0.0))
         self._last_cost_s = float(state_dict.get("last_cost_s", 0.0))
         self._elapsed_before_s = float(state_dict.get("elapsed_s", 0.0))
+        self.skipped_checks = int(state_dict.get("skipped_checks", 0))

@@ -8,22 +8,27 @@ SGD, tr(H) <= 2 / lr (GD only constrains lambda_max).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_gd.callbacks._curvature import LossFn, _check_choice, _check_positive, _CurvatureCallback
-from lightning_gd.curvature import ReducedOperator, hutchinson_trace
+from lightning_gd.callbacks._curvature import BatchMode, LossFn, _check_choice, _check_positive, _CurvatureCallback
+from lightning_gd.curvature import HvpMethod, OperatorMode, ReducedOperator, hutchinson_trace
 
 __all__ = ["HessianTraceMonitor"]
 
-_METHODS = ("hutchinson", "hutch++")
+TraceMethod = Literal["hutchinson", "hutch++"]
+_METHODS: tuple[str, ...] = get_args(TraceMethod)
 
 
 class HessianTraceMonitor(_CurvatureCallback):
     """Estimate tr(H) of the training loss every ``every_n_steps`` optimizer steps and log it.
+
+    By default a due check is skipped while measuring would take more than ``max_overhead`` (2.5%) of the
+    training time: the first skip warns once, naming the cost of a check, and ``hessian/skipped_checks``
+    counts them. Pass ``max_overhead=None`` to measure at every due step, or use a larger ``every_n_steps``.
 
     Logged (every rank computes the same numbers; rank zero writes them to every logger at the global step):
 
@@ -31,6 +36,7 @@ class HessianTraceMonitor(_CurvatureCallback):
     * ``hessian/sgd_stability`` = lr * tr(H) / 2 with the first param group's lr: at or above 1, SGD is past
       its linear-stability bound tr(H) <= 2/lr;
     * ``hessian/num_hvps``: Hessian-vector products spent (per rank);
+    * ``hessian/skipped_checks``: due checks skipped so far by the ``max_overhead`` budget;
     * with ``per_layer=True``, ``hessian/trace/<parameter name>`` from the same probes (they sum to the total).
 
     Measuring never perturbs training: weights, gradients, buffers (BatchNorm statistics), RNG states and
@@ -74,13 +80,13 @@ class HessianTraceMonitor(_CurvatureCallback):
         self,
         every_n_steps: int = 100,
         num_probes: int = 30,
-        method: str = "hutchinson",
-        batch: str = "current",
+        method: TraceMethod = "hutchinson",
+        batch: BatchMode = "current",
         num_batches: int = 1,
         per_layer: bool = False,
         loss_fn: LossFn | None = None,
-        mode: str = "eval",
-        hvp: str = "auto",
+        mode: OperatorMode = "eval",
+        hvp: HvpMethod = "auto",
         seed: int = 0,
         max_overhead: float | None = 0.025,
     ) -> None:

@@ -10,7 +10,7 @@ Ghorbani et al. 2019 and Sagun et al. 2017 ("Empirical Analysis of the Hessian")
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -19,8 +19,15 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gd.callbacks._curvature import LossFn, _check_positive, _CurvatureCallback
-from lightning_gd.curvature import PreconditionedOperator, ReducedOperator, lanczos, spectral_density
+from lightning_gd.callbacks._curvature import BatchMode, LossFn, _check_positive, _CurvatureCallback
+from lightning_gd.curvature import (
+    HvpMethod,
+    OperatorMode,
+    PreconditionedOperator,
+    ReducedOperator,
+    lanczos,
+    spectral_density,
+)
 from lightning_gd.utils.plotting import new_figure, run_dir, save_figure
 
 __all__ = ["SharpnessTracker"]
@@ -66,8 +73,22 @@ def _adam_preconditioner(optimizer: torch.optim.Optimizer, params: tuple[Tensor,
     return torch.cat(diags), float(beta1)
 
 
+def _has_adam_moments(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether ``optimizer`` is from the Adam family: betas and eps, and an ``exp_avg_sq`` second moment."""
+    if optimizer is None or not all("betas" in g and "eps" in g for g in optimizer.param_groups):
+        return False
+    return any("exp_avg_sq" in state for state in optimizer.state.values())
+
+
 class SharpnessTracker(_CurvatureCallback):
     """Track lambda_max (and optionally lambda_min) of the training-loss Hessian with warm-started Lanczos.
+
+    The threshold compares like with like: with plain (momentum) SGD, lambda_max of H against 2/lr; with an
+    Adam-family optimizer (``preconditioned="auto"``, the default, detects it at the first check), the
+    preconditioned lambda_max of P^-1 H against 38/lr. By default a due check is skipped while measuring would
+    take more than ``max_overhead`` (2.5%) of the training time: the first skip warns once, naming the cost of
+    a check, and ``sharpness/skipped_checks`` counts them. Pass ``max_overhead=None`` to measure at every due
+    step, or use a larger ``every_n_steps``.
 
     Logged every ``every_n_steps`` optimizer steps (the same numbers on every rank):
 
@@ -77,7 +98,8 @@ class SharpnessTracker(_CurvatureCallback):
     * with ``preconditioned=True`` (Adam-family optimizers), ``sharpness/preconditioned_lambda_max`` of
       P^-1/2 H P^-1/2, P = diag(sqrt(v_hat) + eps), and ``sharpness/edge_of_stability`` against
       (2 + 2 beta1) / ((1 - beta1) lr), i.e. 38/lr at beta1 = 0.9;
-    * ``sharpness/num_hvps``: Hessian-vector products spent in this check.
+    * ``sharpness/num_hvps``: Hessian-vector products spent in this check;
+    * ``sharpness/skipped_checks``: due checks skipped so far by the ``max_overhead`` budget.
 
     Every ``density_every_n_steps`` steps the spectral density (stochastic Lanczos quadrature) is plotted to
     ``<log_dir>/spectral_density_step<N>.png`` and TensorBoard; at the end of fitting, lambda_max against the
@@ -91,7 +113,9 @@ class SharpnessTracker(_CurvatureCallback):
         smallest: Also compute lambda_min.
         warm_start: Start Lanczos from the previous check's eigenvector (few products per check).
         density_every_n_steps: Plot the spectral density this often (``None``: never).
-        preconditioned: Track the Adam-preconditioned sharpness instead of the raw one.
+        preconditioned: ``True``: track the Adam-preconditioned sharpness (needs an optimizer with Adam moments);
+            ``False``: the raw Hessian's against 2/lr, whatever the optimizer; ``"auto"``: preconditioned when the
+            optimizer has Adam moments (betas, eps, ``exp_avg_sq``) at the first check, raw otherwise.
         loss_fn: ``loss_fn(module, batch) -> Tensor``; default: the module's own ``training_step`` with its
             logging silenced.
         batch: ``"current"`` or ``"fixed"`` (see :class:`HessianTraceMonitor`).
@@ -127,12 +151,12 @@ class SharpnessTracker(_CurvatureCallback):
         smallest: bool = False,
         warm_start: bool = True,
         density_every_n_steps: int | None = None,
-        preconditioned: bool = False,
+        preconditioned: bool | Literal["auto"] = "auto",
         loss_fn: LossFn | None = None,
-        batch: str = "current",
+        batch: BatchMode = "current",
         num_batches: int = 1,
-        mode: str = "eval",
-        hvp: str = "auto",
+        mode: OperatorMode = "eval",
+        hvp: HvpMethod = "auto",
         tol: float = 1e-2,
         max_iter: int = 50,
         density_num_runs: int = 1,
@@ -152,6 +176,8 @@ class SharpnessTracker(_CurvatureCallback):
             raise MisconfigurationException(f"`tol` must be > 0, got {tol!r}")
         if k > max_iter:
             raise MisconfigurationException(f"`k`={k} must not exceed `max_iter`={max_iter}")
+        if preconditioned not in (True, False, "auto"):
+            raise MisconfigurationException(f"`preconditioned` must be True, False or 'auto', got {preconditioned!r}")
         self.k = k
         self.smallest = smallest
         self.warm_start = warm_start
@@ -163,6 +189,7 @@ class SharpnessTracker(_CurvatureCallback):
         self.density_num_steps = density_num_steps
         self.plot = plot
         self._init: dict[str, Tensor] = {}  # warm-start vectors: "max", "min"
+        self._preconditioned: bool | None = None  # resolved at the first check (``"auto"``), then fixed
         self._last_density_step = 0
         self.density_paths: list[str] = []
         self.plot_path: str | None = None
@@ -170,9 +197,27 @@ class SharpnessTracker(_CurvatureCallback):
     def _key_args(self) -> dict[str, Any]:
         return {**super()._key_args(), "k": self.k, "preconditioned": self.preconditioned}
 
+    @property
+    def _key(self) -> str:
+        return "sharpness/preconditioned_lambda_max" if self._preconditioned else "sharpness/lambda_max"
+
+    def _resolve_preconditioned(self, trainer: Trainer) -> bool:
+        """The choice of ``"auto"``, made once at the first check (the optimizer has moments by then)."""
+        if self._preconditioned is None:
+            if self.preconditioned == "auto":
+                self._preconditioned = _has_adam_moments(trainer.optimizers[0] if trainer.optimizers else None)
+                rank_zero_info(
+                    "SharpnessTracker(preconditioned='auto'): "
+                    + ("Adam moments found: tracking lambda_max(P^-1 H) against (2 + 2 beta1) / ((1 - beta1) lr)."
+                       if self._preconditioned else "no Adam moments: tracking lambda_max(H) against 2/lr.")
+                )  # fmt: skip
+            else:
+                self._preconditioned = bool(self.preconditioned)
+        return self._preconditioned
+
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.preconditioned:
+        if self.preconditioned is True:
             group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
             if "betas" not in group or "eps" not in group:
                 raise MisconfigurationException(
@@ -185,7 +230,7 @@ class SharpnessTracker(_CurvatureCallback):
         metrics: dict[str, float] = {}
         target: Any = op
         threshold = 2.0 / lr
-        if self.preconditioned:
+        if self._resolve_preconditioned(trainer):
             pre = _adam_preconditioner(trainer.optimizers[0], op.base.params)
             if pre is None:
                 rank_zero_warn("SharpnessTracker: no Adam second moments yet; skipping this measurement.")
@@ -197,8 +242,7 @@ class SharpnessTracker(_CurvatureCallback):
         top = self._lanczos(target, "largest", trainer)
         num_hvps += top.num_matvecs
         lam = top.eigenvalues.tolist()
-        key = "sharpness/preconditioned_lambda_max" if self.preconditioned else "sharpness/lambda_max"
-        metrics[key] = lam[0]
+        metrics[self._key] = lam[0]
         metrics["sharpness/edge_of_stability"] = lam[0] / threshold
         metrics["sharpness/threshold"] = threshold
         for i, value in enumerate(lam[1:], start=2):
@@ -252,7 +296,7 @@ class SharpnessTracker(_CurvatureCallback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        key = "sharpness/preconditioned_lambda_max" if self.preconditioned else "sharpness/lambda_max"
+        key = self._key
         log_dir = run_dir(trainer)  # on every rank: a collective under DDP
         if not self.plot or not trainer.is_global_zero or not self.history.get(key):
             return
@@ -260,7 +304,7 @@ class SharpnessTracker(_CurvatureCallback):
         _, thresholds = zip(*self.history["sharpness/threshold"], strict=True)
         fig, ax = new_figure()
         ax.plot(steps, lam, marker="o", markersize=3, label=key.split("/")[1])
-        bound = "38/lr" if self.preconditioned else "2/lr"
+        bound = "(2 + 2 beta1) / ((1 - beta1) lr)" if self._preconditioned else "2/lr"
         ax.plot(steps, thresholds, linestyle="--", color="black", label=bound)
         values = [*lam, *thresholds]
         if "sharpness/lambda_min" in self.history:
@@ -281,6 +325,7 @@ class SharpnessTracker(_CurvatureCallback):
         state = super().state_dict()
         state["warm_start"] = {side: v.detach().cpu() for side, v in self._init.items()}
         state["last_density_step"] = self._last_density_step
+        state["preconditioned_in_use"] = self._preconditioned
         return state
 
     @override
@@ -288,3 +333,5 @@ class SharpnessTracker(_CurvatureCallback):
         super().load_state_dict(state_dict)
         self._init = dict(state_dict.get("warm_start", {}))
         self._last_density_step = int(state_dict.get("last_density_step", 0))
+        in_use = state_dict.get("preconditioned_in_use")
+        self._preconditioned = None if in_use is None else bool(in_use)

@@ -15,7 +15,7 @@ from lightning_gd.curvature.base import CurvatureOperator
 from lightning_gd.curvature.dense import DenseOperator
 from lightning_gd.curvature.density import SpectralDensity, spectral_density
 from lightning_gd.curvature.lanczos import EigResult, lanczos
-from lightning_gd.curvature.operator import HessianOperator
+from lightning_gd.curvature.operator import HessianOperator, HvpMethod, OperatorMode
 from lightning_gd.curvature.preconditioned import PreconditionedOperator
 from lightning_gd.curvature.reduced import ReducedOperator
 from lightning_gd.curvature.trace import TraceEstimate, hutchinson_trace
@@ -25,6 +25,8 @@ __all__ = [
     "DenseOperator",
     "EigResult",
     "HessianOperator",
+    "HvpMethod",
+    "OperatorMode",
     "PreconditionedOperator",
     "ReducedOperator",
     "SpectralDensity",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -26,12 +26,14 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _NormBase
 
-__all__ = ["HessianOperator"]
+__all__ = ["HessianOperator", "HvpMethod", "OperatorMode"]
 
 _log = logging.getLogger(__name__)
 
-_HVP_METHODS = ("auto", "double_backward", "forward_over_reverse")
-_MODES = ("eval", "train")
+HvpMethod = Literal["auto", "double_backward", "forward_over_reverse"]
+OperatorMode = Literal["eval", "train"]
+_HVP_METHODS: tuple[str, ...] = get_args(HvpMethod)
+_MODES: tuple[str, ...] = get_args(OperatorMode)
 
 
 class HessianOperator:
@@ -99,8 +101,8 @@ class HessianOperator:
         loss_fn: Callable[[nn.Module, Any], Tensor],
         batch: Any,
         params: Iterable[Tensor] | None = None,
-        hvp: str = "auto",
-        mode: str = "eval",
+        hvp: HvpMethod = "auto",
+        mode: OperatorMode = "eval",
         *,
         seed: int = 0,
         chunk_size: int | None = None,
