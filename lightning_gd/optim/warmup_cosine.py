@@ -1,25 +1,36 @@
-"""Linear warm-up then cosine decay, the schedule of LLaMA and most LLM pretraining recipes.
+"""Linear warm-up then a decay: cosine (LLaMA and most LLM pretraining), linear, polynomial, warmup-stable-decay.
 
 Loshchilov & Hutter 2017, "SGDR: Stochastic Gradient Descent with Warm Restarts" (cosine annealing);
-Goyal et al. 2017, "Accurate, Large Minibatch SGD" (linear warm-up).
+Goyal et al. 2017, "Accurate, Large Minibatch SGD" (linear warm-up); You et al. 2017, "Large Batch Training of
+Convolutional Networks" (LARS, polynomial decay); Hu et al. 2024, "MiniCPM" (warmup-stable-decay).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 __all__ = ["WarmupCosineLR"]
 
+_DECAYS = ("cosine", "linear", "polynomial", "wsd", "constant")
+
 
 class WarmupCosineLR(LRScheduler):
-    """Multiply each group's base lr by a linear warm-up from 0, then a cosine down to ``min_lr_ratio``.
+    """Multiply each group's base lr by a linear warm-up from 0, then a decay down to ``min_lr_ratio``.
 
     For step s (the number of ``step()`` calls so far), warm-up length W and total length S:
-    factor(s) = (s + 1) / (W + 1) for s < W, else r + (1 - r) (1 + cos(pi p)) / 2 with
-    p = min(1, (s - W) / max(1, S - W)) and r = ``min_lr_ratio``.
+    factor(s) = (s + 1) / (W + 1) for s < W, else r + (1 - r) f(p) with p = min(1, (s - W) / max(1, S - W)),
+    r = ``min_lr_ratio`` and f by ``decay``:
+
+    - ``cosine``: f = (1 + cos(pi p)) / 2
+    - ``linear``: f = 1 - p
+    - ``polynomial``: f = (1 - p) ** ``power`` (LARS ImageNet recipes: power 2, ConAdv's: 1.6)
+    - ``wsd`` (warmup-stable-decay): f = 1 while p < 1 - D, then linear to 0 over the last D of the post-warm-up
+      steps, D = ``decay_fraction``
+    - ``constant``: f = 1
 
     Args:
         optimizer: The wrapped optimizer.
@@ -27,6 +38,9 @@ class WarmupCosineLR(LRScheduler):
         total_steps: S; ``None`` leaves it to be set before the first step (``CausalLMModule`` fills in
             the Trainer's estimated stepping batches).
         min_lr_ratio: r, the final lr as a fraction of the base lr.
+        decay: The shape f after warm-up (see above).
+        power: The exponent of ``polynomial`` (> 0).
+        decay_fraction: D of ``wsd``, in (0, 1].
         last_epoch: Index of the last step, for resuming (``-1`` starts fresh).
 
     Example::
@@ -46,6 +60,9 @@ class WarmupCosineLR(LRScheduler):
         total_steps: int | None = None,
         min_lr_ratio: float = 0.1,
         last_epoch: int = -1,
+        decay: Literal["cosine", "linear", "polynomial", "wsd", "constant"] = "cosine",
+        power: float = 1.0,
+        decay_fraction: float = 0.2,
     ) -> None:
         if isinstance(warmup_steps, float) and not 0.0 <= warmup_steps < 1.0:
             raise ValueError(f"`warmup_steps` as a fraction must be in [0, 1), got {warmup_steps}")
@@ -55,6 +72,15 @@ class WarmupCosineLR(LRScheduler):
             raise ValueError(f"`total_steps` must be >= 1, got {total_steps}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio}")
+        if decay not in _DECAYS:
+            raise ValueError(f"Unknown schedule `decay`={decay!r}; valid names: {', '.join(_DECAYS)}")
+        if not power > 0:
+            raise ValueError(f"`power` must be > 0, got {power}")
+        if not 0.0 < decay_fraction <= 1.0:
+            raise ValueError(f"`decay_fraction` must be in (0, 1], got {decay_fraction}")
+        self.decay = decay
+        self.power = power
+        self.decay_fraction = decay_fraction
         self.warmup_steps = warmup_steps
         self.total_steps = total_steps
         self.min_lr_ratio = min_lr_ratio
@@ -82,10 +108,24 @@ class WarmupCosineLR(LRScheduler):
             return (step + 1) / (W + 1)
         if self.total_steps is None:
             return 1.0
-        progress = min(1.0, (step - W) / max(1, self.total_steps - W))
+        p = min(1.0, (step - W) / max(1, self.total_steps - W))
         r = self.min_lr_ratio
-        return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return r + (1.0 - r) * _shape(self.decay, p, self.power, self.decay_fraction)
 
     def get_lr(self) -> list[float]:
         factor = self.lr_factor(max(0, self.last_epoch))
         return [base_lr * factor for base_lr in self.base_lrs]
+
+
+def _shape(decay: str, p: float, power: float, decay_fraction: float) -> float:
+    """f(p) of the decay after warm-up, for progress p in [0, 1]."""
+    if decay == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+    if decay == "linear":
+        return 1.0 - p
+    if decay == "polynomial":
+        return (1.0 - p) ** power
+    if decay == "wsd":
+        stable_end = 1.0 - decay_fraction
+        return 1.0 if p < stable_end else (1.0 - p) / decay_fraction
+    return 1.0
