@@ -46,6 +46,11 @@ class CausalLMModule(LightningModule):
     Args:
         preset: Name of a :class:`LlamaConfig` preset (``tiny``, ``125m``, ``350m``, ``1b``).
         overrides: Fields of the preset to change, e.g. ``{"block_size": 128, "dropout": 0.1}``.
+        block_size: Longest sequence (overrides the preset's and ``overrides``); the ``lightning-gd`` command links
+            it to ``data.seq_len``, so a longer data window just works.
+        compile: Train through ``torch.compile(model)``. Compiled modules have no double backward: the
+            curvature callbacks need ``compile=False``.
+        activation_checkpointing: Recompute each block's activations in backward (less memory, ~1/3 more compute).
         optimizer: ``params -> Optimizer``; ``None`` uses the default AdamW.
         lr_scheduler: ``optimizer -> LRScheduler``; ``None`` uses the default warm-up + cosine. A
             :class:`WarmupCosineLR` built without ``total_steps`` gets the Trainer's estimate.
@@ -66,11 +71,17 @@ class CausalLMModule(LightningModule):
         overrides: dict[str, Any] | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        block_size: int | None = None,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.config = LlamaConfig.from_name(preset, **(overrides or {}))
-        self.model = Llama(self.config)
+        fields = {**(overrides or {}), **({} if block_size is None else {"block_size": block_size})}
+        self.config = LlamaConfig.from_name(preset, **fields)
+        self.model = Llama(self.config, activation_checkpointing=activation_checkpointing)
+        # Not a submodule (object.__setattr__): the checkpoint keeps only ``model.*`` keys, compiled or not.
+        object.__setattr__(self, "_train_model", torch.compile(self.model) if compile else self.model)
         self.optimizer_factory: Callable[[Iterable], torch.optim.Optimizer] = optimizer or _default_optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.val_loss = MeanMetric()
@@ -81,7 +92,7 @@ class CausalLMModule(LightningModule):
 
     def _loss(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         x, y = batch  # (B, T) each
-        logits = self.model(x)  # (B, T, V)
+        logits = self._train_model(x)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

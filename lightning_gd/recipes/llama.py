@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["Llama", "LlamaConfig"]
 
@@ -220,6 +221,8 @@ class Llama(nn.Module):
 
     Args:
         config: The architecture.
+        activation_checkpointing: Recompute each block's activations in the backward pass instead of storing
+            them (``torch.utils.checkpoint``, non-reentrant): less memory for about one more forward pass.
 
     Example::
 
@@ -227,9 +230,10 @@ class Llama(nn.Module):
         logits = model(torch.randint(0, 256, (2, 64)))  # (2, 64, 256)
     """
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, activation_checkpointing: bool = False) -> None:
         super().__init__()
         self.config = config
+        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(_Block(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
@@ -261,7 +265,10 @@ class Llama(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
         x = self.embed(idx)  # (B, T, C)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
     @torch.no_grad()
