@@ -57,6 +57,7 @@ def spectral_density(
     grid_size: int = 1000,
     sigma: float | None = None,
     generator: torch.Generator | None = None,
+    max_basis: int | None = None,
 ) -> SpectralDensity:
     """Estimate the eigenvalue density of a symmetric operator (stochastic Lanczos quadrature).
 
@@ -69,12 +70,22 @@ def spectral_density(
             nodes (or of their magnitude when they all coincide).
         generator: Source of the probes. ``None`` uses a fresh generator seeded with 0 (the
             global RNG is left untouched).
+        max_basis: Most Lanczos vectors stored at once (``>= 2``); ``None`` means ``num_steps``
+            (full reorthogonalisation). With fewer, each new vector is orthogonalised against the
+            latest ``max_basis`` only: the quadrature stays exact for the probe's measure up to
+            rounding, and a ghost copy of a converged Ritz value only splits that node's weight.
+
+    Memory and precision: extra memory on the operator's device beyond the operator's own product is
+    ``min(max_basis, num_steps)`` parameter-sized vectors (rounded up to a multiple of 4) plus 1 residual,
+    in the working dtype (float32 for float32 and half-precision operators, float64 for float64 ones);
+    nodes and weights come from a float64 projected matrix.
 
     Returns:
         A :class:`SpectralDensity`.
 
     Raises:
-        ValueError: On a non-positive ``num_runs``, ``num_steps`` or ``sigma``, or ``grid_size < 2``.
+        ValueError: On a non-positive ``num_runs``, ``num_steps`` or ``sigma``, ``grid_size < 2``, or
+            ``max_basis < 2``.
 
     Example::
 
@@ -90,13 +101,17 @@ def spectral_density(
     _check_positive_int("grid_size", grid_size, 2)
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0):
         raise ValueError(f"sigma must be a positive number or None, got {sigma!r}")
+    if max_basis is not None:
+        _check_positive_int("max_basis", max_basis, 2)
     gen = _resolve_generator(generator)
 
     nodes = torch.zeros(num_runs, num_steps, dtype=torch.float64)
     weights = torch.zeros(num_runs, num_steps, dtype=torch.float64)
     num_matvecs = 0
     for run in range(num_runs):
-        proc = _LanczosProcess(op, _rademacher((op.numel,), gen, op), capacity=num_steps)
+        proc = _LanczosProcess(
+            op, _rademacher((op.numel,), gen, op), capacity=num_steps, max_basis=max_basis, window=True
+        )
         # No restart on breakdown: the quadrature rule of this probe's measure is then exact.
         while True:
             proc.step()

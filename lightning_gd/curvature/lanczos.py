@@ -52,15 +52,24 @@ def lanczos(
     max_iter: int = 100,
     init: Tensor | None = None,
     generator: torch.Generator | None = None,
+    max_basis: int | None = None,
 ) -> EigResult:
     """Compute the ``k`` algebraically largest or smallest eigenpairs of a symmetric operator.
 
     Iterates until, for each wanted Ritz value ``theta_i`` with Ritz vector ``s_i`` of ``T``,
     ``|beta_m * s_i[-1]| <= tol * max(|theta_i|, eps^(2/3) ||T||)`` (a relative residual bound,
-    with ARPACK's floor for eigenvalues near zero). The basis is kept for reorthogonalisation:
-    memory is ``numel * iterations`` entries in float32 (float64 for float64 operators). If the
-    Krylov space becomes invariant before ``k`` pairs are found, Lanczos restarts from a random
-    direction orthogonal to it.
+    with ARPACK's floor for eigenvalues near zero). If the Krylov space becomes invariant before ``k``
+    pairs are found, Lanczos restarts from a random direction orthogonal to it.
+
+    Memory and precision. The basis is kept for reorthogonalisation, at most ``max_basis`` vectors;
+    when it is full, Lanczos thick-restarts (Wu & Simon 2000) from the best ``max(k + 1,
+    max_basis // 2)`` Ritz vectors, rotated in place, so the memory stays bounded whatever ``max_iter``
+    (at the price of more products if ``max_basis`` is smaller than the iterations needed). Extra memory on
+    the operator's device beyond the operator's own product: ``min(max_basis, iterations)`` vectors
+    (rounded up to a multiple of 4) plus 1 residual, plus ``k`` for the returned eigenvectors, all
+    parameter-sized, in the working dtype: float32 for float32 and half-precision operators, float64
+    for float64 ones. The operator is applied to vectors of its own dtype; Ritz values come from a
+    float64 projected matrix.
 
     Args:
         op: Symmetric operator (e.g. :class:`~lightning_gd.curvature.HessianOperator`).
@@ -73,12 +82,14 @@ def lanczos(
             eigenvector converges in fewer products when the operator changed little.
         generator: Source of the random start and restarts. ``None`` uses a fresh generator
             seeded with 0 (the global RNG is left untouched).
+        max_basis: Most basis vectors stored at once (``>= k + 2``); ``None`` means ``max_iter``
+            (no restart).
 
     Returns:
         An :class:`EigResult`.
 
     Raises:
-        ValueError: On a bad ``k``, ``which``, ``tol``, ``max_iter`` or ``init``.
+        ValueError: On a bad ``k``, ``which``, ``tol``, ``max_iter``, ``init`` or ``max_basis``.
 
     Example::
 
@@ -101,6 +112,8 @@ def lanczos(
     _check_positive_int("max_iter", max_iter)
     if max_iter < k:
         raise ValueError(f"max_iter must be >= k ({k}), got {max_iter!r}")
+    if max_basis is not None:
+        _check_positive_int("max_basis", max_basis, k + 2)
     gen = _resolve_generator(generator)
     if init is None:
         q0 = _gaussian((n,), gen, op)
@@ -113,7 +126,7 @@ def lanczos(
         q0 = init.to(device=op.device)
 
     steps = min(max_iter, n)
-    proc = _LanczosProcess(op, q0, capacity=steps)
+    proc = _LanczosProcess(op, q0, capacity=steps, max_basis=max_basis)
     eps23 = torch.finfo(proc.dtype).eps ** (2.0 / 3.0)
     converged = False
     while True:
@@ -127,14 +140,19 @@ def lanczos(
             if converged or proc.size >= n:
                 converged = True  # a full Krylov space makes the Ritz pairs exact
                 break
-        if proc.size >= steps:
+        if proc.num_matvecs >= steps:
             break
         if proc.broke_down:
+            if proc.full:
+                break  # an invariant subspace filling the basis: its Ritz pairs are exact
             proc.restart(gen)
+        elif proc.full:
+            keep = _wanted(theta, min(proc.max_basis - 1, max(k + 1, proc.max_basis // 2)), which)
+            proc.thick_restart(S[:, keep], theta[keep])
         else:
             proc.advance()
 
-    vectors = proc.basis[:, : proc.size] @ S[:, idx].to(dtype=proc.dtype, device=op.device)
+    vectors = proc.ritz_vectors(S[:, idx])
     return EigResult(
         eigenvalues=theta[idx].clone(),
         eigenvectors=vectors.to(op.dtype),
