@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_gd.dynamics import RecurrentDynamics, lyapunov_spectrum, recurrent_dynamics
+from lightning_gd.dynamics.lyapunov import _single_cpu_thread
 from lightning_gd.utils.checks import check_positive_int
 from lightning_gd.utils.logging import log_to_loggers
 from lightning_gd.utils.plotting import new_figure, run_dir, save_figure
@@ -330,7 +331,7 @@ class GradientFlossing(Callback):
     def _flossing_grads(self, trainer: Trainer, pl_module: LightningModule) -> list[tuple[Tensor, Tensor]] | None:
         """``(parameter, rank-averaged gradient of the flossing loss)`` for every parameter the dynamics reach."""
         params = [p for p in pl_module.parameters() if p.requires_grad]
-        with torch.enable_grad():
+        with torch.enable_grad(), _single_cpu_thread(params[0].device):  # small kernels: threads only cost
             loss = self._loss(self._spectrum(trainer, pl_module))
             if not self._finite_everywhere(trainer, loss):
                 return None
