@@ -1,3 +1,5 @@
+import csv
+import math
 import subprocess
 import sys
 
@@ -62,12 +64,24 @@ def test_unknown_yaml_key_is_named(tmp_path, capsys):
 
 
 def test_quickstart_short_run_writes_the_run_directory(tmp_path, monkeypatch):
+    # The quickstart recipe with its curvature callbacks measuring every 3 steps, so that a 6-step run measures
+    # twice and draws sharpness.png.
+    config = yaml.safe_load(recipe_path("quickstart").read_text())
+    curvature = [
+        c for c in config["trainer"]["callbacks"] if c["class_path"] in ("HessianTraceMonitor", "SharpnessTracker")
+    ]
+    assert len(curvature) == 2
+    for callback in curvature:
+        callback["init_args"]["every_n_steps"] = 3
+    curvature[0]["init_args"]["num_probes"] = 3  # few products: the test is about the run directory
+    curvature[1]["init_args"]["max_iter"] = 4
+    (tmp_path / "quickstart.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.chdir(tmp_path)
     main([
-        "fit", "--config", "quickstart",
+        "fit", "--config", "quickstart.yaml",
         "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
         "--trainer.enable_progress_bar", "false", "--data.seq_len", "32", "--data.train_windows", "64",
-        "--data.val_windows", "8", "--model.overrides", "{block_size: 32, n_layer: 1}",
+        "--data.val_windows", "8", "--data.batch_size", "4", "--model.overrides", "{block_size: 32, n_layer: 1}",
     ])  # fmt: skip
     run = tmp_path / "runs" / "quickstart" / "version_0"
     names = {p.name for p in run.iterdir()}
@@ -76,11 +90,22 @@ def test_quickstart_short_run_writes_the_run_directory(tmp_path, monkeypatch):
         "config.yaml",
         "hparams.yaml",
         "loss_curves.png",
+        "sharpness.png",
         "sample.txt",
         "checkpoints",
     } <= names
     assert any(n.startswith("events.out.tfevents") for n in names)  # TensorBoard in the same run directory
     assert (run / "checkpoints" / "last.ckpt").is_file()
+    for png in ("loss_curves.png", "sharpness.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    sample = (run / "sample.txt").read_text(encoding="utf-8")
+    assert sample.startswith("def ") and len(sample) > len("def ") + 100  # the prompt and 240 sampled bytes
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for key in ("hessian/trace", "sharpness/preconditioned_lambda_max"):  # AdamW: P^-1 H (preconditioned="auto")
+        measured = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+        assert [step for step, _ in measured] == [3, 6], key
+        assert all(math.isfinite(v) and v != 0 for _, v in measured), key
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["trainer"]["max_steps"] == 6
     assert not (tmp_path / "runs" / "quickstart" / "version_1").exists()
