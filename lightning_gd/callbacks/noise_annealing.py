@@ -52,6 +52,15 @@ def _averages_models(trainer: Trainer) -> bool:
     return any(isinstance(opt, PostLocalSGDOptimizer) for opt in trainer.optimizers)
 
 
+def _local_sgd_start(trainer: Trainer) -> int:
+    """The optimizer step at which local SGD starts (before it, replicas are kept equal by gradient all-reduce)."""
+    state = getattr(trainer.strategy, "_ddp_comm_state", None)
+    if state is not None and hasattr(state, "start_localSGD_iter"):
+        return int(state.start_localSGD_iter)
+    averagers = [getattr(opt, "averager", None) for opt in trainer.optimizers]
+    return min((int(getattr(a, "warmup_steps", 0)) for a in averagers if a is not None), default=0)
+
+
 def _seed(*parts: int) -> int:
     return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
 
@@ -84,7 +93,8 @@ class NoiseAnnealing(Callback):
     **Ranks and reproducibility.** The noise of step ``t`` comes from a generator seeded by
     ``(seed, t, optimizer index)``, so every DDP rank adds the same noise to the same (all-reduced) gradient and
     replicas stay identical; with ``per_rank=True`` the rank joins the seed and each replica draws its own
-    noise, which only makes sense when replicas are averaged every few steps (local SGD: Lightning's
+    noise from the step local SGD starts (``start_localSGD_iter``; before it replicas are plain DDP and get the
+    shared noise). That only makes sense when replicas are averaged every few steps (local SGD: Lightning's
     ``DDPStrategy(ddp_comm_state=PostLocalSGDState(...), ddp_comm_hook=post_localSGD_hook,
     model_averaging_period=H)`` or torch's ``PostLocalSGDOptimizer``; anything else is refused at the start of
     fit). This counter-based generator *is* the RNG state: the checkpoint holds the seed, the step the noise is
@@ -92,9 +102,9 @@ class NoiseAnnealing(Callback):
     one. The global RNG is never consumed, and with ``eta=0`` (and no threshold) nothing is touched: the run is
     bit-identical to one without the callback.
 
-    Logs ``noise/std`` (``sigma_t``) and ``noise/perturbations`` (the count so far) every
-    ``trainer.log_every_n_steps`` steps. A non-finite gradient norm skips that step's perturbation decision
-    (one warning).
+    Logs ``noise/std`` (``sigma_t``) and ``noise/perturbations`` (the count so far) to the loggers every
+    ``trainer.log_every_n_steps`` steps (``trainer.callback_metrics`` holds them every step). A non-finite
+    gradient norm skips that step's perturbation decision (one warning).
 
     Args:
         eta: Initial noise variance (``>= 0``).
@@ -159,6 +169,7 @@ class NoiseAnnealing(Callback):
         self.perturbations = 0
         self.last_perturbation: int | None = None  # step of the latest perturbed-GD perturbation
         self.last_std = 0.0
+        self._start = 0  # first step of local SGD (per-rank noise before it would split plain-DDP replicas)
         self._warned_nonfinite = False
 
     @property
@@ -191,6 +202,7 @@ class NoiseAnnealing(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start = _local_sgd_start(trainer) if self.per_rank else 0
         if self.per_rank and not _averages_models(trainer):
             raise MisconfigurationException(
                 "NoiseAnnealing(per_rank=True) needs a strategy that averages models every few steps (local SGD):"
@@ -209,7 +221,8 @@ class NoiseAnnealing(Callback):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if params and (std > 0 or self.clip_norm is not None or self.grad_norm_threshold is not None):
             opt_idx = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
-            rank = trainer.global_rank if self.per_rank else 0
+            # Per-rank noise only once local SGD runs: in its warm-up replicas are plain DDP and must stay equal.
+            rank = trainer.global_rank if self.per_rank and step >= self._start else 0
             with torch.no_grad():
                 if self.clip_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
@@ -223,8 +236,11 @@ class NoiseAnnealing(Callback):
                     self._perturb(params, _Generators(_seed(self.seed, step, opt_idx, rank, 1)))
                     self.perturbations += 1
                     self.last_perturbation = step
+        metrics = {"noise/std": std, "noise/perturbations": float(self.perturbations)}
         if step % max(trainer.log_every_n_steps, 1) == 0:
-            log_to_loggers(trainer, {"noise/std": std, "noise/perturbations": float(self.perturbations)}, step=step)
+            log_to_loggers(trainer, metrics, step=step)
+        else:  # current values for other callbacks (progress bar, early stopping); loggers every log_every_n_steps
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
     # ---------------------------------------------------------------- perturbed GD
     def _perturb_due(self, trainer: Trainer, params: list[Tensor], step: int) -> bool:
