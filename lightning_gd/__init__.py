@@ -7,7 +7,7 @@ in LightningCLI YAML (``class_path: MetricPlotter``) and registers the strategie
 from lightning_gd import callbacks, optim, strategies
 from lightning_gd.callbacks import *  # noqa: F403
 from lightning_gd.optim import *  # noqa: F403
-from lightning_gd.recipes import CausalLMModule, Llama, LlamaConfig, TextCorpusDataModule
+from lightning_gd.recipes import CausalLMModule, Llama, LlamaConfig, TextCorpusDataModule, TokenStreamDataModule
 from lightning_gd.strategies import *  # noqa: F403
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "Llama",
     "LlamaConfig",
     "TextCorpusDataModule",
+    "TokenStreamDataModule",
     "__version__",
     *callbacks.__all__,
     *optim.__all__,

@@ -40,6 +40,11 @@ class LightningGDCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         super().__init__(*args, **kwargs)
 
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        # One sequence length: the data's window sets the model's block_size (skipped by jsonargparse when either
+        # class lacks the argument, so any LightningModule / LightningDataModule still works).
+        parser.link_arguments("data.init_args.seq_len", "model.init_args.block_size", apply_on="parse")
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         _pin_logger_versions(config.get("trainer", {}).get("logger"))
@@ -108,9 +113,38 @@ def _print_recipes() -> None:
         print(f"  {name:<{width}}  {description}")
 
 
+def _prepare_text(argv: Sequence[str]) -> None:
+    import argparse
+
+    from lightning_gd.recipes.prepare_text import prepare_text
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-gd prepare-text",
+        description="Tokenize text files into a litdata optimized dataset (DIR/train, DIR/val) for"
+        " TokenStreamDataModule. With no INPUT: the Python standard library's sources.",
+    )
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="files or directories (default: the stdlib)")
+    parser.add_argument("--output", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--tokenizer", metavar="tokenizer.json", help="a Hugging Face tokenizer (default: bytes)")
+    parser.add_argument("--glob", default="**/*.txt", help="files to take inside directory inputs")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="share of files held out (by path hash)")
+    parser.add_argument("--num-workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    ns = parser.parse_args(list(argv))
+    try:
+        info = prepare_text(ns.inputs, ns.output, ns.tokenizer, ns.glob, ns.val_fraction, ns.num_workers)
+    except ValueError as err:
+        parser.error(str(err))
+    print(
+        f"lightning-gd: wrote {ns.output}/train and {ns.output}/val ({info.kind} tokens, vocabulary {info.vocab_size})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``lightning-gd`` and ``python -m lightning_gd``."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["prepare-text"]:
+        _prepare_text(args[1:])
+        return
     if args[:1] == ["recipes"]:
         _print_recipes()
         return
