@@ -2,23 +2,42 @@
 
 With no ``data_dir`` the corpus is every ``.py`` file of the Python standard library (the ``stdlib`` path
 of :mod:`sysconfig`, site-packages excluded): about 30 MB of real text on any machine, with no download.
+
+The training loader is a torchdata ``StatefulDataLoader``: Lightning saves its position in every checkpoint
+(``loops.fit_loop.state_dict.combined_loader``) and restores it on resume, so a run resumed mid-epoch reads
+exactly the batches the uninterrupted run would have read. The data module's own checkpoint entry holds the
+global RNG states of every rank and the data settings the position refers to.
 """
 
 from __future__ import annotations
 
+import copy
+import random
 import sysconfig
 import zlib
 from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+from typing_extensions import override
+
+from lightning_gd.utils.checks import check_choice, check_positive_int
 
 __all__ = ["TextCorpusDataModule"]
 
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+_STATE_VERSION = 1
+# Settings that decide which windows make up an epoch and in which order: a saved data position only means
+# something for the same values.
+_POSITION_KEYS = ("seq_len", "batch_size", "seed", "train_windows", "corpus")
 
 
 class _RandomWindows(Dataset):
@@ -38,6 +57,87 @@ class _RandomWindows(Dataset):
         return chunk[:-1], chunk[1:]  # inputs and next-byte targets, (T,) each
 
 
+def _loader_position(state: dict[str, Any]) -> tuple[int, int, int]:
+    """``(samples, batches, num_workers)`` of a ``StatefulDataLoader`` state, single- or multi-process."""
+    if "_snapshot" in state:
+        main = state["_snapshot"]["_main_snapshot"]
+        return (
+            int(main["_sampler_iter_state"]["samples_yielded"]),
+            int(main["_sampler_iter_yielded"]),
+            int(main["_num_workers"]),
+        )
+    return int(state["_sampler_iter_state"]["samples_yielded"]), int(state["_num_yielded"]), 0
+
+
+def _at_position(template: dict[str, Any], samples: int, batches: int, num_workers: int) -> dict[str, Any]:
+    """A fresh loader's state moved to ``samples``/``batches``: valid for a stateless sampler and dataset."""
+    state = copy.deepcopy(template)
+    if "_snapshot" in state:
+        snapshot = state["_snapshot"]
+        main = snapshot["_main_snapshot"]
+        snapshot["_snapshot_step"] = batches
+        snapshot["_last_yielded_worker_id"] = (batches - 1) % num_workers  # in-order: the next is batches % w
+        main["_sampler_iter_state"]["samples_yielded"] = samples
+        main["_sampler_iter_yielded"] = batches
+    else:
+        state["_sampler_iter_state"]["samples_yielded"] = samples
+        state["_sampler_iter_yielded"] = state["_num_yielded"] = batches
+    return state
+
+
+class _ResumableLoader(StatefulDataLoader):
+    """A ``StatefulDataLoader`` whose saved position also loads under another worker count or world size.
+
+    Same worker count and world size: torchdata restores its own state unchanged. Otherwise the position
+    (samples read in this epoch) is carried over to the other layout, which is exact for a different worker
+    count because the sampler and the dataset are stateless (the order depends on seed and epoch only).
+    ``resume_plan`` is set by :class:`TextCorpusDataModule` from its checkpoint entry.
+    """
+
+    resume_plan: dict[str, Any] | None = None
+    position_loaded: bool = False
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.position_loaded = True
+        plan = self.resume_plan or {}
+        if plan.get("restart_epoch"):
+            return  # the data settings changed: the epoch's data starts from its beginning
+        samples, batches, num_workers = _loader_position(state_dict)
+        old_world, new_world = plan.get("world_size", (1, 1))
+        if old_world != new_world:  # the same share of the epoch, re-partitioned over the new ranks
+            samples = samples * old_world // new_world
+            batches = samples // (self.batch_size or 1)
+        elif num_workers == self.num_workers:
+            super().load_state_dict(state_dict)
+            return
+        template = self.state_dict()  # a fresh iterator's state in this loader's own layout
+        super().load_state_dict(_at_position(template, samples, batches, self.num_workers))
+
+
+def _rng_states() -> dict[str, Any]:
+    """This process's global RNG states (torch, CUDA, numpy, python) as checkpoint-safe values."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def _stdlib_files() -> tuple[Path, list[Path]]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [f for f in root.rglob("*.py") if not _EXCLUDED_DIRS & set(f.relative_to(root).parts) and f.is_file()]
@@ -55,12 +155,23 @@ def _concat(files: list[Path]) -> Tensor:
 
 
 class TextCorpusDataModule(LightningDataModule):
-    """Next-byte prediction windows from a directory of text files (vocabulary 256).
+    """Next-byte prediction windows from a directory of text files (vocabulary 256), exactly resumable.
 
     Files are split into train and validation by a hash of their relative path (a deterministic split
     by file); a corpus of a single file is split by position instead (its last ``val_fraction``). Each
     split is the concatenation of its files, and a sample is a window of ``seq_len`` bytes at a seeded
     random offset with the next bytes as targets.
+
+    Resuming: the training order is a function of ``seed`` and the epoch only (a seeded
+    ``DistributedSampler``, one replica per rank), the loader is a torchdata ``StatefulDataLoader`` whose
+    position Lightning checkpoints, and the data module's checkpoint entry holds every rank's global RNG
+    states (restored just before the first training batch after the resume, so dropout continues exactly).
+    A run resumed mid-epoch therefore continues bit-identically on the same hardware and world size, with
+    any ``num_workers``. A different world size continues from the same point of the epoch with one warning
+    (the epoch is re-partitioned over the ranks). A checkpoint whose data settings (``seq_len``,
+    ``batch_size``, ``seed``, ``train_windows``, the corpus) differ raises, or with ``resume_mismatch="warn"``
+    warns once and restarts the epoch's data; one with no saved data position (written before this data
+    module was resumable) warns once and restarts the epoch's data.
 
     Args:
         data_dir: A directory or a single file; ``None`` reads the Python standard library's sources.
@@ -71,17 +182,21 @@ class TextCorpusDataModule(LightningDataModule):
         val_fraction: Share of files (or bytes, for a single file) held out for validation.
         train_windows: Number of training windows in one epoch.
         val_windows: Number of (fixed) validation windows.
-        seed: Seed of the window offsets.
+        seed: Seed of the window offsets and of the training order.
         num_workers: DataLoader workers.
+        resume_mismatch: What a checkpoint saved with other data settings does: ``"error"`` raises,
+            ``"warn"`` warns and starts the epoch's data from its beginning.
 
     Raises:
         MisconfigurationException: at construction, for bad arguments or a path that matches no files;
-            at setup, when ``seq_len`` is longer than the shortest split.
+            at setup, when ``seq_len`` is longer than the shortest split; at resume, for a checkpoint saved
+            with other data settings (with ``resume_mismatch="error"``).
 
     Example::
 
         dm = TextCorpusDataModule(seq_len=128, batch_size=32)  # the standard library, no download
         trainer.fit(CausalLMModule(preset="tiny"), datamodule=dm)
+        trainer.fit(CausalLMModule(preset="tiny"), datamodule=dm, ckpt_path="last")  # continues exactly
     """
 
     def __init__(
@@ -95,25 +210,24 @@ class TextCorpusDataModule(LightningDataModule):
         val_windows: int = 512,
         seed: int = 1234,
         num_workers: int = 0,
+        resume_mismatch: Literal["error", "warn"] = "error",
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("seq_len", seq_len),
-            ("batch_size", batch_size),
-            ("train_windows", train_windows),
-        ):
-            if value < 1:
-                raise MisconfigurationException(f"`{name}` must be >= 1, got {value}")
-        if val_windows < 1:
-            raise MisconfigurationException(f"`val_windows` must be >= 1, got {val_windows}")
-        if not 0.0 < val_fraction < 1.0:
-            raise MisconfigurationException(f"`val_fraction` must be in (0, 1), got {val_fraction}")
-        if num_workers < 0:
-            raise MisconfigurationException(f"`num_workers` must be >= 0, got {num_workers}")
+        for name in ("seq_len", "batch_size", "train_windows", "val_windows"):
+            check_positive_int(name, locals()[name], error=MisconfigurationException)
+        check_positive_int("num_workers", num_workers, minimum=0, error=MisconfigurationException)
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1:
+            raise MisconfigurationException(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
+        check_choice("resume_mismatch", resume_mismatch, ("error", "warn"), error=MisconfigurationException)
         self.save_hyperparameters()
         self.root, self.files = self._resolve_files(data_dir, glob)
         self.train_data: Tensor | None = None
         self.val_data: Tensor | None = None
+        self._corpus: dict[str, int] | None = None
+        self._resume_plan: dict[str, Any] | None = None
+        self._pending_rng: dict[str, Any] | None = None
+        self._train_loader: _ResumableLoader | None = None
+        self._check_position = False
 
     @staticmethod
     def _resolve_files(data_dir: str | None, glob: str | None) -> tuple[Path, list[Path]]:
@@ -166,17 +280,126 @@ class TextCorpusDataModule(LightningDataModule):
                 " lower `seq_len` or add data"
             )
         self.train_data, self.val_data = train, val
+        # The corpus identity a saved position refers to: sizes and a checksum of the training split.
+        self._corpus = {"train_bytes": len(train), "crc32": zlib.crc32(train.numpy().tobytes())}
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_data is not None, "call setup() first"
         hp = self.hparams
         ds = _RandomWindows(self.train_data, hp.seq_len, hp.train_windows, hp.seed)
-        return DataLoader(ds, batch_size=hp.batch_size, shuffle=True, num_workers=hp.num_workers, drop_last=True)
+        world_size, rank = self._world()
+        # Seeded by `seed` and the epoch (Lightning calls set_epoch), never by the global RNG; one replica per
+        # rank, so Lightning keeps this sampler under DDP instead of injecting its own.
+        sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=hp.seed, drop_last=True)
+        loader = _ResumableLoader(
+            ds,
+            batch_size=hp.batch_size,
+            sampler=sampler,
+            num_workers=hp.num_workers,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(hp.seed),  # worker seeds: not from the global RNG either
+        )
+        loader.resume_plan = self._resume_plan
+        self._train_loader = loader
+        self._check_position = self.trainer is not None and self.trainer.ckpt_path is not None
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_data is not None, "call setup() first"
         hp = self.hparams
         ds = _RandomWindows(self.val_data, hp.seq_len, hp.val_windows, hp.seed + 1)
-        return DataLoader(ds, batch_size=hp.batch_size, shuffle=False, num_workers=hp.num_workers)
+        # An own generator: a validation run draws no number from the global RNG (which dropout uses).
+        return DataLoader(
+            ds,
+            batch_size=hp.batch_size,
+            shuffle=False,
+            num_workers=hp.num_workers,
+            generator=torch.Generator().manual_seed(hp.seed + 1),
+        )
 
     test_dataloader = val_dataloader
+
+    def _settings(self) -> dict[str, Any]:
+        hp = self.hparams
+        return {"seq_len": hp.seq_len, "batch_size": hp.batch_size, "seed": hp.seed,
+                "train_windows": hp.train_windows, "corpus": self._corpus}  # fmt: skip
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Data settings, world size, workers, and every rank's global RNG states (a collective under DDP)."""
+        world_size, _ = self._world()
+        local = _rng_states()
+        if world_size > 1 and dist.is_available() and dist.is_initialized():
+            rng: list[Any] = [None] * world_size
+            dist.all_gather_object(rng, local)
+        else:
+            rng = [local]
+        return {"version": _STATE_VERSION, "settings": self._settings(), "world_size": world_size,
+                "num_workers": self.hparams.num_workers, "rng": rng}  # fmt: skip
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check the saved data settings against this run's and plan the resume (see the class docstring)."""
+        if self.train_data is None:
+            self.setup("fit")
+        saved, current = state_dict.get("settings", {}), self._settings()
+        changed = [f"{k}={saved.get(k)!r} -> {current[k]!r}" for k in _POSITION_KEYS if saved.get(k) != current[k]]
+        world_size, rank = self._world()
+        old_world = int(state_dict.get("world_size", 1))
+        plan: dict[str, Any] = {"world_size": (old_world, world_size)}
+        if changed:
+            what = ", ".join(changed)
+            message = (
+                f"TextCorpusDataModule: the checkpoint's data position was saved with other data settings"
+                f" ({what}; checkpoint -> this run), e.g. a checkpoint of another recipe"
+            )
+            if self.hparams.resume_mismatch == "error":
+                raise MisconfigurationException(
+                    message + ". Resume with the same data settings, or pass `resume_mismatch='warn'` to continue"
+                    " with the new ones from the beginning of the epoch's data."
+                )
+            rank_zero_warn(message + ": the epoch's data restarts from its beginning.")
+            plan["restart_epoch"] = True
+        elif old_world != world_size:
+            rank_zero_warn(
+                f"TextCorpusDataModule: resuming a checkpoint saved at world size {old_world} on world size"
+                f" {world_size}: the rest of the epoch is re-partitioned over the ranks and ranks without a saved"
+                " RNG state take rank 0's, so the run continues from the same point of the epoch but not"
+                " bit-identically to an uninterrupted run."
+            )
+        elif int(state_dict.get("num_workers", self.hparams.num_workers)) != self.hparams.num_workers:
+            rank_zero_info(
+                f"TextCorpusDataModule: resuming with num_workers={self.hparams.num_workers} (checkpoint:"
+                f" {state_dict['num_workers']}); the data position carries over exactly."
+            )
+        rng = state_dict.get("rng") or []
+        self._pending_rng = rng[rank] if rank < len(rng) else (rng[0] if rng else None)
+        self._resume_plan = plan
+
+    @override
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            if self._pending_rng is not None:  # the RNG as the uninterrupted run had it before this step
+                _set_rng_states(self._pending_rng)
+                self._pending_rng = None
+            if self._check_position:
+                self._check_position = False
+                self._warn_if_position_lost(trainer)
+        return batch
+
+    def _warn_if_position_lost(self, trainer: Any) -> None:
+        loader = self._train_loader
+        mid_epoch = trainer.fit_loop.epoch_loop.batch_progress.current.ready > 1
+        restarted = self._resume_plan is not None and self._resume_plan.get("restart_epoch")
+        if loader is None or loader.position_loaded or not mid_epoch or restarted:
+            return
+        rank_zero_warn(
+            f"TextCorpusDataModule: the checkpoint {trainer.ckpt_path!r} holds no data-loader position (it was"
+            f" written before the loaders were resumable): the data of epoch {trainer.current_epoch} restarts at"
+            " the beginning of the epoch, so the resumed run reads other batches than an uninterrupted run."
+        )
