@@ -17,10 +17,20 @@ from torchmetrics.text import Perplexity
 from lightning_gd.optim.warmup_cosine import WarmupCosineLR
 from lightning_gd.recipes.llama import Llama, LlamaConfig
 
-__all__ = ["CausalLMModule"]
+__all__ = ["CausalLMModule", "batch_size", "tokens_in_batch"]
 
 # AdamW with LLaMA's betas and decay; the learning rate suits the small presets.
 _default_optimizer = partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def batch_size(batch: tuple[Tensor, Tensor]) -> int:
+    """Sequences in an ``(inputs, targets)`` batch: ``ThroughputMonitor(batch_size_fn=...)``."""
+    return batch[0].shape[0]
+
+
+def tokens_in_batch(batch: tuple[Tensor, Tensor]) -> int:
+    """Tokens in an ``(inputs, targets)`` batch: ``ThroughputMonitor(length_fn=...)`` logs them per second."""
+    return batch[0].numel()
 
 
 def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -86,6 +96,16 @@ class CausalLMModule(LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity()
+        self._last_shape: tuple[int, int] | None = None  # (B, T) of the latest training batch
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """Training FLOPs (forward + backward) of the latest batch, (6N + 12 L C T) per token, for
+        Lightning's ``ThroughputMonitor`` (it reports MFU against the device's peak from this)."""
+        if self._last_shape is None:
+            return None
+        B, T = self._last_shape
+        return self.config.flops_per_token(T) * B * T
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)
@@ -96,6 +116,7 @@ class CausalLMModule(LightningModule):
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        self._last_shape = tuple(batch[0].shape)
         loss, _ = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
