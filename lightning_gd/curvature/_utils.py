@@ -26,7 +26,7 @@ def _rademacher(shape: tuple[int, ...], generator: torch.Generator, like: Curvat
     """Draw +-1 entries with ``generator`` (on its own device), returned on the operator's device."""
     dtype = _work_dtype(like.dtype)
     bits = torch.randint(0, 2, shape, generator=generator, device=generator.device, dtype=dtype)
-    return (2 * bits - 1).to(device=like.device)
+    return bits.mul_(2).sub_(1).to(device=like.device)  # in place: no temporaries of the probes' size
 
 
 def _gaussian(shape: tuple[int, ...], generator: torch.Generator, like: CurvatureOperator) -> Tensor:

@@ -60,6 +60,13 @@ class HessianOperator:
     The batch is passed to ``loss_fn`` untouched; the parameters are read at each product, so
     the operator follows in-place updates of the model.
 
+    Precision and memory. Products are computed and returned in the parameters' dtype (:attr:`dtype`, that of
+    the first measured parameter), with autocast off: under ``bf16-mixed`` the float32 parameters give float32
+    products; a model cast to bfloat16 gives bfloat16 products. Beyond autograd's own memory for the product
+    (the create-graph gradient and its backward), ``matmat(V)`` holds its output, ``V.shape[1]`` flat vectors;
+    double backward writes each product straight into it, forward-over-reverse also holds the ``vmap``\ ed
+    tangents and outputs of one chunk.
+
     Args:
         model: The module whose loss is measured.
         loss_fn: ``loss_fn(model, batch) -> scalar Tensor``.
@@ -237,7 +244,12 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ internals
     def _auto(self, V: Tensor) -> Tensor:
-        """Try the preferred method for this device once, fall back to the other and remember the choice."""
+        """Try the preferred method for this device once, fall back to the other and remember the choice.
+
+        Raises:
+            RuntimeError: When both methods fail, naming both failures (e.g. activation checkpointing, whose
+                saved-tensor hooks ``torch.func`` refuses, around an op without a double backward).
+        """
         first, second = _auto_order(self.device)
         try:
             out = self._products(V, first)
@@ -245,7 +257,20 @@ class HessianOperator:
             raise  # Memory pressure is not a missing-feature signal: do not hide it.
         except Exception as err:  # noqa: BLE001 - any failure of the preferred AD path means "fall back"
             _log.info("%s HVP failed (%s: %s); using %s", first, type(err).__name__, err, second)
-            out = self._products(V, second)
+            try:
+                out = self._products(V, second)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err2:  # noqa: BLE001 - report both failures in one error
+                if type(err2) is type(err) and str(err2) == str(err):
+                    raise  # the same failure both ways (e.g. a bad loss): not about the HVP method
+                raise RuntimeError(
+                    f"HessianOperator(hvp='auto'): no Hessian-vector product method works for this model and loss."
+                    f" {first} failed with {type(err).__name__}: {err}; {second} failed with"
+                    f" {type(err2).__name__}: {err2}. With activation checkpointing, use"
+                    " torch.utils.checkpoint(use_reentrant=False), which double backward supports, or measure on an"
+                    " unwrapped copy of the model."
+                ) from err2
             self._method = second
             return out
         self._method = first
@@ -271,6 +296,9 @@ class HessianOperator:
         if not live:
             return out
         outputs = [grads[i] for i in live]
+        offsets = [0]
+        for n in self._numels:
+            offsets.append(offsets[-1] + n)
         m = V.shape[1]
         for j in range(m):
             v = self._unflatten(V[:, j])
@@ -281,7 +309,10 @@ class HessianOperator:
                 retain_graph=j < m - 1,
                 allow_unused=True,
             )
-            out[:, j] = self._flatten(hv)
+            for i, h in enumerate(hv):  # straight into the output: no flat temporary vector
+                if h is not None:
+                    out[offsets[i] : offsets[i + 1], j] = h.reshape(-1)
+            del hv
         return out
 
     def _forward_over_reverse(self, V: Tensor) -> Tensor:

@@ -73,7 +73,15 @@ def hutchinson_trace(
             results are reproducible and the global RNG is left untouched.
         per_param: Also estimate each parameter's diagonal-block trace (needs an operator with
             ``param_names`` and ``param_numels``); they sum to ``value``.
-        probes_per_matmat: Probes pushed through one ``op.matmat`` call (memory/speed trade-off).
+        probes_per_matmat: Probes pushed through one ``op.matmat`` call (memory/speed trade-off, see below).
+
+    Memory and precision. Probes, products and reductions are in the working dtype (float32 for float32
+    and half-precision operators, float64 for float64 ones); the operator receives its own dtype; the
+    estimate is reduced in float64. With ``p = min(probes_per_matmat, num_probes)``, the extra memory on the
+    operator's device beyond the operator's own product is at most ``2 p`` parameter-sized vectors for
+    ``"hutchinson"`` (probes and products; ``+ 2`` with ``per_param``), and ``3 k + 4 p + 2`` for
+    ``"hutch++"`` with ``k = num_probes // 3`` (the sketch ``Q``, ``A Q`` and the QR's copy): Hutch++
+    grows with ``num_probes``, Hutchinson does not.
 
     Returns:
         A :class:`TraceEstimate`.
@@ -108,17 +116,19 @@ def _hutchinson(
     slices: dict[str, slice] | None,
     chunk: int,
 ) -> TraceEstimate:
-    samples, blocks = [], []
+    samples, diag = [], None
     for start in range(0, num_probes, chunk):
         Z = _rademacher((min(chunk, num_probes - start), op.numel), gen, op).T
-        ZAZ = Z * _matmat(op, Z).to(Z.dtype)  # column j holds z_j * (A z_j) elementwise
+        ZAZ = _matmat(op, Z).to(Z.dtype).mul_(Z)  # column j holds z_j * (A z_j) elementwise (in place)
+        del Z
         samples.append(ZAZ.sum(dim=0))
         if slices is not None:
-            blocks.append(ZAZ.sum(dim=1))
+            diag = ZAZ.sum(dim=1) if diag is None else diag.add_(ZAZ.sum(dim=1))  # running, not one per chunk
+        del ZAZ
     values = torch.cat(samples).double()
     per_param = None
-    if slices is not None:
-        diag = torch.stack(blocks).sum(dim=0).double() / num_probes
+    if diag is not None:
+        diag = diag.double() / num_probes
         per_param = {name: diag[s].sum().item() for name, s in slices.items()}
     return TraceEstimate(
         value=values.mean().item(),
@@ -138,28 +148,34 @@ def _hutch_plus_plus(
     k = num_probes // 3
     r = num_probes - 2 * k  # the remainder probes also take the rounding leftover
     S = _rademacher((k, op.numel), gen, op).T
-    Q, _ = torch.linalg.qr(_chunked_matmat(op, S, chunk).to(S.dtype))  # reduced: (n, min(n, k))
-    AQ = _chunked_matmat(op, Q, chunk).to(S.dtype)
+    AS = _chunked_matmat(op, S, chunk).to(S.dtype)
+    del S
+    Q, _ = torch.linalg.qr(AS)  # reduced: (n, min(n, k))
+    del AS
+    AQ = _chunked_matmat(op, Q, chunk).to(Q.dtype)
     M = Q.T @ AQ
     low_rank = torch.trace(M).item()
 
-    samples, blocks = [], []
+    samples, rest = [], None
     for start in range(0, r, chunk):
         G = _rademacher((min(chunk, r - start), op.numel), gen, op).T
         W = G - Q @ (Q.T @ G)  # probes projected onto the complement of the sketch
         AW = _matmat(op, W).to(W.dtype)
-        samples.append((W * AW).sum(dim=0))
+        samples.append(torch.linalg.vecdot(W, AW, dim=0))
+        del W
         if slices is not None:
             # diag((I-P) A (I-P)) is estimated by g * ((I-P) A (I-P) g), block by block.
-            blocks.append((G * (AW - Q @ (Q.T @ AW))).sum(dim=1))
+            block = AW.sub_(Q @ (Q.T @ AW)).mul_(G).sum(dim=1)
+            rest = block if rest is None else rest.add_(block)
+        del G, AW
     values = torch.cat(samples).double()
 
     per_param = None
-    if slices is not None:
+    if rest is not None:
         # tr_b(A) = tr_b(P A P) + 2 tr_b(P A (I-P)) + tr_b((I-P) A (I-P)) for P = QQ^T: the first
         # two are exact from A Q, the cross terms vanish in the total but not block by block.
         exact = (Q * (Q @ M)).sum(dim=1) + 2 * (Q * (AQ - Q @ M)).sum(dim=1)
-        diag = (exact + torch.stack(blocks).sum(dim=0) / r).double()
+        diag = (exact + rest / r).double()
         per_param = {name: diag[s].sum().item() for name, s in slices.items()}
     return TraceEstimate(
         value=low_rank + values.mean().item(),
@@ -170,8 +186,11 @@ def _hutch_plus_plus(
 
 
 def _chunked_matmat(op: CurvatureOperator, V: Tensor, chunk: int) -> Tensor:
-    cols = [_matmat(op, V[:, i : i + chunk]) for i in range(0, V.shape[1], chunk)]
-    return torch.cat(cols, dim=1).to(_work_dtype(op.dtype))
+    """``A V`` in the working dtype, ``chunk`` columns per product call, written into one preallocated result."""
+    out = torch.empty(V.shape[0], V.shape[1], dtype=_work_dtype(op.dtype), device=V.device)
+    for i in range(0, V.shape[1], chunk):
+        out[:, i : i + chunk] = _matmat(op, V[:, i : i + chunk])
+    return out
 
 
 def _stderr(values: Tensor) -> float:
