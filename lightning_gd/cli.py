@@ -139,6 +139,15 @@ def _prepare_text(argv: Sequence[str]) -> None:
     )
 
 
+def _print_compressors() -> None:
+    from lightning_gd.compression import COMPRESSORS
+
+    print("Compressed-DDP strategies (use one with `--trainer.strategy ddp_NAME`):")
+    for name, entry in COMPRESSORS.items():
+        options = ", ".join(f"{k}={v}" for k, v in entry.options.items()) or "-"
+        print(f"  ddp_{name:<10} {options:<26} {entry.description}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``lightning-gd`` and ``python -m lightning_gd``."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -147,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args[:1] == ["recipes"]:
         _print_recipes()
+        return
+    if args[:1] == ["compressors"]:
+        _print_compressors()
         return
     LightningGDCLI(args=_resolve_config_names(args))
 

@@ -77,6 +77,8 @@ class Compressor(abc.ABC):
         sparse: ``True`` when the compressor sends a subset of coordinates exactly (top-k,
             random-k); :meth:`sent_mask` then returns the support. Required for DGC momentum
             correction.
+        contractive: ``True`` when ``||x - D(C(x))|| < ||x||`` always holds, which error feedback needs to
+            converge; a hook turns the memory on by default only for contractive compressors.
         salt: Integer mixed into the seeds of *private* randomness (QSGD rounding) so that ranks
             draw independent noise. A communication hook sets it to the rank. Never used for
             shared randomness.
@@ -91,6 +93,7 @@ class Compressor(abc.ABC):
 
     shared_indices: bool = False
     sparse: bool = False
+    contractive: bool = True
 
     def __init__(self) -> None:
         self.salt: int = 0
@@ -176,6 +179,21 @@ class Compressor(abc.ABC):
 
     def _extra_repr(self) -> str:
         return ""
+
+
+class _SeededCompressor(Compressor):
+    """A compressor whose random draws derive from ``seed``, which is saved with its state."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = int(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.seed = int(state_dict.get("seed", self.seed))
 
 
 # ---------------------------------------------------------------------- shared private helpers

@@ -2,8 +2,8 @@
 
 Implements compressed gradient averaging for ``DistributedDataParallel.register_comm_hook`` with
 error feedback (Stich et al. 2018, "Sparsified SGD with Memory"; Karimireddy et al. 2019, "Error
-Feedback Fixes SignSGD") and optional DGC momentum correction (Lin et al. 2018, "Deep Gradient
-Compression"). For the local bucket gradient ``g^r_t`` of rank ``r`` among ``P``::
+Feedback Fixes SignSGD") and optional DGC momentum correction and density warm-up (Lin et al. 2018,
+"Deep Gradient Compression"). For the local bucket gradient ``g^r_t`` of rank ``r`` among ``P``::
 
     p^r_t     = g^r_t + e^r_t                       # compensate (or DGC: v^r_t)
     e^r_{t+1} = p^r_t - D(C(p^r_t))                 # local residual only
@@ -17,11 +17,10 @@ Note: this module must not use ``from __future__ import annotations``: DDP check
 annotations against ``dist.GradBucket`` / ``Future[Tensor]`` objects at registration.
 """
 
-import logging
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,122 +28,161 @@ from torch import nn
 
 from lightning_gd.compression.base import CompressedTensor, Compressor
 from lightning_gd.compression.error_feedback import ErrorFeedback
+from lightning_gd.compression.hook_state import _gather, _pick_rank, _rank_and_world
+from lightning_gd.compression.layout import BucketLayouts
 from lightning_gd.compression.momentum import MomentumCorrection
+from lightning_gd.utils.checks import check_positive_int
 
 __all__ = ["CompressionHookState", "compressed_allreduce_hook"]
 
-log = logging.getLogger(__name__)
-
-_STATE_VERSION = 1
-_Ident = int | str  # parameter identity: name when a module is bound, else data_ptr
-
-
-class _Layout(NamedTuple):
-    """Parameters of one DDP bucket, in buffer order."""
-
-    ptrs: tuple[int, ...]
-    idents: tuple[_Ident, ...]
-    numels: tuple[int, ...]
-    shapes: tuple[tuple[int, ...], ...]
+_DGC_START_DENSITY = 0.25  # Lin et al. 2018: 0.25, 0.063, 0.015, 0.004, 0.001
+_ACCOUNTS = ("bytes_sent", "dense_bytes", "link_bytes", "sent_numel", "numel", "buckets", "compressed_buckets")
 
 
 class CompressionHookState:
-    """State of :func:`compressed_allreduce_hook`: compressor, memories, step counter, accounting.
+    """State of :func:`compressed_allreduce_hook`: compressor, memories, schedule, accounting, checkpoint.
+
+    Implements :class:`~lightning_gd.compression.HookState`. A *step* is one backward pass: it ends at the
+    bucket with ``bucket.is_last()``.
 
     Args:
         compressor: Any :class:`Compressor`.
-        error_feedback: Keep a local residual per bucket (recommended for all biased compressors).
-        momentum: DGC momentum correction factor; when ``> 0`` the residual is the DGC accumulation
+        error_feedback: Keep a local residual per bucket. ``None``: on for contractive compressors (top-k,
+            random-k, sign), off for QSGD, whose memory can diverge (it is unbiased but no contraction).
+        momentum_correction: DGC momentum factor in ``[0, 1)``; when ``> 0`` the residual is the DGC accumulation
             ``v`` (momentum factor masking on the sent coordinates). Requires a sparse compressor,
-            ``error_feedback=True`` and an optimizer *without* momentum.
+            error feedback and an optimizer *without* momentum.
         nesterov: Nesterov variant of momentum correction.
         warmup_steps: Number of initial hook steps that use dense allreduce.
+        density_warmup_steps: DGC's density warm-up for sparse compressors: over this many steps after the
+            dense ones, the density decays exponentially from 0.25 to the compressor's.
         min_numel: Buckets with fewer elements use dense allreduce.
         process_group: Group to communicate in (default: the world group).
-        module: Optional model whose ``named_parameters`` name the residual pieces in
-            :meth:`state_dict`, making resume independent of DDP's bucket layout (see below).
+        module: Optional model whose ``named_parameters`` name the memory pieces (see below).
 
-    A *step* is one backward pass: it ends at the bucket with ``bucket.is_last()``.
+    Bucket layout: memories live per bucket index and follow their parameters through DDP's bucket rebuilds
+    (:class:`~lightning_gd.compression.layout.BucketLayouts`). In :meth:`state_dict` the pieces are named by
+    parameter when ``module`` is bound, so resuming works whatever the bucket layout; without ``module`` a
+    saved bucket memory is only restored into a bucket of the same index and parameter shapes, otherwise it
+    is dropped with a warning.
 
-    Bucket layout: memories live per bucket index. DDP rebuilds its buckets after the first
-    iteration (and again after a resume), so on every layout change the memories are cut into
-    per-parameter pieces and re-assembled for the new layout: nothing is lost. In
-    :meth:`state_dict` the pieces are named by parameter name when ``module`` is bound, so resuming
-    works whatever the bucket layout; without ``module`` a saved bucket memory is only restored into
-    a bucket of the same index and the same parameter shapes, otherwise it is dropped with a
-    warning.
+    Ranks and world size: residuals are local. :meth:`state_dict` (collective) holds every rank's; on load
+    a rank restores the memory saved under its own rank id, even if the world size changed; ranks without
+    one start from zero, with a warning. Load after the process group is initialized.
 
-    Ranks and world size: residuals are local. :meth:`state_dict` holds this rank's memories tagged
-    with ``rank``/``world_size``; :meth:`gather_state_dict` (collective) holds every rank's. On
-    load, a rank restores the memory saved *for its own rank id* if present (even if the world size
-    changed: the pending gradient mass is simply averaged over the new ``P``); a memory saved by
-    another rank is never applied (it would be counted twice) and ranks without a saved memory start
-    from zero, with a warning. The step counter and compressor state are shared and always loaded.
+    Raises:
+        ValueError: for a bad argument, naming it and its value.
 
     Example::
 
         >>> state = CompressionHookState(TopK(0.01), warmup_steps=10, module=model)
-        >>> ddp_model.register_comm_hook(state, compressed_allreduce_hook)
+        >>> state.register(ddp_model)  # = ddp_model.register_comm_hook(state, compressed_allreduce_hook)
         >>> ...  # train
         >>> state.stats()["ratio"]  # dense bytes / sent bytes of the last step
         50.0
     """
 
+    single_bucket_on_gloo = False
+
     def __init__(
         self,
         compressor: Compressor,
-        error_feedback: bool = True,
-        momentum: float = 0.0,
+        error_feedback: bool | None = True,
+        momentum_correction: float = 0.0,
         nesterov: bool = False,
         warmup_steps: int = 0,
+        density_warmup_steps: int = 0,
         min_numel: int = 0,
         process_group: dist.ProcessGroup | None = None,
         module: nn.Module | None = None,
     ) -> None:
         if not isinstance(compressor, Compressor):
             raise TypeError(f"compressor must be a Compressor, got compressor={compressor!r}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got warmup_steps={warmup_steps!r}")
-        if min_numel < 0:
-            raise ValueError(f"min_numel must be >= 0, got min_numel={min_numel!r}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got momentum={momentum!r}")
-        if momentum > 0 and not compressor.sparse:
-            raise ValueError(
-                f"momentum={momentum!r} (DGC momentum correction) needs a sparse compressor, got {compressor!r}"
+        self.warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
+        self.density_warmup_steps = check_positive_int("density_warmup_steps", density_warmup_steps, minimum=0)
+        self.min_numel = check_positive_int("min_numel", min_numel, minimum=0)
+        if error_feedback is None:
+            error_feedback = compressor.contractive
+        elif error_feedback and not compressor.contractive:
+            warnings.warn(
+                f"{compressor!r} is no contraction: error feedback on it can diverge (leave error_feedback unset)",
+                stacklevel=2,
             )
-        if momentum > 0 and not error_feedback:
-            raise ValueError(f"momentum={momentum!r} needs error_feedback=True (the DGC accumulation is the memory)")
+        momentum = momentum_correction
+        if not isinstance(momentum, int | float) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum_correction must be in [0, 1), got momentum_correction={momentum!r}")
+        if momentum and not compressor.sparse:
+            raise ValueError(
+                f"momentum_correction={momentum!r} needs a sparse compressor (top-k, random-k), got {compressor!r}"
+            )
+        if momentum and not error_feedback:
+            raise ValueError(
+                f"momentum_correction={momentum!r} needs error_feedback=True (the DGC accumulation is the memory)"
+            )
+        if density_warmup_steps and not compressor.sparse:
+            raise ValueError(
+                f"density_warmup_steps={density_warmup_steps} needs a sparse compressor, got {compressor!r}"
+            )
         self.compressor = compressor
         self.error_feedback = bool(error_feedback)
-        self.warmup_steps = int(warmup_steps)
-        self.min_numel = int(min_numel)
         self.process_group = process_group
+        self.density: float | None = getattr(compressor, "density", None) if compressor.sparse else None
         #: Residuals ``e`` (error feedback without momentum), keyed by bucket index.
-        self.memory: ErrorFeedback | None = ErrorFeedback() if error_feedback and momentum == 0 else None
+        self.memory = ErrorFeedback() if error_feedback and not momentum else None
         #: DGC ``u``/``v`` buffers, keyed by bucket index.
-        self.momentum_correction: MomentumCorrection | None = (
-            MomentumCorrection(momentum, nesterov) if momentum > 0 else None
-        )
-        #: Number of completed hook steps.
+        self.momentum_correction = MomentumCorrection(momentum, nesterov) if momentum else None
         self.step = 0
-        self._names: dict[int, str] | None = None
+        self.layouts = BucketLayouts()
+        self._names: dict[int, str] = {}
         if module is not None:
             self.bind_module(module)
         self._rank: int | None = None
         self._world_size: int | None = None
-        self._layouts: dict[int, _Layout] = {}
-        # Memory pieces waiting for a bucket: per parameter, and per bucket (loaded without names).
-        self._pending_params: dict[_Ident, dict[str, torch.Tensor]] = {}
-        self._pending_buckets: dict[int, dict[str, Any]] = {}
-        self._pending_load: dict[str, Any] | None = None
-        self._acc = self._new_accumulator()
+        self._acc = dict.fromkeys(_ACCOUNTS, 0.0)
         self._last: dict[str, Any] | None = None
 
-    # ------------------------------------------------------------------ public API
+    # ------------------------------------------------------------------ HookState
+    def register(self, ddp: nn.parallel.DistributedDataParallel) -> None:
+        """Register :func:`compressed_allreduce_hook` on ``ddp`` and name the memories by its module."""
+        self.bind_module(ddp.module)
+        ddp.register_comm_hook(self, compressed_allreduce_hook)
+
     def bind_module(self, module: nn.Module) -> None:
         """Name memory pieces by ``module.named_parameters()`` (call after moving it to its device)."""
         self._names = {p.data_ptr(): name for name, p in module.named_parameters()}
+
+    def density_at(self, step: int) -> float | None:
+        """1.0 during the dense warm-up, then DGC's exponential decay from 0.25, then the compressor's density.
+
+        Example::
+
+            >>> CompressionHookState(TopK(0.01), warmup_steps=1, density_warmup_steps=4).density_at(3)
+            0.05
+        """
+        if step < self.warmup_steps:
+            return 1.0
+        if self.density is None:
+            return None if self.compressor.sparse else 1.0
+        t = step - self.warmup_steps
+        if t >= self.density_warmup_steps or self.density >= _DGC_START_DENSITY:
+            return self.density
+        return _DGC_START_DENSITY * (self.density / _DGC_START_DENSITY) ** (t / self.density_warmup_steps)
+
+    def check_optimizer(self, param_groups: list[dict[str, Any]]) -> None:
+        """DGC applies the momentum itself: refuse an optimizer with its own; warn when a sparse compressor's
+        error memory meets an optimizer momentum (the two fight)."""
+        if self.momentum_correction is not None:
+            if any(g.get("momentum", 0) or g.get("betas") for g in param_groups):
+                raise ValueError(
+                    f"momentum_correction={self.momentum_correction.momentum} applies the momentum itself: use"
+                    " torch.optim.SGD(momentum=0), not an optimizer with its own momentum"
+                )
+        elif self.memory is not None and self.compressor.sparse and any(g.get("momentum", 0) for g in param_groups):
+            warnings.warn(
+                "error feedback with an optimizer momentum can do worse than no feedback at all; set"
+                " `momentum_correction` to the momentum and use SGD(momentum=0)",
+                stacklevel=2,
+            )
 
     def stats(self) -> dict[str, float]:
         """Accounting of the last completed step (empty before the first one).
@@ -163,116 +201,49 @@ class CompressionHookState:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain-data state of this rank (tensors on CPU).
+        """Collective: every rank's step, compressor state and memories (see :class:`HookState`).
 
-        Format (version 1)::
-
-            {"version": 1, "step": int, "rank": int | None, "world_size": int | None,
-             "compressor_class": str, "compressor": {...},
-             "memory": {block_key: {"params": [name, ...] | None, "shapes": [[int, ...], ...],
-                                    "tensors": {"error" | "u" | "v": flat CPU tensor}}}}
-
-        ``block_key`` is the bucket index (as ``str``), or ``"param:<name>"`` for a piece not yet
-        claimed by a bucket.
+        A rank's state: ``{"step": int, "compressor": {...}, "memory": {bucket | "param:<name>": {"params":
+        [name, ...] | None, "shapes": [[int, ...], ...], "tensors": {"error" | "u" | "v": flat CPU tensor}}}}``.
         """
-        if self._pending_load is not None:
-            # Loaded but never run: hand the loaded state back unchanged.
-            return self._pending_load
-        memory: dict[str, Any] = {}
-        for key, layout in self._layouts.items():
-            mem = self._get_mem(key)
-            if mem:
-                names = [i if isinstance(i, str) else None for i in layout.idents]
-                memory[str(key)] = {
-                    "params": names if all(n is not None for n in names) else None,
-                    "shapes": [list(s) for s in layout.shapes],
-                    "tensors": {k: t.detach().reshape(-1).cpu().clone() for k, t in mem.items()},
-                }
-        for key, block in self._pending_buckets.items():
-            memory.setdefault(str(key), block)
-        for ident, pieces in self._pending_params.items():
-            if isinstance(ident, str):
-                memory[f"param:{ident}"] = {
-                    "params": [ident],
-                    "shapes": [[next(iter(pieces.values())).numel()]],
-                    "tensors": {k: t.detach().cpu().clone() for k, t in pieces.items()},
-                }
-        return {
-            "version": _STATE_VERSION,
-            "step": self.step,
-            "rank": self._rank,
-            "world_size": self._world_size,
-            "compressor_class": type(self.compressor).__name__,
-            "compressor": self.compressor.state_dict(),
-            "memory": memory,
-        }
-
-    def gather_state_dict(self) -> dict[str, Any]:
-        """Collective: every rank's :meth:`state_dict`, for a checkpoint written by one rank.
-
-        Must be called on all ranks of the group. Returns::
-
-            {"version": 1, "format": "per_rank", "world_size": P, "step": int,
-             "compressor_class": str, "compressor": {...}, "ranks": {rank: state_dict}}
-        """
-        if self._pending_load is not None and self._pending_load.get("format") == "per_rank":
-            return self._pending_load  # every rank loaded the same gathered state: nothing to gather
         self._init_dist()
-        local = self.state_dict()
-        gathered: list[Any] = [None] * self._world_size_or_1()
-        dist.all_gather_object(gathered, local, group=self._group())
-        return {
-            "version": _STATE_VERSION,
-            "format": "per_rank",
-            "world_size": len(gathered),
-            "step": local["step"],
-            "compressor_class": local["compressor_class"],
-            "compressor": local["compressor"],
-            "ranks": {int(sd["rank"] if sd["rank"] is not None else r): sd for r, sd in enumerate(gathered)},
+        local = {
+            "step": self.step,
+            "compressor": self.compressor.state_dict(),
+            "memory": self.layouts.state_dict(self._get_mem),
         }
+        return _gather(type(self.compressor).__name__, local, self._group())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` or :meth:`gather_state_dict` result.
+        """Restore this rank's memories and the shared step counter and compressor state.
 
-        The step counter and compressor state apply immediately; memories are placed at the next
-        hook call, once this process's rank and the bucket layout are known.
+        Memories are placed at the next hook call of each bucket, once its layout is known.
+
+        Raises:
+            ValueError: for another compressor's state or an unknown format version.
         """
-        if state_dict.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported state_dict version={state_dict.get('version')!r}")
-        self.step = int(state_dict["step"])
-        if state_dict.get("compressor_class") == type(self.compressor).__name__:
-            self.compressor.load_state_dict(state_dict["compressor"])
-        else:
-            warnings.warn(
-                f"compressor state of {state_dict.get('compressor_class')} not loaded into "
-                f"{type(self.compressor).__name__}",
-                stacklevel=2,
-            )
-        if self.memory is not None:
-            self.memory.reset()
-        if self.momentum_correction is not None:
-            self.momentum_correction.reset()
-        self._layouts.clear()
-        self._pending_params.clear()
-        self._pending_buckets.clear()
-        self._pending_load = state_dict
+        self._init_dist()
+        own, shared = _pick_rank(state_dict, type(self.compressor).__name__, self._rank or 0, self._world_size or 1)
+        self.step = int(shared["step"])
+        self.compressor.load_state_dict(shared["compressor"])
+        for store in (self.memory, self.momentum_correction):
+            if store is not None:
+                store.reset()
+        self.layouts.load_state_dict(own["memory"] if own is not None else {})
         self._last = None
 
     # ------------------------------------------------------------------ hook body
     def _run(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         self._init_dist()
-        if self._pending_load is not None:
-            self._resolve_load(self._pending_load)
-            self._pending_load = None
-        group, world = self._group(), self._world_size_or_1()
+        group, world = self._group(), self._world_size or 1
         buf = bucket.buffer()
         key = bucket.index()
         numel, esize = buf.numel(), buf.element_size()
         dense_bytes = numel * esize
         comp = self.compressor
-        dense = self.step < self.warmup_steps or numel < self.min_numel or not buf.is_floating_point()
-
-        if dense:
+        if self.density_warmup_steps and not self._acc["buckets"]:  # first bucket of the step
+            comp.density = self.density_at(self.step)
+        if self.step < self.warmup_steps or numel < self.min_numel or not buf.is_floating_point():
             self._account(numel, dense_bytes, dense_bytes, numel, allgather=False, compressed=False)
             fut = _allreduce_mean(buf, group, world)
         else:
@@ -289,57 +260,26 @@ class CompressionHookState:
                 self.momentum_correction.mask(key, comp.sent_mask(c))  # v, u <- 0 on sent coords
             elif self.memory is not None:
                 self.memory.update(key, p, comp.decompress(c))  # e_{t+1} = p_t - D(C(p_t))
-            sent = c.nbytes
-            self._account(
-                numel,
-                sent,
-                dense_bytes,
-                comp.sent_numel(numel),
-                allgather=not comp.shared_indices,
-                compressed=True,
-            )
-            if comp.shared_indices:
-                fut = _allreduce_shared(comp, c, buf, group, world)
-            else:
-                fut = _allgather_decompress(comp, c, buf, group, world)
+            allgather = not comp.shared_indices
+            self._account(numel, c.nbytes, dense_bytes, comp.sent_numel(numel), allgather=allgather, compressed=True)
+            fut = (_allgather_decompress if allgather else _allreduce_shared)(comp, c, buf, group, world)
         if bucket.is_last():
             self._finish_step()
         return fut
 
-    # ------------------------------------------------------------------ distributed context
     def _group(self) -> dist.ProcessGroup | None:
         return self.process_group if self.process_group is not None else dist.group.WORLD
 
     def _init_dist(self) -> None:
         if self._rank is None and dist.is_available() and dist.is_initialized():
-            group = self._group()
-            self._rank = dist.get_rank(group)
-            self._world_size = dist.get_world_size(group)
+            self._rank, self._world_size = _rank_and_world(self._group())
             if not self.compressor.shared_indices:
                 # Private randomness (QSGD rounding) must differ across ranks.
                 self.compressor.salt = self._rank
 
-    def _world_size_or_1(self) -> int:
-        return self._world_size if self._world_size is not None else 1
-
     # ------------------------------------------------------------------ accounting
-    @staticmethod
-    def _new_accumulator() -> dict[str, float]:
-        return dict.fromkeys(
-            (
-                "bytes_sent",
-                "dense_bytes",
-                "link_bytes",
-                "sent_numel",
-                "numel",
-                "buckets",
-                "compressed_buckets",
-            ),
-            0.0,
-        )
-
     def _account(self, numel: int, sent: int, dense: int, sent_numel: int, allgather: bool, compressed: bool) -> None:
-        p = self._world_size_or_1()
+        p = self._world_size or 1
         acc = self._acc
         acc["bytes_sent"] += sent
         acc["dense_bytes"] += dense
@@ -363,17 +303,14 @@ class CompressionHookState:
             "buckets": acc["buckets"],
         }
         # Norms are kept as tensors and read lazily in stats(): no device sync in the hook.
-        error_sq = [torch.linalg.vector_norm(t.float()).square() for t in self._memory_tensors()]
-        self._last = {"scalars": scalars, "error_sq": error_sq}
-        self._acc = self._new_accumulator()
-        self.step += 1
-
-    def _memory_tensors(self) -> list[torch.Tensor]:
-        if self.memory is not None:
-            return [t for k in self.memory.keys() if (t := self.memory.residual(k)) is not None]
         if self.momentum_correction is not None:
-            return [b[1] for k in self.momentum_correction.keys() if (b := self.momentum_correction.buffers(k))]
-        return []
+            memories = [b[1] for k in self.momentum_correction.keys() if (b := self.momentum_correction.buffers(k))]
+        else:
+            memories = [self.memory.residual(k) for k in self.memory.keys()] if self.memory is not None else []
+        error_sq = [torch.linalg.vector_norm(t.float()).square() for t in memories]
+        self._last = {"scalars": scalars, "error_sq": error_sq}
+        self._acc = dict.fromkeys(_ACCOUNTS, 0.0)
+        self.step += 1
 
     # ------------------------------------------------------------------ memory per bucket
     def _get_mem(self, key: int) -> dict[str, torch.Tensor]:
@@ -386,136 +323,28 @@ class CompressionHookState:
 
     def _pop_mem(self, key: int) -> dict[str, torch.Tensor]:
         out = self._get_mem(key)
-        if self.memory is not None:
-            self.memory.pop(key)
-        if self.momentum_correction is not None:
-            self.momentum_correction.pop(key)
+        for store in (self.memory, self.momentum_correction):
+            if store is not None:
+                store.pop(key)
         return out
 
-    def _set_mem(self, key: int, mem: dict[str, torch.Tensor]) -> None:
+    def _sync_layout(self, key: int, bucket: dist.GradBucket, buf: torch.Tensor) -> None:
+        """Re-key memories by parameter whenever DDP changes which parameters a bucket holds."""
+        if self.memory is None and self.momentum_correction is None:
+            return
+        params = bucket.parameters()
+        layout = tuple((self._names.get(p.data_ptr(), p.data_ptr()), tuple(p.shape)) for p in params)
+        if not self.layouts.update(key, layout, self._pop_mem):
+            return
+        if sum(p.numel() for p in params) != buf.numel():
+            raise RuntimeError(
+                f"bucket {key}: parameters hold {sum(p.numel() for p in params)} elements, buffer {buf.numel()}"
+            )
+        mem = self.layouts.assemble(key, ("u", "v") if self.momentum_correction is not None else ("error",), buf)
         if self.memory is not None and "error" in mem:
             self.memory.set_residual(key, mem["error"])
         if self.momentum_correction is not None and "u" in mem and "v" in mem:
             self.momentum_correction.set_buffers(key, mem["u"], mem["v"])
-
-    def _kinds(self) -> tuple[str, ...]:
-        if self.momentum_correction is not None:
-            return ("u", "v")
-        return ("error",) if self.memory is not None else ()
-
-    def _ident(self, ptr: int) -> _Ident:
-        if self._names is not None and ptr in self._names:
-            return self._names[ptr]
-        return ptr
-
-    def _sync_layout(self, key: int, bucket: dist.GradBucket, buf: torch.Tensor) -> None:
-        """Re-key memories by parameter whenever DDP changes which parameters a bucket holds."""
-        if not self._kinds():
-            return
-        params = bucket.parameters()
-        ptrs = tuple(p.data_ptr() for p in params)
-        old = self._layouts.get(key)
-        if old is not None and old.ptrs == ptrs:
-            return  # fast path: unchanged layout
-        layout = _Layout(
-            ptrs=ptrs,
-            idents=tuple(self._ident(q) for q in ptrs),
-            numels=tuple(p.numel() for p in params),
-            shapes=tuple(tuple(p.shape) for p in params),
-        )
-        if sum(layout.numels) != buf.numel():
-            raise RuntimeError(f"bucket {key}: parameters hold {sum(layout.numels)} elements, buffer {buf.numel()}")
-        # Cut every bucket that shares a parameter with the new layout (including the old `key`).
-        new_ptrs = set(ptrs)
-        for other in [k for k, lay in self._layouts.items() if k == key or new_ptrs.intersection(lay.ptrs)]:
-            self._dissolve(other)
-        if old is not None:
-            log.debug("bucket %d layout changed (DDP bucket rebuild): memories re-assembled", key)
-        self._layouts[key] = layout
-        self._assemble(key, layout, buf)
-
-    def _dissolve(self, key: int) -> None:
-        layout = self._layouts.pop(key)
-        mem = self._pop_mem(key)
-        for kind, flat in mem.items():
-            for ident, piece in zip(layout.idents, flat.reshape(-1).split(list(layout.numels)), strict=True):
-                self._pending_params.setdefault(ident, {})[kind] = piece
-
-    def _assemble(self, key: int, layout: _Layout, buf: torch.Tensor) -> None:
-        block = self._pending_buckets.pop(key, None)
-        if block is not None:
-            if [list(s) for s in layout.shapes] == [list(s) for s in block["shapes"]]:
-                self._set_mem(key, {k: t.to(buf.device, buf.dtype) for k, t in block["tensors"].items()})
-                return
-            warnings.warn(
-                f"saved memory of bucket {key} does not match its current parameter shapes "
-                "(bucket layout changed; bind a module to resume by parameter name): dropped",
-                stacklevel=3,
-            )
-        pieces = [self._pending_params.pop(i, None) for i in layout.idents]
-        if not any(pieces):
-            return
-        mem: dict[str, torch.Tensor] = {}
-        for kind in self._kinds():
-            parts = []
-            for n, piece in zip(layout.numels, pieces, strict=True):
-                t = piece.get(kind) if piece else None
-                if t is None or t.numel() != n:
-                    t = torch.zeros(n, dtype=buf.dtype, device=buf.device)
-                parts.append(t.reshape(-1).to(buf.device, buf.dtype))
-            mem[kind] = torch.cat(parts)
-        self._set_mem(key, mem)
-
-    def _resolve_load(self, sd: dict[str, Any]) -> None:
-        """Place the memories of a loaded state dict for this rank (see the class docstring)."""
-        rank, world = self._rank, self._world_size
-        if sd.get("format") == "per_rank":
-            saved_world = int(sd["world_size"])
-            ranks = {int(r): v for r, v in sd["ranks"].items()}
-            local = ranks.get(rank if rank is not None else 0)
-            if world is not None and saved_world != world:
-                dropped = sorted(r for r in ranks if r >= world)
-                warnings.warn(
-                    f"compression state saved with world size {saved_world}, now {world}: residual memories "
-                    f"kept for ranks present in both; memories of ranks {dropped} dropped, "
-                    "new ranks start at zero",
-                    stacklevel=3,
-                )
-            if local is None:
-                warnings.warn(f"no compression memory saved for rank {rank}: starting from zero", stacklevel=3)
-                return
-        else:
-            local = sd
-            saved_rank = sd.get("rank")
-            if saved_rank is not None and rank is not None and int(saved_rank) != rank:
-                if sd.get("memory"):
-                    warnings.warn(
-                        f"compression memory in state_dict belongs to rank {saved_rank}, "
-                        f"this is rank {rank}: "
-                        "dropped (use gather_state_dict() to checkpoint every rank)",
-                        stacklevel=3,
-                    )
-                return
-            if sd.get("world_size") is not None and world is not None and int(sd["world_size"]) != world:
-                warnings.warn(
-                    f"compression state saved with world size {sd['world_size']}, now {world}: "
-                    f"rank {rank} keeps its own residual memory",
-                    stacklevel=3,
-                )
-        for block_key, block in local.get("memory", {}).items():
-            names = block.get("params")
-            if names is not None and self._names is not None:
-                numels = [math.prod(s) for s in block["shapes"]]
-                for kind, flat in block["tensors"].items():
-                    for name, piece in zip(names, flat.reshape(-1).split(numels), strict=True):
-                        self._pending_params.setdefault(name, {})[kind] = piece
-            elif str(block_key).isdigit():
-                self._pending_buckets[int(block_key)] = block
-            else:
-                warnings.warn(
-                    f"compression memory {block_key!r} is named by parameter but no module is bound: dropped",
-                    stacklevel=3,
-                )
 
 
 def compressed_allreduce_hook(

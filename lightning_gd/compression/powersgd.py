@@ -6,8 +6,9 @@ is not part of DDP's ``state_dict`` (pytorch issue #75666) and its pickling supp
 (``__getstate__``/``__setstate__``) keeps the numpy RNG object and logs warnings. These helpers
 turn its *internal* state (error feedback, warm-start ``P``/``Q`` memories, iteration counter, RNG,
 statistics counters) into plain data and back; hyperparameters stay those of the constructed state
-and the process group is never saved. :class:`PowerSGDLayoutState` and :func:`powersgd_layout_hook`
-keep the memories attached to their parameters when DDP regroups its buckets (as after a restart).
+and the process group is never saved. :class:`PowerSGDHookState` runs torch's hook behind the
+:class:`~lightning_gd.compression.HookState` protocol: byte accounting, every rank's state in the checkpoint,
+and memories that stay attached to their parameters when DDP regroups its buckets (as after a restart).
 """
 
 from __future__ import annotations
@@ -17,9 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, _should_compress, powerSGD_hook
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
 
-__all__ = ["PowerSGDLayoutState", "load_powersgd_state_dict", "powersgd_layout_hook", "powersgd_state_dict"]
+from lightning_gd.compression.hook_state import _gather, _pick_rank, _rank_and_world
+from lightning_gd.compression.layout import BucketLayouts, Layout
+from lightning_gd.utils.checks import check_positive_int
+
+__all__ = ["PowerSGDHookState", "load_powersgd_state_dict", "powersgd_state_dict"]
 
 _TENSOR_DICTS = ("error_dict", "p_memory_dict", "q_memory_dict")
 _COUNTERS = ("iter", "total_numel_before_compression", "total_numel_after_compression", "next_stats_report")
@@ -86,109 +93,188 @@ def load_powersgd_state_dict(
     state.rng.set_state(("MT19937", keys, rng["pos"], rng["has_gauss"], rng["cached_gaussian"]))
 
 
-_Layout = list[tuple[str, tuple[int, ...]]]  # (parameter name, shape) in bucket order
+class PowerSGDHookState:
+    """torch's PowerSGD hook behind the :class:`~lightning_gd.compression.HookState` protocol.
 
-
-class PowerSGDLayoutState:
-    """A ``PowerSGDState`` whose memories follow the parameters when DDP changes its bucket layout.
-
-    torch keys PowerSGD's error and Q memories by bucket index, in the order of the bucket's tensors. DDP
-    builds its buckets once at wrap time and rebuilds them after the first iteration (another grouping and
-    order), so memories restored into a restarted job would be applied to the wrong entries. This wrapper
-    records each bucket's parameter layout; on a change it cuts the memories into per-parameter pieces and
-    re-assembles them for the new layout before torch's hook runs (use :func:`powersgd_layout_hook`).
+    torch keys PowerSGD's error and Q memories by bucket index, in the order of the bucket's tensors, and DDP
+    regroups its buckets after the first iteration and after a restart; the memories are re-mapped per
+    parameter (:class:`~lightning_gd.compression.layout.BucketLayouts`) before torch's hook runs, so a resumed
+    run continues exactly. Bytes: tensors PowerSGD compresses send ``(n + m) * rank`` entries, the others
+    (vectors, small matrices) go dense.
 
     Args:
-        state: The PowerSGD state (its hyperparameters and process group are used as they are).
-        module: The model whose ``named_parameters`` name the pieces (the module wrapped by DDP).
+        powersgd_rank: Rank of the low-rank approximation (torch's ``matrix_approximation_rank``).
+        error_feedback: Keep PowerSGD's error memory (``None``: on).
+        warmup_steps: Dense steps before compression (torch's ``start_powerSGD_iter``, at least 2 with error
+            feedback).
+        seed: Seed of the random initial Q.
+        min_compression_rate: A matrix is compressed when it shrinks by more than this factor.
+        process_group: Group to communicate in (default: the world group).
+        momentum_correction, density_warmup_steps, min_numel: Not supported by PowerSGD: must be 0.
+
+    Raises:
+        ValueError: for a bad or unsupported argument, naming it and its value.
 
     Example::
 
-        >>> layout_state = PowerSGDLayoutState(PowerSGDState(None, start_powerSGD_iter=10), model)
-        >>> ddp_model.register_comm_hook(layout_state, powersgd_layout_hook)
+        >>> state = PowerSGDHookState(powersgd_rank=2, warmup_steps=10)
+        >>> state.register(ddp_model)
     """
 
-    def __init__(self, state: PowerSGDState, module: torch.nn.Module) -> None:
-        self.state = state
-        self.names = {p.data_ptr(): name for name, p in module.named_parameters()}
-        self.layouts: dict[int, _Layout] = {}
-        self._pieces: dict[str, dict[str, torch.Tensor]] | None = None
+    single_bucket_on_gloo = True  # torch's hook issues collectives from future callbacks
+
+    def __init__(
+        self,
+        powersgd_rank: int = 1,
+        error_feedback: bool | None = True,
+        warmup_steps: int = 0,
+        seed: int = 0,
+        min_compression_rate: float = 2,
+        process_group: dist.ProcessGroup | None = None,
+        momentum_correction: float = 0.0,
+        density_warmup_steps: int = 0,
+        min_numel: int = 0,
+    ) -> None:
+        check_positive_int("powersgd_rank", powersgd_rank)
+        self.warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
+        for name, value in (
+            ("momentum_correction", momentum_correction),
+            ("density_warmup_steps", density_warmup_steps),
+            ("min_numel", min_numel),
+        ):
+            if value:
+                raise ValueError(f"{name}={value!r} is not supported by PowerSGD (a sparse compressor's option)")
+        self.state = PowerSGDState(
+            process_group=process_group,
+            matrix_approximation_rank=powersgd_rank,
+            start_powerSGD_iter=max(2, warmup_steps),  # torch needs >= 2 with error feedback
+            min_compression_rate=min_compression_rate,
+            use_error_feedback=error_feedback is not False,
+            warm_start=True,
+            random_seed=seed,
+        )
+        self.step = 0
+        self.layouts = BucketLayouts(self._segments)
+        self._names: dict[int, str] = {}
+        self._counts = (0, 0)  # torch's cumulative (numel before, numel after) at the end of the last step
+        self._acc = [0, 0]  # this step's (numel, bytes) of the buckets
+        self._last: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ HookState
+    def register(self, ddp: nn.parallel.DistributedDataParallel) -> None:
+        """Register the layout-aware PowerSGD hook on ``ddp``."""
+        self._names = {p.data_ptr(): name for name, p in ddp.module.named_parameters()}
+        ddp.register_comm_hook(self, _powersgd_hook)
+
+    def density_at(self, step: int) -> float | None:
+        return 1.0 if step < self.state.start_powerSGD_iter else None
+
+    def check_optimizer(self, param_groups: list[dict[str, Any]]) -> None:
+        """Every optimizer suits PowerSGD (it keeps its own memory)."""
+
+    def stats(self) -> dict[str, float]:
+        if not self._last:
+            return {}
+        errors = list(self.state.error_dict.values())
+        error_norm = float(torch.sqrt(sum((e.float() ** 2).sum() for e in errors))) if errors else 0.0
+        return {**self._last, "error_norm": error_norm}
 
     def state_dict(self) -> dict[str, Any]:
-        """:func:`powersgd_state_dict` plus the bucket layouts the memories are ordered by."""
-        out = powersgd_state_dict(self.state)
-        out["layouts"] = {str(k): [[n, list(s)] for n, s in layout] for k, layout in self.layouts.items()}
-        return out
+        """Collective: every rank's step, PowerSGD counters and RNG, and its memories per parameter."""
+        local = powersgd_state_dict(self.state)
+        for name in _TENSOR_DICTS:
+            del local[name]
+        local["step"] = self.step
+        local["memory"] = self.layouts.state_dict(self._memory_of)
+        return _gather("PowerSGD", local, self.state.process_group)
 
-    def load_state_dict(self, state_dict: dict[str, Any], device: torch.device | str | None = None) -> None:
-        load_powersgd_state_dict(self.state, state_dict, device=device)
-        self.layouts = {int(k): [(n, tuple(s)) for n, s in v] for k, v in state_dict.get("layouts", {}).items()}
-        self._pieces = None
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore this rank's memories; a rank without saved ones takes the others' counters and warm-start Q."""
+        own, shared = _pick_rank(state_dict, "PowerSGD", *_rank_and_world(self.state.process_group))
+        if "layouts" in shared:  # commit 5545262: torch's bucket-keyed dicts + the layouts they follow
+            own, shared = (_upgrade_local(s) if s is not None else None for s in (own, shared))
+        load_powersgd_state_dict(self.state, {**shared, **dict.fromkeys(_TENSOR_DICTS, {})})
+        self.step = int(shared.get("step", self.state.iter))
+        self._counts = (self.state.total_numel_before_compression, self.state.total_numel_after_compression)
+        memory = own["memory"] if own is not None else shared["memory"]
+        if own is None:  # Q is the same on every rank (allreduced); the error memory is not
+            memory = {k: {**b, "tensors": {"q": b["tensors"]["q"]}} for k, b in memory.items() if "q" in b["tensors"]}
+        self.layouts.load_state_dict(memory)
+        self._last = {}
 
-    # ------------------------------------------------------------------ layout changes
-    def _compressed_order(self, layout: _Layout) -> list[tuple[str, int]]:
-        """(name, Q size) of the tensors torch compresses, in its Q-memory order (grouped by matrix shape)."""
-        groups: dict[tuple[int, int], list[tuple[str, int]]] = {}
-        for name, shape in layout:
-            n = shape[0] if shape else 1
-            m = math.prod(shape) // n if n else 0
-            r = min(n, m, self.state.matrix_approximation_rank)
-            if _should_compress(n, m, r, self.state.min_compression_rate)[0]:
-                groups.setdefault((n, m), []).append((name, m * r))
-        return [item for group in groups.values() for item in group]
+    # ------------------------------------------------------------------ hook body
+    def _run(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        key, buf, st = bucket.index(), bucket.buffer(), self.state
+        layout = tuple((self._names[p.data_ptr()], tuple(p.shape)) for p in bucket.parameters())
+        if self.layouts.update(key, layout, self._pop_memory):
+            mem = self.layouts.assemble(key, ("error", "q"), buf, complete=("q",))
+            if "error" in mem:
+                st.error_dict[key] = mem["error"]
+            if "q" in mem:
+                st.q_memory_dict[key] = mem["q"]
+                st.p_memory_dict[key] = buf.new_empty(sum(n * r for n, _, r in _compressed(layout, st)))
+        self._acc[0] += buf.numel()
+        self._acc[1] += buf.numel() * buf.element_size()
+        fut = powerSGD_hook(st, bucket)
+        if bucket.is_last():
+            self._finish_step(buf.element_size())
+        return fut
 
-    def _dissolve(self) -> None:
-        """Cut every bucket's error and Q memory into per-parameter pieces."""
-        st, pieces = self.state, {}
-        for key, layout in self.layouts.items():
-            error = st.error_dict.pop(key, None)
-            if error is not None:
-                sizes = [math.prod(s) for _, s in layout]
-                for (name, _), piece in zip(layout, error.split(sizes), strict=True):
-                    pieces.setdefault(name, {})["error"] = piece.clone()
-            q = st.q_memory_dict.pop(key, None)
-            st.p_memory_dict.pop(key, None)
-            if q is not None:
-                order = self._compressed_order(layout)
-                for (name, _), piece in zip(order, q.split([s for _, s in order]), strict=True):
-                    pieces.setdefault(name, {})["q"] = piece.clone()
-        self.layouts = {}
-        self._pieces = pieces
+    def _finish_step(self, esize: int) -> None:
+        st, (numel, dense) = self.state, self._acc
+        d_before = st.total_numel_before_compression - self._counts[0]
+        d_after = st.total_numel_after_compression - self._counts[1]
+        self._counts = (st.total_numel_before_compression, st.total_numel_after_compression)
+        # warm-up: plain allreduce; then the tensors left uncompressed (not counted by torch) go dense
+        sent = dense if d_before == 0 else (d_after + numel - d_before) * esize
+        self._last = {"bytes_sent": sent, "dense_bytes": dense, "ratio": dense / sent, "density": sent / dense}
+        self._acc = [0, 0]
+        self.step += 1
 
-    def _assemble(self, key: int, layout: _Layout) -> None:
-        assert self._pieces is not None
-        st, pieces = self.state, self._pieces
-        like = next((t for p in pieces.values() for t in p.values()), None)
-        if like is None:
-            return
-        if any("error" in pieces.get(name, {}) for name, _ in layout):
-            st.error_dict[key] = torch.cat(
-                [pieces.get(name, {}).get("error", like.new_zeros(math.prod(s))) for name, s in layout]
-            )
-        order = self._compressed_order(layout)
-        if order and all("q" in pieces.get(name, {}) for name, _ in order):
-            st.q_memory_dict[key] = torch.cat([pieces[name]["q"] for name, _ in order])
-            st.p_memory_dict[key] = like.new_empty(self._total_ps(layout))  # P is recomputed from Q every step
+    # ------------------------------------------------------------------ memories per parameter
+    def _segments(self, kind: str, layout: Layout) -> list[tuple[Any, int]]:
+        """Error: whole parameters in bucket order; Q: the compressed matrices, grouped by shape as torch does."""
+        if kind != "q":
+            return [(name, math.prod(shape)) for name, shape in layout]
+        return [(name, m * r) for name, (_, m, r) in zip(*_compressed_named(layout, self.state), strict=True)]
 
-    def _total_ps(self, layout: _Layout) -> int:
-        shapes = dict(layout)
-        total = 0
-        for name, q_size in self._compressed_order(layout):
-            n = shapes[name][0]
-            total += n * (q_size // (math.prod(shapes[name]) // n))  # n * r
-        return total
+    def _memory_of(self, key: int) -> dict[str, torch.Tensor]:
+        st = self.state
+        return {k: d[key] for k, d in (("error", st.error_dict), ("q", st.q_memory_dict)) if key in d}
+
+    def _pop_memory(self, key: int) -> dict[str, torch.Tensor]:
+        mem = self._memory_of(key)
+        for d in (self.state.error_dict, self.state.q_memory_dict, self.state.p_memory_dict):
+            d.pop(key, None)
+        return mem
 
 
-def powersgd_layout_hook(state, bucket):  # noqa: ANN001, ANN201 (DDP rejects string annotations)
-    """DDP comm hook: torch's PowerSGD with memories re-mapped across bucket-layout changes."""
-    key = bucket.index()
-    layout = [(state.names[p.data_ptr()], tuple(p.shape)) for p in bucket.parameters()]
-    recorded = state.layouts.get(key)
-    if state._pieces is None and recorded is not None and recorded != layout:
-        state._dissolve()
-    if state._pieces is not None:
-        state._assemble(key, layout)
-    state.layouts[key] = layout
-    if bucket.is_last():
-        state._pieces = None
-    return powerSGD_hook(state.state, bucket)
+def _compressed_named(layout: Layout, state: PowerSGDState) -> tuple[list[Any], list[tuple[int, int, int]]]:
+    """Names and ``(n, m, rank)`` of the matrices torch compresses, in its Q-memory order (grouped by shape)."""
+    groups: dict[tuple[int, int], list[tuple[Any, tuple[int, int, int]]]] = {}
+    for name, shape in layout:
+        n = shape[0] if shape else 1
+        m = math.prod(shape) // n if n else 0
+        r = min(n, m, state.matrix_approximation_rank)
+        # torch's test (powerSGD_hook._should_compress): (n + m) r * rate < n m
+        if (n + m) * r * state.min_compression_rate < n * m:
+            groups.setdefault((n, m), []).append((name, (n, m, r)))
+    items = [item for group in groups.values() for item in group]
+    return [name for name, _ in items], [nmr for _, nmr in items]
+
+
+def _compressed(layout: Layout, state: PowerSGDState) -> list[tuple[int, int, int]]:
+    return _compressed_named(layout, state)[1]
+
+
+def _upgrade_local(local: dict[str, Any]) -> dict[str, Any]:
+    """A rank's PowerSGD state of commit 5545262 (bucket-keyed torch dicts + layouts) as memory blocks."""
+    memory = {}
+    for key, layout in local["layouts"].items():
+        tensors = {k: local[d][key] for k, d in (("error", "error_dict"), ("q", "q_memory_dict")) if key in local[d]}
+        memory[key] = {"params": [n for n, _ in layout], "shapes": [s for _, s in layout], "tensors": tensors}
+    return {**local, "memory": memory}
+
+
+def _powersgd_hook(state, bucket):  # noqa: ANN001, ANN201 (DDP rejects string annotations)
+    return state._run(bucket)

@@ -15,18 +15,17 @@ does not suit collectives).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
-from lightning_gd.compression.base import CompressedTensor, Compressor, _derive_seed, _generator
+from lightning_gd.compression.base import CompressedTensor, _derive_seed, _generator, _SeededCompressor
 
 __all__ = ["QSGD"]
 
 _MAX_LEVELS = (1 << 30) - 1  # keeps codes 2s + 1 inside int32
 
 
-class QSGD(Compressor):
+class QSGD(_SeededCompressor):
     """QSGD stochastic quantizer with ``levels`` quantization levels.
 
     The rounding noise of call number ``step`` for ``key`` is drawn from a generator seeded by
@@ -52,13 +51,13 @@ class QSGD(Compressor):
 
     shared_indices = False
     sparse = False
+    contractive = False  # unbiased; its variance exceeds ||x||^2 at few levels
 
     def __init__(self, levels: int, seed: int = 0) -> None:
-        super().__init__()
+        super().__init__(seed)
         if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= _MAX_LEVELS:
             raise ValueError(f"levels must be an integer in [1, {_MAX_LEVELS}], got levels={levels!r}")
         self.levels = levels
-        self.seed = int(seed)
         needed = (2 * levels + 1).bit_length()
         #: Bits per element of the code (2, 4, 8, 16 or 32).
         self.code_bits = next(w for w in (2, 4, 8, 16, 32) if w >= needed)
@@ -118,15 +117,6 @@ class QSGD(Compressor):
         shifts = torch.arange(per - 1, -1, -1, device=packed.device, dtype=torch.int32) * w
         codes = (packed.to(torch.int32).reshape(-1, 1) >> shifts) & ((1 << w) - 1)
         return codes.reshape(-1)[:numel].to(torch.int64)
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["seed"] = self.seed
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.seed = int(state_dict.get("seed", self.seed))
 
     def _extra_repr(self) -> str:
         return f"levels={self.levels}, seed={self.seed}"

@@ -13,24 +13,22 @@ residual grow. Set ``unbiased=True`` only without error feedback.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from lightning_gd.compression.base import (
     CompressedTensor,
-    Compressor,
     _check_density,
     _derive_seed,
     _generator,
     _index_mask,
     _k_for,
+    _SeededCompressor,
 )
 
 __all__ = ["RandomK"]
 
 
-class RandomK(Compressor):
+class RandomK(_SeededCompressor):
     """Random-k sparsifier whose support is shared by all ranks.
 
     The indices for the ``step``-th call with ``key`` are a deterministic function of
@@ -61,9 +59,8 @@ class RandomK(Compressor):
     sparse = True
 
     def __init__(self, density: float, seed: int = 0, unbiased: bool = False) -> None:
-        super().__init__()
+        super().__init__(seed)
         self.density = _check_density(density)
-        self.seed = int(seed)
         self.unbiased = bool(unbiased)
 
     def k(self, numel: int) -> int:
@@ -125,15 +122,6 @@ class RandomK(Compressor):
 
     def sent_mask(self, compressed: CompressedTensor) -> torch.Tensor:
         return _index_mask(compressed.numel, compressed.ctx["indices"])
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["seed"] = self.seed
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.seed = int(state_dict.get("seed", self.seed))
 
     def _extra_repr(self) -> str:
         return f"density={self.density}, seed={self.seed}, unbiased={self.unbiased}"

@@ -123,10 +123,15 @@ def _train(
             out["snapshot"] = {
                 "model": {k: v.clone() for k, v in model.state_dict().items()},
                 "opt": opt.state_dict(),
-                "hook": state.gather_state_dict() if gather else state.state_dict(),
+                "hook": state.state_dict() if gather else _own_rank_only(state.state_dict(), rank),
             }
     out["records"], out["stats"] = rec.records, rec.stats
     return out
+
+
+def _own_rank_only(state_dict: dict[str, Any], rank: int) -> dict[str, Any]:
+    """A checkpoint in which each rank kept only its own state (as if saved to one file per rank)."""
+    return {**state_dict, "ranks": {rank: state_dict["ranks"][rank]}}
 
 
 def _dense_reference(rank: int, steps: range) -> dict[int, dict[str, torch.Tensor]]:
@@ -177,7 +182,7 @@ SCENARIOS: dict[str, Callable[[int], Any]] = {
     "randomk": lambda r: _train(r, RandomK(0.25, seed=5), range(3), error_feedback=False),
     "sign": lambda r: _train(r, Sign(), range(3), error_feedback=False),
     "qsgd": lambda r: _train(r, QSGD(4, seed=1), range(3)),
-    "dgc": lambda r: _train(r, TopK(0.25), range(3), momentum=0.9),
+    "dgc": lambda r: _train(r, TopK(0.25), range(3), momentum_correction=0.9),
     "warmup": lambda r: _train(r, TopK(0.1), range(3), warmup_steps=1, min_numel=100),
     "uninterrupted": lambda r: _train(r, TopK(0.1), range(5), bucket_cap_mb=25),
     "resume_gather": lambda r: _resume(r, gather=True, bind=True),

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_gd.compression import RandomK
+from lightning_gd.compression import QSGD, RandomK
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 WORLD = 2
@@ -66,13 +66,31 @@ def _numels(result: dict[str, Any]) -> dict[str, int]:
     return {name: g.numel() for name, g in result["grads"][0].items()}
 
 
-def _hand_sparse(
-    ranks: list[dict[str, Any]], scenario: str, density: float, momentum: float | None = None
-) -> tuple[list[torch.Tensor], list[float]]:
-    """Replay top-k with error feedback (or DGC momentum correction) for every rank.
+def _topk_sender(density: float) -> Callable[[int, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]:
+    """Top-k by hand: the k largest magnitudes are sent exactly."""
 
-    Memories are kept per parameter, so DDP's bucket rebuild after step 0 is followed exactly.
-    Returns the expected hook output of every record and rank 0's error norm after each step.
+    def send(rank: int, p: torch.Tensor, rec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.topk(p.abs(), _k(density, p.numel())).indices
+        sent = torch.zeros_like(p)
+        sent[idx] = p[idx]
+        return sent, idx
+
+    return send
+
+
+def _hand_replay(
+    ranks: list[dict[str, Any]],
+    scenario: str,
+    send: Callable[[int, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]],
+    momentum: float | None = None,
+    dense: Callable[[dict[str, Any]], bool] = lambda rec: False,
+) -> tuple[list[torch.Tensor], list[float]]:
+    """Replay compression with error feedback (or DGC momentum correction) for every rank.
+
+    ``send(rank, p, record)`` returns what one rank sends of ``p`` (dense) and the sent indices; records for
+    which ``dense(record)`` holds are averaged uncompressed and leave the memories alone. Memories are kept per
+    parameter, so DDP's bucket rebuild after step 0 is followed exactly. Returns the expected hook output of
+    every record and rank 0's error norm after each step.
     """
     numels = _numels(ranks[0][scenario])
     mem: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in ranks]
@@ -87,14 +105,15 @@ def _hand_sparse(
             def cat(kind: str, names: list[str] = names, r: int = r) -> torch.Tensor:
                 return torch.cat([mem[r].get(n, {}).get(kind, torch.zeros(numels[n])) for n in names])
 
+            if dense(rec):
+                total = g if total is None else total + g
+                continue
             if momentum is None:
                 p = g + cat("e")  # p_t = g_t + e_t
             else:
                 u = momentum * cat("u") + g  # u_t = m u_{t-1} + g_t
                 p = cat("v") + u  # v_t = v_{t-1} + u_t
-            idx = torch.topk(p.abs(), _k(density, g.numel())).indices
-            sent = torch.zeros_like(p)
-            sent[idx] = p[idx]
+            sent, idx = send(r, p, rec)
             if momentum is None:
                 new = {"e": p - sent}
             else:
@@ -107,7 +126,7 @@ def _hand_sparse(
         expected.append(total / len(ranks))
         if i + 1 == len(recs[0]) or recs[0][i + 1]["step"] != recs[0][i]["step"]:
             kind = "e" if momentum is None else "v"
-            error_norms.append(math.sqrt(sum(float(m[kind].pow(2).sum()) for m in mem[0].values())))
+            error_norms.append(math.sqrt(sum(float(m[kind].pow(2).sum()) for m in mem[0].values() if kind in m)))
     return expected, error_norms
 
 
@@ -133,7 +152,7 @@ def test_topk_full_density_equals_dense_allreduce(ranks: list[dict[str, Any]]) -
 
 
 def test_topk10_with_error_feedback_matches_hand_computation(ranks: list[dict[str, Any]]) -> None:
-    expected, error_norms = _hand_sparse(ranks, "topk10", 0.1)
+    expected, error_norms = _hand_replay(ranks, "topk10", _topk_sender(0.1))
     pairs = _records(ranks, "topk10")
     assert {len(p[0]["params"]) for p in pairs} == {4, 2}  # one bucket at step 0, two after the rebuild
     for (rec0, rec1), exp in zip(pairs, expected, strict=True):
@@ -149,7 +168,7 @@ def test_topk10_with_error_feedback_matches_hand_computation(ranks: list[dict[st
 
 
 def test_dgc_momentum_correction_matches_hand_computation(ranks: list[dict[str, Any]]) -> None:
-    expected, error_norms = _hand_sparse(ranks, "dgc", 0.25, momentum=0.9)
+    expected, error_norms = _hand_replay(ranks, "dgc", _topk_sender(0.25), momentum=0.9)
     for (rec0, _), exp in zip(_records(ranks, "dgc"), expected, strict=True):
         torch.testing.assert_close(rec0["out"], exp, rtol=1e-6, atol=1e-7)
     assert [s["error_norm"] for s in ranks[0]["dgc"]["stats"]] == pytest.approx(error_norms, rel=1e-5)
@@ -179,10 +198,22 @@ def test_sign_averages_scaled_signs(ranks: list[dict[str, Any]]) -> None:
         assert torch.equal(rec0["out"], rec1["out"])
 
 
-def test_qsgd_output_is_consistent_across_ranks(ranks: list[dict[str, Any]]) -> None:
-    for rec0, rec1 in _records(ranks, "qsgd"):
-        assert torch.equal(rec0["out"], rec1["out"]) and torch.isfinite(rec0["out"]).all()
-    assert all(s["error_norm"] > 0 for s in ranks[0]["qsgd"]["stats"])
+def test_qsgd_output_is_the_mean_of_every_ranks_seeded_quantization(ranks: list[dict[str, Any]]) -> None:
+    # Each rank rounds with its own noise: QSGD(4, seed=1) salted with the rank, one call per bucket and step.
+    comps = [QSGD(4, seed=1) for _ in ranks]
+    for r, comp in enumerate(comps):
+        comp.salt = r
+
+    def send(rank: int, p: torch.Tensor, rec: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        comp = comps[rank]
+        return comp.decompress(comp.compress(p, key=rec["bucket"])), torch.empty(0, dtype=torch.long)
+
+    expected, error_norms = _hand_replay(ranks, "qsgd", send)
+    for (rec0, rec1), exp in zip(_records(ranks, "qsgd"), expected, strict=True):
+        assert torch.equal(rec0["out"], rec1["out"])
+        torch.testing.assert_close(rec0["out"], exp, rtol=1e-6, atol=1e-7)
+    assert [s["error_norm"] for s in ranks[0]["qsgd"]["stats"]] == pytest.approx(error_norms, rel=1e-5)
+    assert all(e > 0 for e in error_norms)
 
 
 BYTES: dict[str, Callable[[int], int]] = {
@@ -212,15 +243,17 @@ def test_bytes_accounting_equals_analytic_payload(ranks: list[dict[str, Any]], s
 
 
 def test_warmup_and_small_buckets_go_dense(ranks: list[dict[str, Any]]) -> None:
-    for rec0, rec1 in _records(ranks, "warmup"):
-        dense = (rec0["grad_in"] + rec1["grad_in"]) / 2
-        if rec0["step"] == 0 or rec0["grad_in"].numel() < 100:
-            torch.testing.assert_close(rec0["out"], dense, rtol=0, atol=1e-7)
-        else:
-            assert rec0["out"].count_nonzero() <= 2 * _k(0.1, rec0["grad_in"].numel())
+    def dense(rec: dict[str, Any]) -> bool:
+        return rec["step"] == 0 or rec["grad_in"].numel() < 100
+
+    expected, error_norms = _hand_replay(ranks, "warmup", _topk_sender(0.1), dense=dense)
+    for (rec0, rec1), exp in zip(_records(ranks, "warmup"), expected, strict=True):
+        if dense(rec0):
+            torch.testing.assert_close(rec0["out"], (rec0["grad_in"] + rec1["grad_in"]) / 2, rtol=0, atol=1e-7)
+        torch.testing.assert_close(rec0["out"], exp, rtol=0, atol=1e-7)
     stats = ranks[0]["warmup"]["stats"]
     assert [s["compressed_buckets"] for s in stats] == [0, 1, 1]
-    assert stats[0]["error_norm"] == 0.0
+    assert [s["error_norm"] for s in stats] == pytest.approx(error_norms, rel=1e-5) and stats[0]["error_norm"] == 0.0
 
 
 @pytest.mark.parametrize("scenario", ["resume_gather", "resume_local"])

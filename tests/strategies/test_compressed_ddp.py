@@ -1,13 +1,16 @@
 import math
+import re
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_gd.compression import QSGD, RandomK, Sign, TopK
+from lightning_gd.compression import COMPRESSORS, QSGD, RandomK, Sign, TopK
 from lightning_gd.strategies import CompressedDDPStrategy
 from tests.helpers.models import TinyClassifier, classification_loader
 
@@ -32,7 +35,8 @@ def _fit(strategy, steps=4, **module_kw):
 
 
 def test_registered_names_build_the_strategy():
-    for name in ("topk", "randomk", "sign", "qsgd", "powersgd"):
+    assert tuple(COMPRESSORS) == ("topk", "randomk", "sign", "qsgd", "powersgd")
+    for name in COMPRESSORS:
         assert f"ddp_{name}" in StrategyRegistry
         trainer = Trainer(accelerator="cpu", devices=2, strategy=f"ddp_{name}", logger=False)
         assert isinstance(trainer.strategy, CompressedDDPStrategy) and trainer.strategy.compressor == name
@@ -82,16 +86,19 @@ def test_powersgd_runs_and_accounts(single_process_group):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"compressor": "top_k"}, "`compressor` must be one of .*, got 'top_k'"),
-        ({"density": 0.0}, "`density` must be in \\(0, 1\\], got 0.0"),
-        ({"density": 1.5}, "`density` must be in \\(0, 1\\], got 1.5"),
-        ({"compressor": "qsgd", "levels": 0}, "`levels` must be an integer >= 1, got 0"),
-        ({"warmup_steps": -1}, "`warmup_steps` must be >= 0, got -1"),
-        ({"momentum_correction": 1.0}, "`momentum_correction` must be in \\[0, 1\\), got 1.0"),
-        ({"compressor": "sign", "momentum_correction": 0.9}, "needs a sparse compressor"),
+        ({"compressor": "top_k"}, "`compressor` must be one of .*'powersgd'\\), got 'top_k'"),
+        ({"density": 0.0}, "density must be in \\(0, 1\\], got density=0.0"),
+        ({"density": 1.5}, "density must be in \\(0, 1\\], got density=1.5"),
+        ({"compressor": "qsgd", "levels": 0}, "levels must be an integer in \\[1, .*\\], got levels=0"),
+        ({"warmup_steps": -1}, "`warmup_steps` must be an integer >= 0, got -1"),
+        ({"momentum_correction": 1.0}, "momentum_correction must be in \\[0, 1\\), got momentum_correction=1.0"),
+        ({"compressor": "sign", "momentum_correction": 0.9}, "momentum_correction=0.9 needs a sparse compressor"),
         ({"ddp_comm_hook": lambda s, b: None}, "drop `ddp_comm_hook`"),
-        ({"density_warmup_steps": -2}, "`density_warmup_steps` must be >= 0, got -2"),
-        ({"compressor": "sign", "density_warmup_steps": 5}, "applies to topk and randomk, not 'sign'"),
+        ({"density_warmup_steps": -2}, "`density_warmup_steps` must be an integer >= 0, got -2"),
+        ({"compressor": "sign", "density_warmup_steps": 5}, "density_warmup_steps=5 needs a sparse compressor"),
+        ({"compressor": "sign", "density": 0.5}, "density=0.5 applies to topk, randomk, not to 'sign'"),
+        ({"compressor": "powersgd", "min_numel": 10}, "min_numel=10 is not supported by PowerSGD"),
+        ({"compressor": "powersgd", "powersgd_rank": 0}, "`powersgd_rank` must be a positive integer, got 0"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -99,12 +106,59 @@ def test_bad_arguments(kwargs, match):
         CompressedDDPStrategy(**kwargs)
 
 
-def test_yaml_strategy_name_parses(capsys):
+_YAML = """
+model:
+  class_path: tests.helpers.models.TinyClassifier
+trainer:
+  accelerator: cpu
+  devices: 2
+  logger: false
+  strategy:
+    class_path: CompressedDDPStrategy
+    init_args:
+      compressor: {compressor}
+      levels: 8
+"""
+
+
+def test_yaml_strategy_builds_the_compressor(tmp_path):
+    from lightning_gd.cli import LightningGDCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(_YAML.format(compressor="qsgd"))
+    strategy = LightningGDCLI(args=["--config", str(config)], run=False).trainer.strategy
+    assert isinstance(strategy, CompressedDDPStrategy) and strategy.compressor == "qsgd"
+    assert isinstance(strategy.hook_state.compressor, QSGD) and strategy.hook_state.compressor.levels == 8
+    by_name = LightningGDCLI(args=["--config", str(config), "--trainer.strategy", "ddp_sign"], run=False)
+    assert isinstance(by_name.trainer.strategy.hook_state.compressor, Sign)
+
+
+def test_yaml_rejects_an_unknown_compressor_while_parsing(tmp_path, capsys):
+    from lightning_gd.cli import LightningGDCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(_YAML.format(compressor="top_k"))
+    with pytest.raises(SystemExit):
+        LightningGDCLI(args=["--config", str(config)], run=False)
+    err = capsys.readouterr().err
+    assert "Literal['topk', 'randomk', 'sign', 'qsgd', 'powersgd']" in err and "top_k" in err
+
+
+def test_compressors_listing_reads_the_registry(capsys):
     from lightning_gd.cli import main
 
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", "quickstart", "--trainer.strategy", "ddp_topk", "--print_config"])
-    assert "strategy: ddp_topk" in capsys.readouterr().out
+    main(["compressors"])
+    out = capsys.readouterr().out
+    for name, entry in COMPRESSORS.items():
+        assert re.search(rf"ddp_{name}\s.*{re.escape(entry.description)}", out), name
+    assert "density=0.01" in out and "levels=16" in out
+
+
+def test_readme_table_reads_the_registry():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for name, entry in COMPRESSORS.items():
+        options = ", ".join(f"`{k}={v}`" for k, v in entry.options.items()) or "-"
+        assert f"| `ddp_{name}` | {options} | {entry.description} |" in readme, name
 
 
 class _DensityLog(Callback):
@@ -159,3 +213,87 @@ def test_bf16_autocast_and_unused_parameters(single_process_group):
     assert torch.equal(model.unused.weight, before)
     assert math.isfinite(trainer.callback_metrics["compression/error_norm"].item())
     assert trainer.callback_metrics["compression/ratio"].item() > 1
+
+
+class _BucketCap(Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.cap = trainer.strategy.model.bucket_bytes_cap
+
+
+def test_powersgd_on_gloo_warns_and_uses_one_bucket(single_process_group):
+    cap = _BucketCap()
+    seed_everything(0)
+    model = TinyClassifier(dropout=0.0)
+    with pytest.warns(UserWarning, match="`bucket_cap_mb`=0.0001 would split the model into several buckets"):
+        Trainer(
+            accelerator="cpu", devices=1, strategy=CompressedDDPStrategy("powersgd", bucket_cap_mb=0.0001), max_steps=1,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[cap],
+        ).fit(model, classification_loader())  # fmt: skip
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    assert cap.cap == int((model_mb + 1.0) * 2**20)
+
+
+def test_topk_memory_with_sgd_momentum_warns(single_process_group):
+    with pytest.warns(UserWarning, match="error feedback with an optimizer momentum"):
+        _fit(CompressedDDPStrategy("topk"), steps=1, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*optimizer momentum.*")
+        _fit(CompressedDDPStrategy("topk", momentum_correction=0.9), steps=1)  # DGC: no warning
+        _fit(CompressedDDPStrategy("sign"), steps=1, momentum=0.9)  # dense updates: no warning
+
+
+class _LightningRenamedTheHookMethod(CompressedDDPStrategy):
+    # As if a Lightning upgrade called the hook registration by another name: our override never runs.
+    _register_ddp_hooks = DDPStrategy._register_ddp_hooks
+
+
+class _HookNeverReachesDDP(CompressedDDPStrategy):
+    def _register_ddp_hooks(self) -> None:
+        self._hook_registered = True  # claims success, but DDP keeps its default allreduce
+
+
+def test_a_hook_that_is_not_registered_fails_loudly(single_process_group):
+    with pytest.raises(MisconfigurationException, match="compression hook was not registered"):
+        _fit(_LightningRenamedTheHookMethod("topk"))
+    with pytest.raises(RuntimeError, match="without calling the compression hook"):
+        _fit(_HookNeverReachesDDP("topk"))
+
+
+# ---------------------------------------------------------------------- checkpoints of commit 5545262
+DATA = Path(__file__).with_name("data")
+_OLD = {  # tests/strategies/data/compressed_ddp_5545262_<name>.ckpt: step 4 of _resumable_fit with these
+    "topk": {"compressor": "topk", "density": 0.05, "warmup_steps": 1},
+    "dgc": {"compressor": "topk", "density": 0.05, "warmup_steps": 1, "momentum_correction": 0.9},
+    "powersgd": {"compressor": "powersgd", "warmup_steps": 2},
+}
+
+
+def _resumable_fit(kwargs, ckpt_path=None):
+    seed_everything(0)
+    model = TinyClassifier(in_dim=32, hidden=64, classes=4, batchnorm=False, dropout=0.0, lr=0.2)
+    trainer = Trainer(
+        accelerator="cpu", devices=1, strategy=CompressedDDPStrategy(**kwargs), max_steps=8, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    # 128 samples in batches of 32: step 4 is an epoch boundary
+    trainer.fit(model, classification_loader(n=128, in_dim=32, classes=4, batch_size=32), ckpt_path=ckpt_path)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("name", sorted(_OLD))
+def test_checkpoint_of_the_old_format_resumes_exactly(name, single_process_group, tmp_path):
+    """Checkpoints written by commit 5545262 (before the hook-state protocol) load and continue exactly."""
+    old = DATA / f"compressed_ddp_5545262_{name}.ckpt"
+    saved = torch.load(old, weights_only=False)
+    assert "kind" in saved["compressed_ddp"] and "format_version" not in saved["compressed_ddp"]  # the old layout
+    full = _resumable_fit(_OLD[name])
+    assert torch.equal(_resumable_fit(_OLD[name], ckpt_path=old), full)
+    forgetful = tmp_path / "no_memory.ckpt"
+    torch.save({k: v for k, v in saved.items() if k != "compressed_ddp"}, forgetful)
+    assert not torch.equal(_resumable_fit(_OLD[name], ckpt_path=forgetful), full)  # the memories mattered
+
+
+def test_checkpoint_of_another_compressor_fails_naming_both(single_process_group):
+    with pytest.raises(MisconfigurationException, match="holds compression state of 'TopK', this run uses 'Sign'"):
+        _resumable_fit({"compressor": "sign"}, ckpt_path=DATA / "compressed_ddp_5545262_topk.ckpt")

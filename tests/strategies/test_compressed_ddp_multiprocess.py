@@ -1,9 +1,11 @@
 """Real 2-process gloo DDP jobs on CPU: convergence against dense DDP, and checkpoint/resume."""
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 
 from lightning_gd.strategies import CompressedDDPStrategy
 from tests.helpers.ddp import run_ddp_script
@@ -79,7 +81,8 @@ from tests.helpers.models import TinyClassifier, classification_loader
 def fit(name, compressor, steps, ckpt_path=None, save=False):
     seed_everything(0)
     model = TinyClassifier(in_dim=32, hidden=64, classes=4, batchnorm=False, dropout=0.0, lr=0.2)
-    strategy = CompressedDDPStrategy(compressor, density=0.05, warmup_steps=1)
+    options = {"density": 0.05} if compressor == "topk" else {}  # density is top-k's option only
+    strategy = CompressedDDPStrategy(compressor, warmup_steps=1, **options)
     callbacks = [ModelCheckpoint(dirpath=f"ck_{name}", every_n_train_steps=4, save_top_k=-1)] if save else []
     trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, logger=False,
                       enable_checkpointing=save, callbacks=callbacks, enable_progress_bar=False,
@@ -111,7 +114,7 @@ def test_resume_continues_exactly_with_the_saved_memories(tmp_path):
     for compressor in ("topk", "sign", "powersgd"):
         run = r0[compressor]
         assert run["has_state"]
-        assert run["resumed"] == pytest.approx(run["full"], rel=0, abs=1e-6), compressor
+        assert run["resumed"] == run["full"], compressor  # bit-exact
         # Without the memories in the checkpoint the resumed run goes elsewhere: the test can fail.
         assert max(abs(a - b) for a, b in zip(run["forgetful"], run["full"], strict=True)) > 1e-4, compressor
         assert r1[compressor]["resumed"] == run["resumed"]
@@ -157,21 +160,39 @@ write_result({"step": trainer.global_step}, trainer.global_rank)
 """
 
 
+class _RestoredMemory(Callback):
+    """The memories this rank holds once the checkpoint is loaded, before the first resumed step."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        blocks = trainer.strategy.hook_state.state_dict()["ranks"][0]["memory"]
+        self.memory = {b["params"][0]: b["tensors"]["error"] for b in blocks.values()}
+
+
+def _memory_per_parameter(rank_state: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for block in rank_state["memory"].values():
+        numels = [math.prod(s) for s in block["shapes"]]
+        out.update(zip(block["params"], block["tensors"]["error"].split(numels), strict=True))
+    return out
+
+
 def test_world_size_change_on_resume_keeps_rank_zero_memory(tmp_path):
     """A 2-rank checkpoint resumed on 1 rank: rank 0's memory is applied, rank 1's dropped with a warning."""
     run_ddp_script(_SAVE_AT_TWO_RANKS, tmp_path)
     ckpt = tmp_path / "ck" / "epoch=0-step=4.ckpt"
     saved = torch.load(ckpt, weights_only=False)
-    assert set(saved["compressed_ddp"]["state"]["ranks"]) == {0, 1}
+    assert set(saved["compressed_ddp"]["ranks"]) == {0, 1}
+    rank0, rank1 = (_memory_per_parameter(saved["compressed_ddp"]["ranks"][r]) for r in (0, 1))
     forgetful = tmp_path / "no_memory.ckpt"
     torch.save({k: v for k, v in saved.items() if k != "compressed_ddp"}, forgetful)
 
-    def resume(path):
+    def resume(path, callbacks=()):
         seed_everything(0)
         model = TinyClassifier(in_dim=32, hidden=64, classes=4, batchnorm=False, dropout=0.0, lr=0.2)
         trainer = Trainer(
             accelerator="cpu", devices=1, strategy=CompressedDDPStrategy("topk", density=0.05), max_steps=6,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=list(callbacks),
         )  # fmt: skip
         try:
             trainer.fit(model, classification_loader(n=256, in_dim=32, classes=4, batch_size=32), ckpt_path=path)
@@ -180,8 +201,12 @@ def test_world_size_change_on_resume_keeps_rank_zero_memory(tmp_path):
                 dist.destroy_process_group()
         return trainer, torch.cat([p.detach().flatten() for p in model.parameters()])
 
+    restored = _RestoredMemory()
     with pytest.warns(UserWarning, match=r"world size 2, now 1.*\[1\] dropped"):
-        trainer, weights = resume(ckpt)
+        trainer, weights = resume(ckpt, [restored])
     assert trainer.global_step == 6 and torch.isfinite(weights).all()
+    # exactly rank 0's memory, not rank 1's nor their sum
+    assert restored.memory.keys() == rank0.keys() and any(not torch.equal(rank0[n], rank1[n]) for n in rank0)
+    assert all(torch.equal(restored.memory[n], rank0[n]) for n in rank0)
     _, weights_without_memory = resume(forgetful)
     assert (weights - weights_without_memory).abs().max() > 1e-5  # rank 0's memory took part in steps 5-6
