@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import random
 import sysconfig
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Literal
@@ -295,14 +296,16 @@ class TextCorpusDataModule(LightningDataModule):
         # Seeded by `seed` and the epoch (Lightning calls set_epoch), never by the global RNG; one replica per
         # rank, so Lightning keeps this sampler under DDP instead of injecting its own.
         sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=hp.seed, drop_last=True)
-        loader = _ResumableLoader(
-            ds,
-            batch_size=hp.batch_size,
-            sampler=sampler,
-            num_workers=hp.num_workers,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(hp.seed),  # worker seeds: not from the global RNG either
-        )
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in recent torch
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            loader = _ResumableLoader(
+                ds,
+                batch_size=hp.batch_size,
+                sampler=sampler,
+                num_workers=hp.num_workers,
+                drop_last=True,
+                generator=torch.Generator().manual_seed(hp.seed),  # worker seeds: not from the global RNG either
+            )
         loader.resume_plan = self._resume_plan
         self._train_loader = loader
         self._check_position = self.trainer is not None and self.trainer.ckpt_path is not None

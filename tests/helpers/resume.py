@@ -13,10 +13,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,23 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_gd.cli import LightningGDCLI, _resolve_config_names
 from lightning_gd.recipes.registry import recipe_path
 
-__all__ = ["ResumeResult", "check_exact_resume", "compare_runs", "run_fit", "tiny_overrides"]
+__all__ = [
+    "FirstRun",
+    "ResumeResult",
+    "check_exact_resume",
+    "compare_runs",
+    "first_run",
+    "resume_and_compare",
+    "run_fit",
+    "tiny_overrides",
+]
 
 # Callback states that legitimately differ between two runs: file paths, wall-clock budgets.
 _SKIPPED_CALLBACKS = ("ModelCheckpoint", "Timer")
 _SKIPPED_KEYS = ("time", "elapsed", "seconds", "clock", "overhead", "dirpath", "path")
+# Logged metrics that measure the machine, not the training: ThroughputMonitor's rates and its running counters
+# (Lightning's ThroughputMonitor keeps no checkpoint state, so its counters restart with the resumed process).
+_SKIPPED_METRICS = ("per_sec", "mfu", "/time", "/batches", "/samples", "/lengths", "flops")
 
 
 @dataclass
@@ -94,8 +107,9 @@ def run_fit(
         "--trainer.callbacks.filename", "{step}",
         "--trainer.callbacks.save_top_k", "-1",
     ]  # fmt: skip
-    if after_validation:
+    if after_validation:  # monitor="step": a state key of its own beside a recipe's ModelCheckpoint
         argv += ["--trainer.callbacks.save_on_train_epoch_end", "false", "--trainer.callbacks.every_n_epochs", "1"]
+        argv += ["--trainer.callbacks.monitor", "step", "--trainer.callbacks.mode", "max"]
     else:
         argv += ["--trainer.callbacks.every_n_train_steps", str(every_n)]
     if ckpt_path is not None:
@@ -105,6 +119,8 @@ def run_fit(
 
 
 def _metrics(trainer: Trainer) -> list[dict[str, str]]:
+    if not trainer.is_global_zero:  # only rank zero writes metrics.csv
+        return []
     loggers = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
     assert loggers, "the recipe has no CSVLogger: logged metrics cannot be compared"
     with open(os.path.join(loggers[0].log_dir, "metrics.csv"), newline="") as f:
@@ -118,7 +134,8 @@ def _values_after(rows: list[dict[str, str]], step: int) -> dict[tuple[int, str]
         if s < step:
             continue
         for key, value in row.items():
-            if key not in ("step", "epoch") and value not in ("", None):
+            skipped = key in ("step", "epoch") or any(word in key for word in _SKIPPED_METRICS)
+            if not skipped and value not in ("", None):
                 out[(s, key)] = float(value)
     return out
 
@@ -181,41 +198,77 @@ def compare_runs(
     return ResumeResult(n, len(values_a), names)
 
 
-def check_exact_resume(
-    recipe: str,
-    tmp_path: Path,
-    steps: int = 3,
-    extra: Sequence[str] = (),
-    resume_extra: Sequence[str] = (),
-    after_validation: bool = True,
-) -> ResumeResult:
-    """Run ``recipe`` for 2N steps, then again resumed from the step-N checkpoint, and compare (see module doc).
+@dataclass
+class FirstRun:
+    """The uninterrupted run of :func:`first_run`: its arguments, checkpoint directory and logged metrics."""
 
-    ``extra`` goes to both runs, ``resume_extra`` to the resumed one only (e.g. another ``num_workers``).
-    ``after_validation=False`` resumes from an ``every_n_train_steps`` checkpoint instead (see :func:`run_fit`);
-    metrics are then compared from step N + 1. Runs in ``tmp_path`` (recipes write ``runs/`` relative to it).
+    recipe: str
+    args: list[str]
+    steps: int
+    ckpt_dir: Path
+    metrics: list[dict[str, str]]
+    after_validation: bool
+
+    def checkpoint(self, step: int) -> Path:
+        return self.ckpt_dir / f"step={step}.ckpt"
+
+
+def first_run(
+    recipe: str, tmp_path: Path, steps: int = 3, extra: Sequence[str] = (), after_validation: bool = True
+) -> FirstRun:
+    """The uninterrupted 2N-step run of ``recipe`` (tiny overrides plus ``extra``), checkpointing at step N.
+
+    ``after_validation=False`` checkpoints with ``every_n_train_steps`` instead (see :func:`run_fit`). Runs
+    in ``tmp_path`` (the recipes write ``runs/`` relative to the working directory).
     """
     args = [*tiny_overrides(recipe, steps, train_windows=6 * steps), *extra]  # the epoch ends between N and 2N
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        trainer_a = run_fit(recipe, args, tmp_path / "a", every_n=steps, after_validation=after_validation)
-        metrics_a = _metrics(trainer_a)
-        start = tmp_path / "a" / f"step={steps}.ckpt"
-        trainer_b = run_fit(
-            recipe,
-            [*args, *resume_extra],
-            tmp_path / "b",
-            steps,
-            ckpt_path=str(start),
-            after_validation=after_validation,
+    with _working_dir(tmp_path):
+        trainer = run_fit(recipe, args, tmp_path / "a", steps, after_validation=after_validation)
+        return FirstRun(recipe, args, steps, tmp_path / "a", _metrics(trainer), after_validation)
+
+
+def resume_and_compare(
+    first: FirstRun, tmp_path: Path, resume_extra: Sequence[str] = (), name: str = "b"
+) -> ResumeResult:
+    """Resume ``first`` from its step-N checkpoint (with ``resume_extra``), run to 2N and compare the two."""
+    n = first.steps
+    with _working_dir(tmp_path):
+        trainer = run_fit(
+            first.recipe,
+            [*first.args, *resume_extra],
+            tmp_path / name,
+            n,
+            ckpt_path=str(first.checkpoint(n)),
+            after_validation=first.after_validation,
         )
-        metrics_b = _metrics(trainer_b)
-    finally:
-        os.chdir(cwd)
-    last = f"step={2 * steps}.ckpt"
+        metrics = _metrics(trainer)
+    if not trainer.is_global_zero:
+        return None
     # From an every_n_train_steps checkpoint Lightning skips the validation due at step N, so the callbacks'
     # histories (MetricPlotter's val/loss at step N) differ there; weights, optimizer and later metrics do not.
     return compare_runs(
-        tmp_path / "a" / last, tmp_path / "b" / last, metrics_a, metrics_b, after=steps, callbacks=after_validation
+        first.checkpoint(2 * n),
+        tmp_path / name / f"step={2 * n}.ckpt",
+        first.metrics,
+        metrics,
+        after=n,
+        callbacks=first.after_validation,
     )
+
+
+def check_exact_resume(
+    recipe: str, tmp_path: Path, steps: int = 3, extra: Sequence[str] = (), after_validation: bool = True
+) -> ResumeResult | None:
+    """Run ``recipe`` for 2N steps, then again resumed from the step-N checkpoint, and compare (see module doc)."""
+    first = first_run(recipe, tmp_path, steps, extra, after_validation)
+    return resume_and_compare(first, tmp_path)
+
+
+@contextlib.contextmanager
+def _working_dir(path: Path) -> Iterator[None]:
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)

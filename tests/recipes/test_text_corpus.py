@@ -49,13 +49,21 @@ def test_windows_are_next_byte_pairs(stdlib_dm):
 
 
 def test_user_directory_with_glob(tmp_path):
+    (tmp_path / "sub").mkdir()
     for i in range(6):
-        (tmp_path / f"doc{i}.txt").write_text(f"document {i} " * 200)
-    (tmp_path / "skip.md").write_text("not matched")
-    dm = TextCorpusDataModule(data_dir=str(tmp_path), seq_len=16, batch_size=2, val_fraction=0.3)
-    assert [f.name for f in dm.files] == [f"doc{i}.txt" for i in range(6)]
+        (tmp_path / ("sub" if i % 2 else ".") / f"doc{i}.md").write_text(f"document {i} " * 200)
+    (tmp_path / "notes.txt").write_text("the default pattern (**/*.txt) would take this file only")
+    (tmp_path / "sub" / "skip.rst").write_text("not matched")
+    dm = TextCorpusDataModule(data_dir=str(tmp_path), glob="**/*.md", seq_len=16, batch_size=2, val_fraction=0.3)
+    assert sorted(f.name for f in dm.files) == [f"doc{i}.md" for i in range(6)]
+    assert {f.parent.name for f in dm.files} == {tmp_path.name, "sub"}  # ** reaches the subdirectory
     dm.setup()
     assert len(dm.val_data) > 0 and len(dm.train_data) > len(dm.val_data)
+    assert b"notes" not in bytes(dm.train_data.tolist()) + bytes(dm.val_data.tolist())
+    default = TextCorpusDataModule(data_dir=str(tmp_path))  # no glob: **/*.txt
+    assert [f.name for f in default.files] == ["notes.txt"]
+    with pytest.raises(MisconfigurationException, match=r"No files match `glob`='\*\.py'"):
+        TextCorpusDataModule(data_dir=str(tmp_path), glob="*.py")
 
 
 def test_single_file_is_split_by_position(tmp_path):
@@ -83,12 +91,66 @@ def test_bad_input(tmp_path):
         TextCorpusDataModule(data_dir=str(tmp_path / "missing"))
     with pytest.raises(MisconfigurationException, match=r"No files match `glob`='\*\*/\*.txt'"):
         TextCorpusDataModule(data_dir=str(tmp_path))
-    with pytest.raises(MisconfigurationException, match="seq_len"):
+    # Every bad-argument error names the argument and the value it got.
+    with pytest.raises(MisconfigurationException, match=r"`seq_len` must be a positive integer, got 0"):
         TextCorpusDataModule(seq_len=0)
-    with pytest.raises(MisconfigurationException, match="val_fraction"):
+    with pytest.raises(MisconfigurationException, match=r"`seq_len` must be a positive integer, got 12.5"):
+        TextCorpusDataModule(seq_len=12.5)
+    with pytest.raises(MisconfigurationException, match=r"`batch_size` must be a positive integer, got -4"):
+        TextCorpusDataModule(batch_size=-4)
+    with pytest.raises(MisconfigurationException, match=r"`val_fraction` must be in \(0, 1\), got 1.0"):
         TextCorpusDataModule(val_fraction=1.0)
+    with pytest.raises(MisconfigurationException, match=r"`val_fraction` must be in \(0, 1\), got -0.1"):
+        TextCorpusDataModule(val_fraction=-0.1)
+    with pytest.raises(MisconfigurationException, match=r"`num_workers` must be an integer >= 0, got -1"):
+        TextCorpusDataModule(num_workers=-1)
+    with pytest.raises(
+        MisconfigurationException, match=r"`resume_mismatch` must be one of \('error', 'warn'\), got 'x'"
+    ):
+        TextCorpusDataModule(resume_mismatch="x")
     (tmp_path / "a.txt").write_text("x" * 100)
     (tmp_path / "b.txt").write_text("y" * 100)
     dm = TextCorpusDataModule(data_dir=str(tmp_path), seq_len=150)
     with pytest.raises(MisconfigurationException, match=r"`seq_len`=150 is longer than the shortest split"):
         dm.setup()
+
+
+def _order(loader, n=None):
+    out = []
+    for i, (x, _) in enumerate(loader):
+        if n is not None and i == n:
+            break
+        out.append(x[:, 0].tolist())
+    return out
+
+
+def test_training_order_depends_on_seed_and_epoch_only(stdlib_dm):
+    # Not on the global RNG (which dropout uses) and not on the number of workers.
+    torch.manual_seed(0)
+    first = _order(stdlib_dm.train_dataloader())
+    torch.manual_seed(1)
+    assert _order(stdlib_dm.train_dataloader()) == first
+    loader = stdlib_dm.train_dataloader()
+    loader.sampler.set_epoch(1)  # Lightning calls set_epoch every epoch: a new order
+    assert _order(loader) != first
+    state = torch.get_rng_state()
+    _order(stdlib_dm.train_dataloader())
+    _order(stdlib_dm.val_dataloader())
+    assert torch.equal(torch.get_rng_state(), state)  # the loaders drew nothing from the global RNG
+
+
+@pytest.mark.parametrize(("saved_workers", "resumed_workers"), [(0, 0), (0, 2), (2, 0), (2, 1)])
+def test_loader_position_carries_over_to_another_worker_count(saved_workers, resumed_workers):
+    dm = TextCorpusDataModule(seq_len=32, batch_size=4, train_windows=40, val_windows=8, num_workers=saved_workers)
+    dm.setup()
+    full = _order(dm.train_dataloader())
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    head = [next(it)[0][:, 0].tolist() for _ in range(3)]
+    state = loader.state_dict()
+    del it
+    dm.hparams.num_workers = resumed_workers
+    resumed = dm.train_dataloader()
+    assert resumed.num_workers == resumed_workers
+    resumed.load_state_dict(state)
+    assert head + _order(resumed) == full  # exactly the rest of the epoch
