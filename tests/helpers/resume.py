@@ -114,8 +114,17 @@ def run_fit(
         argv += ["--trainer.callbacks.every_n_train_steps", str(every_n)]
     if ckpt_path is not None:
         argv += ["--ckpt_path", ckpt_path]
-    cli = LightningGDCLI(args=_resolve_config_names(argv))
+    cli = _TinyCLI(args=_resolve_config_names(argv))
     return cli.trainer
+
+
+class _TinyCLI(LightningGDCLI):
+    """The ``lightning-gd`` CLI, with end-of-fit text generation (``TextSampler``) cut to a few tokens."""
+
+    def before_fit(self) -> None:
+        for callback in self.trainer.callbacks:
+            if hasattr(callback, "max_new_tokens"):
+                callback.max_new_tokens = min(callback.max_new_tokens, 8)
 
 
 def _metrics(trainer: Trainer) -> list[dict[str, str]]:

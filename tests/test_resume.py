@@ -1,0 +1,87 @@
+"""Exact resume of every built-in recipe from a mid-epoch checkpoint, through the real command line.
+
+Each recipe runs 2N steps uninterrupted and again resumed from its step-N checkpoint (an epoch ends between N
+and 2N, with dropout on); weights, optimizer, scheduler and callback state and the logged metrics after step N
+must be bit-identical. New recipes in ``lightning_gd/recipes/configs/`` are picked up by the parametrization.
+"""
+
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_gd.recipes.registry import recipes
+from tests.helpers.resume import _working_dir, first_run, resume_and_compare, run_fit
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def quickstart_first_run(tmp_path_factory):
+    """The issue's case: checkpoints by ``every_n_train_steps`` (saved before that step's validation)."""
+    tmp = tmp_path_factory.mktemp("quickstart_every_n")
+    return first_run("quickstart", tmp, steps=STEPS, after_validation=False), tmp
+
+
+@pytest.mark.parametrize("recipe", sorted(recipes()))
+def test_every_recipe_resumes_bit_identically(recipe, tmp_path):
+    first = first_run(recipe, tmp_path, steps=STEPS)  # checkpoints after validation, like last.ckpt
+    result = resume_and_compare(first, tmp_path)
+    assert result.tensors_compared > 10 and result.metric_values_compared > 0
+    if recipe == "quickstart":  # the recipe's stateful callbacks took part in the comparison
+        assert any(name.startswith("MetricPlotter") for name in result.callbacks_compared)
+        assert any(name.startswith("SharpnessTracker") for name in result.callbacks_compared)
+
+
+def test_issue_command_resumes_bit_identically_with_another_worker_count(quickstart_first_run):
+    # Saved with num_workers=0, resumed with one worker process: the position carries over exactly.
+    first, tmp = quickstart_first_run
+    ckpt = torch.load(first.checkpoint(STEPS), map_location="cpu", weights_only=False)
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"], "no data-loader position in the checkpoint"
+    assert ckpt["TextCorpusDataModule"]["settings"]["seq_len"] == 16
+    result = resume_and_compare(first, tmp, resume_extra=["--data.init_args.num_workers", "1"], name="workers")
+    assert result.tensors_compared > 10 and result.metric_values_compared > 0
+
+
+def _resume(first, tmp, ckpt_path, extra=(), name="bad"):
+    with _working_dir(tmp):
+        return run_fit(first.recipe, [*first.args, *extra], tmp / name, first.steps, ckpt_path=str(ckpt_path))
+
+
+def test_checkpoint_with_other_batch_size_is_refused_naming_it(quickstart_first_run):
+    first, tmp = quickstart_first_run
+    with pytest.raises(MisconfigurationException, match=r"batch_size=4 -> 2"):
+        _resume(first, tmp, first.checkpoint(STEPS), ["--data.init_args.batch_size", "2"])
+    # On purpose: resume_mismatch='warn' continues with one warning, from the beginning of the epoch's data.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _resume(
+            first,
+            tmp,
+            first.checkpoint(STEPS),
+            ["--data.init_args.batch_size", "2", "--data.init_args.resume_mismatch", "warn"],
+            name="warned",
+        )
+    ours = [str(w.message) for w in caught if "TextCorpusDataModule" in str(w.message)]
+    assert len(ours) == 1 and "batch_size=4 -> 2" in ours[0] and "restarts" in ours[0], ours
+    assert trainer.global_step == 2 * STEPS
+
+
+def test_old_checkpoint_without_loader_state_warns_once_and_restarts_the_epoch(quickstart_first_run):
+    first, tmp = quickstart_first_run
+    old = torch.load(first.checkpoint(STEPS), map_location="cpu", weights_only=False)
+    del old["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # as written before the loaders were stateful
+    del old["TextCorpusDataModule"]
+    path = tmp / "old.ckpt"
+    torch.save(old, path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _resume(first, tmp, path, name="old")
+    ours = [str(w.message) for w in caught if "TextCorpusDataModule" in str(w.message)]
+    assert len(ours) == 1 and "no data-loader position" in ours[0] and "beginning of the epoch" in ours[0], ours
+    assert trainer.global_step == 2 * STEPS
+    # It restarted the epoch: the resumed weights differ from the uninterrupted run's.
+    a = torch.load(first.checkpoint(2 * STEPS), map_location="cpu", weights_only=False)["state_dict"]
+    b = torch.load(tmp / "old" / f"step={2 * STEPS}.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
