@@ -139,6 +139,16 @@ def _prepare_text(argv: Sequence[str]) -> None:
     )
 
 
+def _print_optimizers() -> None:
+    from lightning_gd.optim import OptimizerRecipe
+
+    entries = OptimizerRecipe.catalog()
+    width = max(len(n) for n in entries)
+    print("Optimizer recipes (`OptimizerRecipe.from_name(NAME)`, or `--model.optimizer_recipe NAME`):")
+    for name, description in entries.items():
+        print(f"  {name:<{width}}  {description}")
+
+
 def _print_compressors() -> None:
     from lightning_gd.compression import COMPRESSORS
 
@@ -159,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args[:1] == ["compressors"]:
         _print_compressors()
+        return
+    if args[:1] == ["optimizers"]:
+        _print_optimizers()
         return
     LightningGDCLI(args=_resolve_config_names(args))
 

@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from lightning_gd.optim.recipe import OptimizerRecipe
 from lightning_gd.optim.warmup_cosine import WarmupCosineLR
 from lightning_gd.recipes.llama import Llama, LlamaConfig
 
@@ -64,6 +66,10 @@ class CausalLMModule(LightningModule):
         optimizer: ``params -> Optimizer``; ``None`` uses the default AdamW.
         lr_scheduler: ``optimizer -> LRScheduler``; ``None`` uses the default warm-up + cosine. A
             :class:`WarmupCosineLR` built without ``total_steps`` gets the Trainer's estimate.
+        optimizer_recipe: An :class:`~lightning_gd.optim.OptimizerRecipe` or the name of one (``conda-llama``,
+            ``muon-llama``, ...; ``lightning-gd optimizers`` lists them). It replaces ``optimizer`` and
+            ``lr_scheduler`` (its own parameter groups and schedule over the Trainer's total steps) and clips
+            gradients by its ``gradient_clip_val`` unless the Trainer sets one.
 
     Example::
 
@@ -73,6 +79,9 @@ class CausalLMModule(LightningModule):
         )
         trainer = Trainer(max_steps=500)
         trainer.fit(model, datamodule=TextCorpusDataModule(seq_len=128))
+
+        # or a named optimizer recipe (CLI: lightning-gd fit --config quickstart --model.optimizer_recipe conda-llama)
+        model = CausalLMModule(preset="tiny", optimizer_recipe="conda-llama")
     """
 
     def __init__(
@@ -84,9 +93,17 @@ class CausalLMModule(LightningModule):
         block_size: int | None = None,
         compile: bool = False,
         activation_checkpointing: bool = False,
+        optimizer_recipe: OptimizerRecipe | str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "optimizer_recipe"])
+        if isinstance(optimizer_recipe, str):
+            optimizer_recipe = OptimizerRecipe.from_name(optimizer_recipe)
+        if optimizer_recipe is not None and (optimizer is not None or lr_scheduler is not None):
+            rank_zero_info(
+                f"CausalLMModule: {optimizer_recipe!r} replaces the `optimizer` and `lr_scheduler` arguments"
+            )
+        self.optimizer_recipe = optimizer_recipe
         fields = {**(overrides or {}), **({} if block_size is None else {"block_size": block_size})}
         self.config = LlamaConfig.from_name(preset, **fields)
         self.model = Llama(self.config, activation_checkpointing=activation_checkpointing)
@@ -141,6 +158,9 @@ class CausalLMModule(LightningModule):
         return self.model.generate(idx, max_new_tokens, **kwargs)
 
     def configure_optimizers(self) -> Any:
+        if self.optimizer_recipe is not None:
+            total = self.optimizer_recipe.total_steps or max(1, int(self.trainer.estimated_stepping_batches))
+            return self.optimizer_recipe.build(self.model, total_steps=total)
         optimizer = self.optimizer_factory(_param_groups(self.model))
         if self.lr_scheduler_factory is None:
             scheduler = WarmupCosineLR(optimizer, warmup_steps=0.05, min_lr_ratio=0.1)
@@ -149,3 +169,14 @@ class CausalLMModule(LightningModule):
         if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
             scheduler.set_total_steps(max(1, int(self.trainer.estimated_stepping_batches)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if self.optimizer_recipe is not None:
+            self.optimizer_recipe.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
