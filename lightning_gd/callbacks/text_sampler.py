@@ -47,7 +47,7 @@ class TextSampler(Callback):
         filename: str = "sample.txt",
     ) -> None:
         if not prompt:
-            raise MisconfigurationException("`prompt` must not be empty")
+            raise MisconfigurationException(f"`prompt` must not be empty, got {prompt!r}")
         if max_new_tokens < 1:
             raise MisconfigurationException(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
         if temperature < 0:

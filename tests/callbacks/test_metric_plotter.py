@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -46,11 +48,11 @@ def test_history_is_checkpointed(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"metrics": []}, "metrics"),
+        ({"metrics": []}, "`metrics` must name at least one metric, got []"),
         ({"every_n_steps": 0}, "`every_n_steps` must be >= 1, got 0"),
-        ({"filename": "x.jpg"}, "filename"),
+        ({"filename": "x.jpg"}, "`filename` must end with .png, got 'x.jpg'"),
     ],
 )
-def test_bad_arguments(kwargs, match):
-    with pytest.raises(MisconfigurationException, match=match):
+def test_bad_arguments_name_the_argument_and_the_value(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=re.escape(match)):
         MetricPlotter(**kwargs)

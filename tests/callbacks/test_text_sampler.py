@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -36,12 +38,12 @@ def test_module_without_generate_is_refused_at_setup(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"prompt": ""}, "prompt"),
-        ({"max_new_tokens": 0}, "max_new_tokens"),
-        ({"temperature": -1.0}, "temperature"),
-        ({"top_k": 0}, "top_k"),
+        ({"prompt": ""}, "`prompt` must not be empty, got ''"),
+        ({"max_new_tokens": 0}, "`max_new_tokens` must be >= 1, got 0"),
+        ({"temperature": -1.0}, "`temperature` must be >= 0, got -1.0"),
+        ({"top_k": 0}, "`top_k` must be >= 1 or None, got 0"),
     ],
 )
-def test_bad_arguments(kwargs, match):
-    with pytest.raises(MisconfigurationException, match=match):
+def test_bad_arguments_name_the_argument_and_the_value(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=re.escape(match)):
         TextSampler(**kwargs)

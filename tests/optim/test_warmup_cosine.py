@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -59,13 +60,19 @@ def test_resume_from_state_dict_continues_the_schedule():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"warmup_steps": -1}, "warmup_steps"),
-        ({"warmup_steps": 1.5}, "warmup_steps"),
-        ({"total_steps": 0}, "total_steps"),
-        ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
+        ({"warmup_steps": -1}, "`warmup_steps` must be >= 0, got -1"),
+        ({"warmup_steps": 1.5}, "`warmup_steps` as a fraction must be in [0, 1), got 1.5"),
+        ({"total_steps": 0}, "`total_steps` must be >= 1, got 0"),
+        ({"min_lr_ratio": 2.0}, "`min_lr_ratio` must be in [0, 1], got 2.0"),
     ],
 )
-def test_bad_arguments(kwargs, match):
+def test_bad_arguments_name_the_argument_and_the_value(kwargs, match):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=re.escape(match)):
         WarmupCosineLR(opt, **kwargs)
+
+
+def test_set_total_steps_names_the_bad_value():
+    sched = WarmupCosineLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
+    with pytest.raises(ValueError, match=re.escape("`total_steps` must be >= 1, got -5")):
+        sched.set_total_steps(-5)
