@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
@@ -23,6 +25,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gd.curvature import CurvatureOperator, HessianOperator, HvpMethod, OperatorMode, ReducedOperator
+from lightning_gd.curvature._utils import _work_dtype
 from lightning_gd.utils.checks import check_choice, check_positive_int
 from lightning_gd.utils.logging import log_to_loggers
 
@@ -92,6 +95,42 @@ def _check_strategy(strategy: Any, owner: str) -> None:
         )
 
 
+# memory_budget=None: this share of the device's memory (a GPU's total memory; the host's physical memory on CPU).
+_AUTO_BUDGET_FRACTION = 0.25
+
+
+def _device_memory_bytes(device: torch.device) -> int:
+    """Total memory of ``device``: a CUDA device's, otherwise the host's physical memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+@dataclass(frozen=True)
+class _MemoryPlan:
+    """A memory budget in parameter-sized vectors of the working dtype (float32, or float64 for float64 models)."""
+
+    budget: int
+    vector_bytes: int
+    numel: int
+    auto: bool
+
+    @property
+    def vectors(self) -> int:
+        """Whole parameter-sized vectors the budget holds."""
+        return self.budget // self.vector_bytes
+
+    def too_small(self, owner: str, needed: int, what: str) -> MisconfigurationException:
+        """The error for a budget below ``needed`` vectors, with every number in it."""
+        source = f"the default: {_AUTO_BUDGET_FRACTION:.0%} of the device's memory" if self.auto else "given"
+        return MisconfigurationException(
+            f"{owner}: memory_budget={self.budget:,} bytes ({source}) holds {self.vectors} parameter-sized vectors of"
+            f" {self.numel:,} entries x {self.vector_bytes // self.numel} bytes = {self.vector_bytes:,} bytes, but"
+            f" {what} needs at least {needed} ({needed * self.vector_bytes:,} bytes) beyond autograd's own"
+            " Hessian-vector-product memory. Pass a larger `memory_budget`."
+        )
+
+
 class _CurvatureCallback(Callback):
     """Base of :class:`HessianTraceMonitor` and :class:`SharpnessTracker` (see their docs for arguments)."""
 
@@ -107,8 +146,11 @@ class _CurvatureCallback(Callback):
         hvp: HvpMethod,
         seed: int,
         max_overhead: float | None,
+        memory_budget: int | None = None,
     ) -> None:
         _check_positive("every_n_steps", every_n_steps)
+        if memory_budget is not None:
+            _check_positive("memory_budget", memory_budget)
         if max_overhead is not None and (
             isinstance(max_overhead, bool) or not isinstance(max_overhead, int | float) or not max_overhead > 0
         ):
@@ -127,6 +169,7 @@ class _CurvatureCallback(Callback):
         self.hvp = hvp
         self.seed = seed
         self.max_overhead = max_overhead
+        self.memory_budget = memory_budget
         self.history: dict[str, list[tuple[int, float]]] = {}
         self.last_metrics: dict[str, float] = {}
         self._fixed: list[Any] = []
@@ -163,6 +206,32 @@ class _CurvatureCallback(Callback):
                 f"{type(self).__name__}: with manual optimization the module's training_step is no loss;"
                 " pass `loss_fn(module, batch) -> Tensor`"
             )
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After the strategy's setup: the model is on its device, in its precision, the optimizers exist.
+        self._plan_memory(trainer, pl_module)
+
+    def _plan_memory(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Turn ``memory_budget`` into vector counts (``_fit_budget``); raise if it cannot hold one product's."""
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        if not params:
+            return  # refused in setup
+        numel = sum(p.numel() for p in params)
+        vector = numel * _work_dtype(params[0].dtype).itemsize
+        device = params[0].device
+        budget = self.memory_budget
+        if budget is None:
+            budget = int(_AUTO_BUDGET_FRACTION * _device_memory_bytes(device))
+            if trainer.world_size > 1:  # every rank must plan the same products (Lanczos restarts, chunks)
+                smallest = trainer.strategy.reduce(torch.tensor(float(budget), device=device), reduce_op="min")
+                budget = int(smallest.item())
+        plan = _MemoryPlan(budget=budget, vector_bytes=vector, numel=numel, auto=self.memory_budget is None)
+        self._fit_budget(plan, trainer)
+
+    def _fit_budget(self, plan: _MemoryPlan, trainer: Trainer) -> None:
+        """Set the vector counts of a check from ``plan``; raise ``plan.too_small(...)`` when it cannot fit."""
+        raise NotImplementedError
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

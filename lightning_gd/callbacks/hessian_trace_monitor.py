@@ -14,13 +14,21 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_gd.callbacks._curvature import BatchMode, LossFn, _check_choice, _check_positive, _CurvatureCallback
+from lightning_gd.callbacks._curvature import (
+    BatchMode,
+    LossFn,
+    _check_choice,
+    _check_positive,
+    _CurvatureCallback,
+    _MemoryPlan,
+)
 from lightning_gd.curvature import HvpMethod, OperatorMode, ReducedOperator, hutchinson_trace
 
 __all__ = ["HessianTraceMonitor"]
 
 TraceMethod = Literal["hutchinson", "hutch++"]
 _METHODS: tuple[str, ...] = get_args(TraceMethod)
+_PROBES_PER_MATMAT = 10  # probes per product call when the memory budget allows (hutchinson_trace's default)
 
 
 class HessianTraceMonitor(_CurvatureCallback):
@@ -64,6 +72,14 @@ class HessianTraceMonitor(_CurvatureCallback):
             check (timed like the last one) would exceed it, so with expensive products checks land on fewer
             multiples of ``every_n_steps``. The first check always runs. ``None`` measures at every multiple.
             Rank zero's clock decides for all ranks.
+        memory_budget: Bytes of extra device memory a check may use beyond autograd's own Hessian-vector-product
+            memory, for its parameter-sized vectors (in the working dtype: float32, float64 for float64 models).
+            ``"hutchinson"`` needs 2 per probe pushed through one product call (probe and product; + 2 with
+            ``per_layer``), so the probes per call are ``min(10, budget // 2)``: memory does not grow with
+            ``num_probes``. ``"hutch++"`` also holds its sketch: ``3 (num_probes // 3) + 4 p + 2`` vectors for
+            ``p`` probes per call. ``None``: 25% of the device's memory (a GPU's total memory; the host's
+            physical memory on CPU), the smallest over ranks. A budget that cannot hold one product's vectors
+            raises at the start of fitting, stating the numbers.
 
     Example::
 
@@ -89,8 +105,9 @@ class HessianTraceMonitor(_CurvatureCallback):
         hvp: HvpMethod = "auto",
         seed: int = 0,
         max_overhead: float | None = 0.025,
+        memory_budget: int | None = None,
     ) -> None:
-        super().__init__(every_n_steps, batch, num_batches, loss_fn, mode, hvp, seed, max_overhead)
+        super().__init__(every_n_steps, batch, num_batches, loss_fn, mode, hvp, seed, max_overhead, memory_budget)
         _check_positive("num_probes", num_probes)
         _check_choice("method", method, _METHODS)
         if method == "hutch++" and num_probes < 3:
@@ -98,9 +115,26 @@ class HessianTraceMonitor(_CurvatureCallback):
         self.num_probes = num_probes
         self.method = method
         self.per_layer = per_layer
+        self._probes_per_matmat = _PROBES_PER_MATMAT  # sized from memory_budget at the start of fitting
 
     def _key_args(self) -> dict[str, Any]:
         return {**super()._key_args(), "method": self.method, "num_probes": self.num_probes}
+
+    def _fit_budget(self, plan: _MemoryPlan, trainer: Trainer) -> None:
+        owner = f"HessianTraceMonitor(method={self.method!r}, num_probes={self.num_probes})"
+        if self.method == "hutchinson":
+            fixed = 2 if self.per_layer else 0  # the running per-parameter sum and one chunk's
+            probes = min(
+                _PROBES_PER_MATMAT, math.ceil(self.num_probes / trainer.world_size), (plan.vectors - fixed) // 2
+            )
+            if probes < 1:
+                raise plan.too_small(owner, fixed + 2, "one Hessian-vector product (a probe and its product)")
+        else:
+            sketch = 3 * (self.num_probes // 3) + 2  # Q, A Q and the QR's copy, plus the sketch product's chunk
+            probes = min(_PROBES_PER_MATMAT, self.num_probes, (plan.vectors - sketch) // 4)
+            if probes < 1:
+                raise plan.too_small(owner, sketch + 4, "Hutch++ (its sketch and one probe)")
+        self._probes_per_matmat = probes
 
     def _measure(self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator) -> dict[str, float]:
         P, rank = trainer.world_size, trainer.global_rank
@@ -108,7 +142,7 @@ class HessianTraceMonitor(_CurvatureCallback):
             # Split the probes: rank r estimates tr(H_r) with its own probes; tr(mean H_r) is the mean.
             local = hutchinson_trace(
                 op.base, math.ceil(self.num_probes / P), generator=self._generator(trainer, rank),
-                per_param=self.per_layer,
+                per_param=self.per_layer, probes_per_matmat=self._probes_per_matmat,
             )  # fmt: skip
             stats = torch.tensor([local.value, local.stderr**2], dtype=torch.float64, device=pl_module.device)
             gathered = trainer.strategy.all_gather(stats).reshape(P, 2)
@@ -122,7 +156,7 @@ class HessianTraceMonitor(_CurvatureCallback):
         else:
             est = hutchinson_trace(
                 op, self.num_probes, method=self.method, generator=self._generator(trainer),
-                per_param=self.per_layer,
+                per_param=self.per_layer, probes_per_matmat=self._probes_per_matmat,
             )  # fmt: skip
             value, stderr, per_param, num_hvps = est.value, est.stderr, est.per_param, est.num_matvecs
         self._remember_hvp(op)

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gd.callbacks._curvature import BatchMode, LossFn, _check_positive, _CurvatureCallback
+from lightning_gd.callbacks._curvature import BatchMode, LossFn, _check_positive, _CurvatureCallback, _MemoryPlan
 from lightning_gd.curvature import (
     HvpMethod,
     OperatorMode,
@@ -132,6 +132,18 @@ class SharpnessTracker(_CurvatureCallback):
         seed: Seed of the cold-start vectors and density probes.
         max_overhead: Largest fraction of the training wall time spent measuring, default 2.5%; due checks are
             skipped while over it (see :class:`HessianTraceMonitor`). ``None``: exactly every ``every_n_steps``.
+        memory_budget: Bytes of extra device memory a check may use beyond autograd's own Hessian-vector-product
+            memory, for its parameter-sized vectors (in the working dtype: float32, float64 for float64 models).
+            A check holds the Lanczos basis (at most ``max_basis`` vectors), the residual and the ``k`` Ritz
+            vectors, plus 4 with the Adam preconditioner (its diagonal, ``P^-1/2`` and the two scaled vectors of a
+            product); the warm-start vectors stay in host memory. ``max_basis`` = what the budget leaves, at most
+            ``max_iter``; below the iterations a check needs, Lanczos thick-restarts (more products, same
+            accuracy) and the density reorthogonalises against the latest ``max_basis`` vectors only. ``None``:
+            25% of the device's memory (a GPU's total memory; the host's physical memory on CPU), the smallest
+            over ranks. A budget below ``k + 2`` basis vectors raises at the start of fitting, stating the numbers.
+
+    Precision: products in the parameters' dtype (float32 under ``bf16-mixed``), basis and Gram-Schmidt in float32
+    (float64 for float64 models), Ritz values from a float64 tridiagonal matrix.
 
     Example::
 
@@ -164,8 +176,9 @@ class SharpnessTracker(_CurvatureCallback):
         plot: bool = True,
         seed: int = 0,
         max_overhead: float | None = 0.025,
+        memory_budget: int | None = None,
     ) -> None:
-        super().__init__(every_n_steps, batch, num_batches, loss_fn, mode, hvp, seed, max_overhead)
+        super().__init__(every_n_steps, batch, num_batches, loss_fn, mode, hvp, seed, max_overhead, memory_budget)
         _check_positive("k", k)
         _check_positive("max_iter", max_iter)
         _check_positive("density_num_runs", density_num_runs)
@@ -188,7 +201,8 @@ class SharpnessTracker(_CurvatureCallback):
         self.density_num_runs = density_num_runs
         self.density_num_steps = density_num_steps
         self.plot = plot
-        self._init: dict[str, Tensor] = {}  # warm-start vectors: "max", "min"
+        self._init: dict[str, Tensor] = {}  # warm-start vectors: "max", "min" (host memory)
+        self._max_basis: int | None = None  # Lanczos vectors stored at once, from memory_budget (None: max_iter)
         self._preconditioned: bool | None = None  # resolved at the first check (``"auto"``), then fixed
         self._last_density_step = 0
         self.density_paths: list[str] = []
@@ -215,8 +229,22 @@ class SharpnessTracker(_CurvatureCallback):
                 self._preconditioned = bool(self.preconditioned)
         return self._preconditioned
 
+    def _fit_budget(self, plan: _MemoryPlan, trainer: Trainer) -> None:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        adam_like = optimizer is not None and all("betas" in g and "eps" in g for g in optimizer.param_groups)
+        pre = 4 if self.preconditioned is True or (self.preconditioned == "auto" and adam_like) else 0
+        fixed = 1 + self.k + pre  # residual, Ritz vectors, preconditioner
+        basis = plan.vectors - fixed
+        if basis < self.k + 2:
+            what = f"Lanczos (k={self.k}: a basis of k + 2, the residual and k Ritz vectors" + (
+                ", and 4 for the Adam preconditioner)" if pre else ")"
+            )
+            raise plan.too_small(f"SharpnessTracker(k={self.k})", fixed + self.k + 2, what)
+        self._max_basis = None if basis >= max(self.max_iter, self.density_num_steps) else basis
+
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         if self.preconditioned is True:
             group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
             if "betas" not in group or "eps" not in group:
@@ -265,22 +293,21 @@ class SharpnessTracker(_CurvatureCallback):
 
     def _lanczos(self, op: Any, which: str, trainer: Trainer) -> Any:
         side = "max" if which == "largest" else "min"
-        init = self._init.get(side) if self.warm_start else None
-        if init is not None:
-            init = init.to(device=op.device, dtype=op.dtype)
+        init = self._init.get(side) if self.warm_start else None  # on the host: copied into the basis directly
         k = self.k if which == "largest" else 1
+        max_basis = None if self._max_basis is None else min(self._max_basis, self.max_iter)
         result = lanczos(
             op, k=k, which=which, tol=self.tol, max_iter=self.max_iter, init=init,
-            generator=self._generator(trainer),
+            generator=self._generator(trainer), max_basis=max_basis,
         )  # fmt: skip
         if self.warm_start and torch.isfinite(result.eigenvectors).all():
-            self._init[side] = result.eigenvectors[:, 0].detach().clone()
+            self._init[side] = result.eigenvectors[:, 0].detach().to(device="cpu", dtype=op.dtype, copy=True)
         return result
 
     def _plot_density(self, trainer: Trainer, op: Any, step: int) -> None:
         density = spectral_density(
             op, num_runs=self.density_num_runs, num_steps=self.density_num_steps,
-            generator=self._generator(trainer, rank=1_000_003),
+            generator=self._generator(trainer, rank=1_000_003), max_basis=self._max_basis,
         )  # fmt: skip
         log_dir = run_dir(trainer)  # on every rank: a collective under DDP
         if not trainer.is_global_zero:

@@ -86,7 +86,7 @@ class _LanczosProcess:
         self.scale = 0.0  # running estimate of ||H||, for the breakdown threshold
         self._reorth_eta = torch.finfo(self.dtype).eps ** 0.25
         row = self._slot_row(0)
-        row.copy_(q0.to(dtype=self.dtype, device=op.device))
+        row.copy_(q0)  # converts dtype and device without a temporary (q0 may be a warm start kept on the host)
         row.div_(torch.linalg.vector_norm(row))
         self._index.append(0)
 

@@ -78,8 +78,8 @@ def lanczos(
             (``lambda_min``, negative at a saddle).
         tol: Relative residual tolerance (> 0).
         max_iter: Maximum number of Lanczos steps, i.e. products (``>= k``; capped at ``numel``).
-        init: Starting vector of shape ``(numel,)``; a warm start such as the previous top
-            eigenvector converges in fewer products when the operator changed little.
+        init: Starting vector of shape ``(numel,)``, on any device; a warm start such as the previous
+            top eigenvector converges in fewer products when the operator changed little.
         generator: Source of the random start and restarts. ``None`` uses a fresh generator
             seeded with 0 (the global RNG is left untouched).
         max_basis: Most basis vectors stored at once (``>= k + 2``); ``None`` means ``max_iter``
@@ -123,7 +123,7 @@ def lanczos(
             raise ValueError(f"init must be a tensor of shape ({n},), got {shape}")
         if not bool(torch.isfinite(init).all()) or not bool(init.abs().sum() > 0):
             raise ValueError("init must be a finite, nonzero vector, got one that is not")
-        q0 = init.to(device=op.device)
+        q0 = init  # copied into the basis as is: it may stay on the host
 
     steps = min(max_iter, n)
     proc = _LanczosProcess(op, q0, capacity=steps, max_basis=max_basis)
