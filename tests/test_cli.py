@@ -40,10 +40,48 @@ def test_every_builtin_recipe_parses(name, capsys):
     assert printed["trainer"]["max_steps"] > 0
 
 
-def test_every_recipe_key_is_commented_at_the_top():
-    for name in recipes():
-        first = recipe_path(name).read_text().splitlines()[0]
-        assert first.startswith("# ") and len(first) > 20, name
+def _uncommented_keys(text: str) -> list[str]:
+    """Keys holding a value (a scalar or a list of scalars) with no comment on their line or the line above.
+
+    ``class_path`` names its class itself, and a mapping's keys are commented at its leaves (litgpt's config hub
+    comments every setting; ours comments every value, in line or above).
+    """
+    lines = text.splitlines()
+    missing = []
+
+    def walk(node: yaml.Node) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                row = key.start_mark.line
+                commented = "#" in lines[row][key.end_mark.column :] or (
+                    row > 0 and lines[row - 1].lstrip().startswith("#")
+                )
+                leaf = isinstance(value, yaml.ScalarNode) or (
+                    isinstance(value, yaml.SequenceNode) and all(isinstance(v, yaml.ScalarNode) for v in value.value)
+                )
+                if leaf and key.value != "class_path" and not commented:
+                    missing.append(f"line {row + 1}: {key.value}")
+                walk(value)
+        elif isinstance(node, yaml.SequenceNode):
+            for value in node.value:
+                walk(value)
+
+    walk(yaml.compose(text))
+    return missing
+
+
+@pytest.mark.parametrize("name", sorted(recipes()))
+def test_every_recipe_key_is_commented(name):
+    text = recipe_path(name).read_text()
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    assert header and len(header[0]) > 20, name  # a description first
+    assert f"lightning-gd fit --config {name}" in text, name  # and the command that runs it
+    assert _uncommented_keys(text) == [], name
+
+
+def test_the_comment_check_finds_an_uncommented_key():
+    text = "# a recipe\ntrainer:\n  max_steps: 5  # steps\n  devices: 1\n  # the logger\n  logger: false\n"
+    assert _uncommented_keys(text) == ["line 4: devices"]
 
 
 def test_unknown_recipe_prints_available_names(capsys):
