@@ -296,6 +296,9 @@ class TextCorpusDataModule(LightningDataModule):
         # Seeded by `seed` and the epoch (Lightning calls set_epoch), never by the global RNG; one replica per
         # rank, so Lightning keeps this sampler under DDP instead of injecting its own.
         sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=hp.seed, drop_last=True)
+        # A resumed run creates its iterator (and so draws this permutation) before Lightning calls set_epoch:
+        # start at the restored epoch, or a run resumed in epoch 1 or later would read epoch 0's order.
+        sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in recent torch
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             loader = _ResumableLoader(
