@@ -16,7 +16,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_gd  # noqa: F401  (makes the package's classes resolvable by short name)
-from lightning_gd.recipes.registry import recipe_path, recipes
+from lightning_gd.recipes.registry import RecipeTag, recipe_path, recipes
 
 __all__ = ["LightningGDCLI", "main"]
 
@@ -48,6 +48,13 @@ class LightningGDCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         _pin_logger_versions(config.get("trainer", {}).get("logger"))
+
+    def before_fit(self) -> None:
+        # Tag checkpoints with the recipe (the first --config's file stem): resuming another recipe's warns.
+        configs = self.config["fit"].get("config") or []
+        if configs:
+            name = os.path.basename(str(getattr(configs[0], "relative", configs[0])))
+            self.trainer.callbacks.append(RecipeTag(os.path.splitext(name)[0]))
 
 
 def _next_version(root: str) -> int:
@@ -105,10 +112,25 @@ def _resolve_config_names(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _print_recipes() -> None:
+def _print_recipes(names: Sequence[str] = ()) -> None:
+    """List the recipes; with names, print each one's header (how to run it and its variants)."""
+    if names:
+        for name in names:
+            try:
+                path = recipe_path(name)
+            except ValueError as err:
+                print(f"lightning-gd: error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+            lines = path.read_text(encoding="utf-8").splitlines()
+            end = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
+            print(f"{path.stem} ({path}):")
+            for line in lines[:end]:
+                print(line.removeprefix("#").removeprefix(" "))
+        return
     entries = recipes()
     width = max((len(n) for n in entries), default=0)
-    print("Built-in recipes (run one with `lightning-gd fit --config NAME`):")
+    print("Built-in recipes (run one with `lightning-gd fit --config NAME`; `lightning-gd recipes NAME` shows its")
+    print("header: the commands, the variants and what they need):")
     for name, description in entries.items():
         print(f"  {name:<{width}}  {description}")
 
@@ -165,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _prepare_text(args[1:])
         return
     if args[:1] == ["recipes"]:
-        _print_recipes()
+        _print_recipes(args[1:])
         return
     if args[:1] == ["compressors"]:
         _print_compressors()
