@@ -266,6 +266,11 @@ def test_bucket_layouts_follow_parameters_through_a_regrouping() -> None:
     out = layouts.assemble(1, ["e", "f"], torch.zeros(0, dtype=torch.float64), complete=())
     assert out["e"].dtype == torch.float64 and out["e"].tolist() == [3.0, 0.0, 0.0] and "f" not in out
     assert not layouts.pieces and not store
+    # A parameter moving in from a bucket of another index: that bucket is cut too, not only the same index.
+    store.update({0: {"e": torch.tensor([4.0, 5.0, 1.0, 2.0])}, 1: {"e": torch.tensor([3.0, 6.0, 7.0])}})
+    assert layouts.update(0, (("d", (2,)), ("c", (2,))), _take(store))
+    assert layouts.assemble(0, ["e"], torch.zeros(0))["e"].tolist() == [6.0, 7.0, 4.0, 5.0]
+    assert 1 not in layouts.layouts and set(layouts.pieces) == {"a", "b"}
 
 
 def test_bucket_layouts_complete_kinds_and_custom_segments() -> None:
