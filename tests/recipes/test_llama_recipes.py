@@ -86,3 +86,15 @@ def test_llama_tiny_trains_on_cpu_and_logs_tokens_per_second(tmp_path, monkeypat
     assert rates[-1] == pytest.approx(samples[-1] * 32, rel=1e-6)  # tokens = sequences x seq_len
     assert not any("train/device/mfu" in r and r["train/device/mfu"] for r in rows)  # no peak known on CPU
     assert torch.isfinite(torch.tensor([float(r["val/loss"]) for r in rows if r.get("val/loss")])).all()
+
+
+def test_recipes_command_shows_a_recipes_variants(capsys):
+    main(["recipes", "llama-1b"])
+    out = capsys.readouterr().out
+    assert (
+        "lightning-gd fit --config llama-1b" in out and "deepspeed_stage_2" in out and "--model.optimizer_recipe" in out
+    )
+    assert "seed_everything" not in out  # the header only
+    with pytest.raises(SystemExit):
+        main(["recipes", "llama-2b"])
+    assert "Unknown recipe 'llama-2b'" in capsys.readouterr().err
