@@ -4,12 +4,14 @@ the dynamics, checkpoints and resume, the plot, bad input, and 2-process gloo DD
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -77,14 +79,22 @@ def test_pre_training_flossing_moves_exponents_to_zero_and_leaves_the_readout(tm
     assert (tmp_path / "lyapunov_spectrum.png").stat().st_size > 10_000
 
 
-def test_periodic_rounds_and_training_gradients_left_alone(tmp_path) -> None:
+def test_periodic_rounds_log_and_plot_to_tensorboard(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     seed_everything(0)
     model = RNNTask()
-    floss = _small(every_n_steps=2, floss_steps=2, max_rounds=2, plot=False)
-    _trainer(tmp_path, [floss], max_steps=7).fit(model, _loader())
+    floss = _small(every_n_steps=2, floss_steps=2, max_rounds=2)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _trainer(tmp_path, [floss], max_steps=7, logger=logger).fit(model, _loader())
     assert floss.rounds == 2
     assert [(s, p) for s, p, _ in floss.history] == [(2, "round"), (4, "round"), (7, "end")]
     assert floss._draws == 2 * (2 + 1) + 1  # two rounds of two flossing steps and a measurement, and the end
+    events = EventAccumulator(logger.log_dir).Reload()
+    assert [e.step for e in events.Scalars("lyapunov/max")] == [2, 4, 7]
+    assert events.Scalars("lyapunov/loss")[-1].value == pytest.approx(floss.last_metrics["lyapunov/loss"])
+    assert "lyapunov/spectrum" in events.Tags()["images"]
+    assert (Path(logger.log_dir) / "lyapunov_spectrum.png").is_file()
 
 
 def test_continuous_flossing_adds_its_gradient_to_the_training_step(tmp_path) -> None:

@@ -150,6 +150,18 @@ def test_perturbation_interval_and_ball_radius(tmp_path) -> None:
         assert 0 < jump <= 0.5
 
 
+def test_non_finite_gradient_norm_skips_the_perturbation_with_one_warning(tmp_path) -> None:
+    class NaNGrad(FlatParameter):
+        def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+            return float("nan") * self.w.sum()
+
+    noise = NoiseAnnealing(eta=0.0, grad_norm_threshold=1.0, perturb_interval=1)
+    with pytest.warns(UserWarning, match="non-finite gradient norm") as record:
+        _trainer(tmp_path, [noise], max_steps=3).fit(NaNGrad(numel=4), _dummy_loader())
+    assert sum("non-finite gradient norm" in str(w.message) for w in record) == 1
+    assert noise.perturbations == 0
+
+
 def test_clip_norm_clips_before_the_noise(tmp_path) -> None:
     class Big(FlatParameter):
         def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
