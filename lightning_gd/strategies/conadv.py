@@ -343,48 +343,54 @@ class ConAdvStrategy(DDPStrategy):
             return hook(logits, targets)
         return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
 
-    def _run_attack(self, inputs: Tensor, targets: Tensor) -> Tensor:
-        """The attack on the unwrapped module at the current weights, on copies of the BatchNorm statistics."""
+    def _attack_buffers(self) -> dict[str, Tensor]:
+        """Copies of every buffer as the adversarial branch sees them (auxiliary BatchNorm statistics swapped in)."""
         module = self.lightning_module
         assert module is not None
         with auxiliary_bn(module):
-            buffers = {name: b.clone() for name, b in module.named_buffers()}
+            return {name: b.clone() for name, b in module.named_buffers()}
 
-            def forward(x: Tensor) -> Tensor:
-                return torch.func.functional_call(module, buffers, (x,), strict=False)
+    def _run_attack(self, inputs: Tensor, targets: Tensor, buffers: dict[str, Tensor]) -> Tensor:
+        """The attack on the unwrapped module at the current weights, on copies of the BatchNorm statistics."""
+        module = self.lightning_module
+        assert module is not None
 
-            with self.precision_plugin.train_step_context():
-                result = sign_attack(
-                    forward,
-                    inputs,
-                    targets,
-                    epsilon=self.epsilon,
-                    step_size=self.step_size,
-                    normalization=self.normalization,
-                    targeted=self.targeted,
-                    random_start=self.random_start,
-                    loss_fn=self._attack_loss(module),
-                    generator=self._generator,
-                )
+        def forward(x: Tensor) -> Tensor:
+            return torch.func.functional_call(module, buffers, (x,), strict=False)
+
+        with auxiliary_bn(module), self.precision_plugin.train_step_context():  # auxiliary affine parameters
+            result = sign_attack(
+                forward,
+                inputs,
+                targets,
+                epsilon=self.epsilon,
+                step_size=self.step_size,
+                normalization=self.normalization,
+                targeted=self.targeted,
+                random_start=self.random_start,
+                loss_fn=self._attack_loss(module),
+                generator=self._generator,
+            )
         return result.inputs
 
     def _launch(self, index: int, batch: Any, epoch: int, step: int) -> _Pending:
         inputs, targets = self._split(batch)
+        # Copies of the statistics are taken on the main stream, before the clean pass updates them in place.
+        buffers = self._attack_buffers()
         if self._stream is None:
             start = time.perf_counter()
-            adv = self._run_attack(inputs, targets)
+            adv = self._run_attack(inputs, targets, buffers)
             pending = _Pending(index, epoch, adv, _fingerprint(inputs), step, source=batch)
             pending.attack_ms = (time.perf_counter() - start) * 1e3
             return pending
         main = torch.cuda.current_stream(inputs.device)
-        # Copies of the BatchNorm statistics are taken on the main stream, before the clean pass updates them.
         self._stream.wait_stream(main)
         start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self._stream):
             start_event.record()
-            for t in (inputs, targets):
+            for t in (inputs, targets, *buffers.values()):
                 t.record_stream(self._stream)
-            adv = self._run_attack(inputs, targets)
+            adv = self._run_attack(inputs, targets, buffers)
             fingerprint = _fingerprint(inputs)
             end_event.record()
         return _Pending(index, epoch, adv, fingerprint, step, source=batch, start=start_event, end=end_event)
@@ -415,7 +421,10 @@ class ConAdvStrategy(DDPStrategy):
                 self._warned_mismatch = True
             return None
         if self._stream is not None:
-            pending.inputs.record_stream(torch.cuda.current_stream(self.root_device))
+            main = torch.cuda.current_stream(self.root_device)
+            if pending.end is not None:  # made on the side stream (within an accumulation window no step waited)
+                main.wait_event(pending.end)
+            pending.inputs.record_stream(main)
         return pending
 
     # ---------------------------------------------------------------- the step
