@@ -97,7 +97,10 @@ class NoiseAnnealing(Callback):
     shared noise). That only makes sense when replicas are averaged every few steps (local SGD: Lightning's
     ``DDPStrategy(ddp_comm_state=PostLocalSGDState(...), ddp_comm_hook=post_localSGD_hook,
     model_averaging_period=H)`` or torch's ``PostLocalSGDOptimizer``; anything else is refused at the start of
-    fit). This counter-based generator *is* the RNG state: the checkpoint holds the seed, the step the noise is
+    fit). Lightning 2.x registers DDP comm hooks on CUDA only: on CPU (gloo) DDP keeps all-reducing the gradients
+    and only the periodic model averaging runs, so per-rank noise is then what separates the replicas.
+
+    This counter-based generator *is* the RNG state: the checkpoint holds the seed, the step the noise is
     drawn at and the perturbation bookkeeping, so a resumed run draws exactly the noise of an uninterrupted
     one. The global RNG is never consumed, and with ``eta=0`` (and no threshold) nothing is touched: the run is
     bit-identical to one without the callback.
