@@ -100,9 +100,10 @@ class NoiseAnnealing(Callback):
     fit). Lightning 2.x registers DDP comm hooks on CUDA only: on CPU (gloo) DDP keeps all-reducing the gradients
     and only the periodic model averaging runs, so per-rank noise is then what separates the replicas.
 
-    This counter-based generator *is* the RNG state: the checkpoint holds the seed, the step the noise is
-    drawn at and the perturbation bookkeeping, so a resumed run draws exactly the noise of an uninterrupted
-    one. The global RNG is never consumed, and with ``eta=0`` (and no threshold) nothing is touched: the run is
+    This counter-based generator *is* the RNG state: the checkpoint holds the seed and the perturbation
+    bookkeeping, and the step comes from the Trainer's own checkpointed ``global_step``, so a resumed run draws
+    exactly the noise of an uninterrupted one. The global RNG is never consumed, and with ``eta=0`` (and no
+    threshold) nothing is touched: the run is
     bit-identical to one without the callback.
 
     Logs ``noise/std`` (``sigma_t``) and ``noise/perturbations`` (the count so far) to the loggers every
