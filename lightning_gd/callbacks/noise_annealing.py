@@ -103,8 +103,7 @@ class NoiseAnnealing(Callback):
     This counter-based generator *is* the RNG state: the checkpoint holds the seed and the perturbation
     bookkeeping, and the step comes from the Trainer's own checkpointed ``global_step``, so a resumed run draws
     exactly the noise of an uninterrupted one. The global RNG is never consumed, and with ``eta=0`` (and no
-    threshold) nothing is touched: the run is
-    bit-identical to one without the callback.
+    threshold) nothing is touched: the run is bit-identical to one without the callback.
 
     Logs ``noise/std`` (``sigma_t``) and ``noise/perturbations`` (the count so far) to the loggers every
     ``trainer.log_every_n_steps`` steps (``trainer.callback_metrics`` holds them every step). A non-finite
