@@ -267,7 +267,14 @@ class SharpnessTracker(_CurvatureCallback):
             target = PreconditionedOperator(op, diag)
             threshold = (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
         num_hvps = 0
-        top = self._lanczos(target, "largest", trainer)
+        try:
+            top = self._lanczos(target, "largest", trainer)
+            bottom = self._lanczos(target, "smallest", trainer) if self.smallest else None
+        except torch.linalg.LinAlgError:
+            # Non-finite products (a finite loss can still have them) reach Lanczos' tridiagonal eigensolver. A NaN
+            # result is skipped, with one warning, by the caller's finite check; every rank averages the same
+            # products, so every rank gets here together.
+            return {self._key: math.nan}
         num_hvps += top.num_matvecs
         lam = top.eigenvalues.tolist()
         metrics[self._key] = lam[0]
@@ -275,8 +282,7 @@ class SharpnessTracker(_CurvatureCallback):
         metrics["sharpness/threshold"] = threshold
         for i, value in enumerate(lam[1:], start=2):
             metrics[f"sharpness/eig_{i}"] = value
-        if self.smallest:
-            bottom = self._lanczos(target, "smallest", trainer)
+        if bottom is not None:
             num_hvps += bottom.num_matvecs
             metrics["sharpness/lambda_min"] = bottom.eigenvalues[0].item()
         metrics["sharpness/num_hvps"] = float(num_hvps)
