@@ -19,6 +19,7 @@ from lightning_gd.compression.qsgd import QSGD
 from lightning_gd.compression.randomk import RandomK
 from lightning_gd.compression.sign import Sign
 from lightning_gd.compression.topk import TopK
+from lightning_gd.utils.checks import check_choice
 
 __all__ = ["COMPRESSORS", "CompressorEntry", "CompressorName", "make_hook_state"]
 
@@ -80,9 +81,7 @@ def make_hook_state(name: str, **options: Any) -> HookState:
         >>> make_hook_state("topk", density=0.001, warmup_steps=100).density_at(100)
         0.001
     """
-    if name not in COMPRESSORS:
-        raise ValueError(f"unknown compressor {name!r}; registered: {', '.join(COMPRESSORS)}")
-    entry = COMPRESSORS[name]
+    entry = COMPRESSORS[check_choice("compressor", name, COMPRESSORS)]
     own_names = {k for e in COMPRESSORS.values() for k in e.options}
     hook_options = {"error_feedback": None, **{k: v for k, v in options.items() if k not in own_names}}
     for key, value in options.items():

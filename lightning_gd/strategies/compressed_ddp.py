@@ -23,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_gd.compression import COMPRESSORS, CompressorName, HookState, make_hook_state
-from lightning_gd.utils.checks import check_choice
 from lightning_gd.utils.logging import log_to_loggers
 
 __all__ = ["CompressedDDPStrategy"]
@@ -100,7 +99,6 @@ class CompressedDDPStrategy(DDPStrategy):
         seed: int | None = None,
         **kwargs: Any,
     ) -> None:
-        check_choice("compressor", compressor, COMPRESSORS, error=MisconfigurationException)
         for key in ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper"):
             if kwargs.get(key) is not None:
                 raise MisconfigurationException(f"CompressedDDPStrategy sets its own comm hook; drop `{key}`")

@@ -315,7 +315,9 @@ def test_registry_entries_build_hook_states_with_their_defaults() -> None:
 
 
 def test_registry_rejects_unknown_names_and_foreign_options() -> None:
-    with pytest.raises(ValueError, match="unknown compressor 'top_k'; registered: topk, randomk, sign, qsgd, powersgd"):
+    with pytest.raises(
+        ValueError, match=r"`compressor` must be one of \('topk', 'randomk', 'sign', 'qsgd', 'powersgd'\), got 'top_k'"
+    ):
         make_hook_state("top_k")
     with pytest.raises(ValueError, match="levels=4 applies to qsgd, not to 'topk'"):
         make_hook_state("topk", levels=4)
