@@ -195,7 +195,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[:1] == ["optimizers"]:
         _print_optimizers()
         return
-    LightningGDCLI(args=_resolve_config_names(args))
+    # The arguments are passed explicitly (recipe names resolved); LightningCLI warns when it also sees them in
+    # sys.argv, so hide them from it while it parses.
+    saved, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        LightningGDCLI(args=_resolve_config_names(args))
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":
