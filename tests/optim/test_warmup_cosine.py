@@ -76,3 +76,34 @@ def test_set_total_steps_names_the_bad_value():
     sched = WarmupCosineLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
     with pytest.raises(ValueError, match=re.escape("`total_steps` must be >= 1, got -5")):
         sched.set_total_steps(-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "after_warmup"),
+    [
+        # W = 2, S = 10: progress p = (s - 2) / 8 for s = 2..10, floor r = 0.2
+        ({"decay": "linear"}, [0.2 + 0.8 * (1 - (s - 2) / 8) for s in range(2, 11)]),
+        ({"decay": "polynomial", "power": 2.0}, [0.2 + 0.8 * (1 - (s - 2) / 8) ** 2 for s in range(2, 11)]),
+        # wsd with D = 0.25: f = 1 up to p = 0.75 (s = 8), then (1 - p) / 0.25: 0.5 at s = 9, 0 at s = 10
+        ({"decay": "wsd", "decay_fraction": 0.25}, [1.0] * 7 + [0.2 + 0.8 * 0.5, 0.2]),
+        ({"decay": "constant"}, [1.0] * 9),
+    ],
+)
+def test_decay_shapes_by_hand(kwargs, after_warmup):
+    lrs = _lrs(11, warmup_steps=2, total_steps=10, min_lr_ratio=0.2, **kwargs)
+    assert lrs[:2] == pytest.approx([1 / 3, 2 / 3])
+    assert lrs[2:] == pytest.approx(after_warmup)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"decay": "cosin"}, "valid names: cosine, linear"),
+        ({"power": 0.0}, "power"),
+        ({"decay_fraction": 0.0}, "decay_fraction"),
+    ],
+)
+def test_bad_decay_arguments(kwargs, match):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match=match):
+        WarmupCosineLR(opt, **kwargs)
