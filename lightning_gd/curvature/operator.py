@@ -64,7 +64,7 @@ class HessianOperator:
     the first measured parameter), with autocast off: under ``bf16-mixed`` the float32 parameters give float32
     products; a model cast to bfloat16 gives bfloat16 products. Beyond autograd's own memory for the product
     (the create-graph gradient and its backward), ``matmat(V)`` holds its output, ``V.shape[1]`` flat vectors;
-    double backward writes each product straight into it, forward-over-reverse also holds the ``vmap``\ ed
+    double backward writes each product straight into it, forward-over-reverse also holds the ``vmap``-ed
     tangents and outputs of one chunk.
 
     Args:
