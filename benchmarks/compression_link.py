@@ -104,8 +104,9 @@ def _make_strategy(name: str) -> Any:
         return HookDDPStrategy(local_only)
     if name.startswith("powersgd"):
         return CompressedDDPStrategy("powersgd", powersgd_rank=int(name[len("powersgd") :]))
-    if name == "topk":
-        return SampledTopKStrategy("topk", density=0.01, density_warmup_steps=8)
+    if name == "topk" or name.startswith("topk@"):  # topk@D: density D, e.g. PowerSGD's bytes
+        density = float(name.split("@")[1]) if "@" in name else 0.01
+        return SampledTopKStrategy("topk", density=density, density_warmup_steps=8)
     if name in ("sign", "qsgd"):
         return CompressedDDPStrategy(name)
     raise ValueError(f"unknown strategy {name!r}; choose from {ALL_STRATEGIES}")
@@ -238,6 +239,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
+def _order(name: str) -> int:
+    return ALL_STRATEGIES.index(name.split("@")[0])
+
+
+def _label(name: str) -> str:
+    if name.startswith("topk@"):
+        return f"top-k {100 * float(name[5:]):g}% sampled + DGC warm-up"
+    return LABELS[name]
+
+
 def _smooth(losses: list[float]) -> list[float]:
     return [statistics.fmean(losses[max(0, i - SMOOTH + 1) : i + 1]) for i in range(len(losses))]
 
@@ -277,13 +288,11 @@ def analyze(data: dict[str, Any], target: float | None = None) -> dict[str, Any]
     print("|---|---|---|---|---|---|---|---|")
     for link, rows in table.items():
         meas = data["links"].get(link, {}).get("measured_mbit", math.nan)
-        for name in ALL_STRATEGIES:
-            if name not in rows:
-                continue
+        for name in sorted(rows, key=_order):
             r = rows[name]
             tt = "not reached" if math.isnan(r["t_target"]) else f"{r['t_target']:.1f}"
             sp = "-" if math.isnan(r["speedup"]) else f"{r['speedup']:.1f}x"
-            print(f"| {link} ({meas:.0f} Mbit/s) | {LABELS[name]} | {1e3 * r['step_s']:.0f} | {r['bytes'] / 1e6:.3f} "
+            print(f"| {link} ({meas:.0f} Mbit/s) | {_label(name)} | {1e3 * r['step_s']:.0f} | {r['bytes'] / 1e6:.3f} "
                   f"| {tt} | {sp} | {r['final']:.4f} | {r['steps']:.0f} |")  # fmt: skip
     return {"table": table, "target": target}
 
@@ -298,13 +307,14 @@ def plot(data: dict[str, Any], summary: dict[str, Any], path: Path = FIG) -> Non
     table = summary["table"]
     links = sorted(table, key=lambda lk: data["links"][lk]["measured_mbit"])
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for name in ALL_STRATEGIES:
+    names = sorted({n for rows in table.values() for n in rows}, key=_order)
+    for name in names:
         if name in ("dense", "nocomm"):
             continue
         pts = [(data["links"][lk]["measured_mbit"], table[lk][name]["speedup"]) for lk in links if name in table[lk]]
         pts = [(x, y) for x, y in pts if not math.isnan(y)]
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=LABELS[name])
+            ax.plot(*zip(*pts, strict=True), marker="o", label=_label(name))
     ax.axhline(1.0, color="k", lw=1, label="dense DDP")
     ax.plot([100, 1000], [5, 2], "r*", ms=12, ls="none", label="goal (5x at 100 Mbit/s, 2x at 1 Gbit/s)")
     ax.set_xscale("log")
