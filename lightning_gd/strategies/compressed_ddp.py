@@ -111,6 +111,7 @@ class CompressedDDPStrategy(DDPStrategy):
         }  # fmt: skip
         self.hook_state: HookState = self._new_hook_state()  # checks the arguments now
         self._hook_registered = False
+        self._hook_steps_at_setup: int | None = None
 
     def _new_hook_state(self) -> HookState:
         try:
@@ -134,6 +135,7 @@ class CompressedDDPStrategy(DDPStrategy):
         if self.hook_state.single_bucket_on_gloo and self.root_device.type == "cpu":
             self._single_bucket_on_gloo(trainer)
         super().setup(trainer)
+        self._hook_steps_at_setup = self.hook_state.step  # a loaded checkpoint has set it by now
         if trainer.state.fn == TrainerFn.FITTING and not self._hook_registered:
             raise MisconfigurationException(
                 "CompressedDDPStrategy: the compression hook was not registered (Lightning did not call the"
@@ -174,14 +176,17 @@ class CompressedDDPStrategy(DDPStrategy):
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        steps_before = self.hook_state.step
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
         module = self.lightning_module
-        if steps_before == self.hook_state.step and any(p.grad is not None for p in module.parameters()):
-            raise RuntimeError(
-                "CompressedDDPStrategy: a backward pass synchronised the gradients without calling the compression"
-                " hook; training would silently run as dense DDP"
-            )
+        # Once, at the first step with gradients (the backward ran in the closure, or before this call with manual
+        # optimization): DDP must have called the hook by then.
+        if self._hook_steps_at_setup is not None and any(p.grad is not None for p in module.parameters()):
+            if self.hook_state.step == self._hook_steps_at_setup:
+                raise RuntimeError(
+                    "CompressedDDPStrategy: a backward pass synchronised the gradients without calling the"
+                    " compression hook; training would silently run as dense DDP"
+                )
+            self._hook_steps_at_setup = None
         if stats := self.compression_stats():
             log_to_loggers(module.trainer, {f"compression/{k}": stats.get(k, float("nan")) for k in _LOGGED})
         return out

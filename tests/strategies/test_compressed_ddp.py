@@ -260,6 +260,37 @@ def test_a_hook_that_is_not_registered_fails_loudly(single_process_group):
         _fit(_HookNeverReachesDDP("topk"))
 
 
+class _ManualTwoOptimizers(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__(dropout=0.0)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)  # the hook runs here, before either optimizer step
+        first.step()
+        second.step()
+        first.zero_grad()
+        second.zero_grad()
+
+    def configure_optimizers(self):
+        layers = [m for m in self.net if isinstance(m, torch.nn.Linear)]
+        return torch.optim.SGD(layers[0].parameters(), lr=0.1), torch.optim.SGD(layers[1].parameters(), lr=0.1)
+
+
+def test_manual_optimization_with_two_optimizers_runs_the_hook(single_process_group):
+    seed_everything(0)
+    model = _ManualTwoOptimizers()
+    trainer = Trainer(
+        accelerator="cpu", devices=1, strategy=CompressedDDPStrategy("sign"), max_steps=6, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, classification_loader())
+    assert trainer.strategy.hook_state.step == 3  # one backward per batch; max_steps counts optimizer steps
+    assert trainer.callback_metrics["compression/ratio"].item() > 1
+
+
 # ---------------------------------------------------------------------- checkpoints of commit 5545262
 DATA = Path(__file__).with_name("data")
 _OLD = {  # tests/strategies/data/compressed_ddp_5545262_<name>.ckpt: step 4 of _resumable_fit with these
