@@ -191,7 +191,8 @@ class OptimizerRecipe:
         optimizer: ``conda``, ``diffgrad``, ``mfac`` or any ``timm.optim.list_optimizers()`` name.
         lr: Peak learning rate at ``reference_batch_size`` (before scaling).
         weight_decay: Applied to the decayed group only (matrices and conv kernels).
-        optimizer_kwargs: Further keyword arguments of the optimizer (``betas``, ``momentum``, ``scale``, ...).
+        optimizer_kwargs: Further keyword arguments of the optimizer (``betas``, ``momentum``, ``scale``, ...),
+            merged over the named recipe's.
         batch_size: The global batch size; selects the row of a recipe's batch-size table or scales ``lr``.
         reference_batch_size: The batch size ``lr`` was tuned at (for ``lr_scaling``).
         lr_scaling: ``linear``, ``sqrt`` or ``none``.
@@ -243,6 +244,7 @@ class OptimizerRecipe:
         explicit = {k: v for k, v in locals().items() if k not in ("self", "name", "__class__") and v is not None}
         recipe = _RECIPES.get(name, {}) if name is not None else {}
         values = {**_BASE, **{k: v for k, v in recipe.items() if k in _BASE}, **explicit}
+        values["optimizer_kwargs"] = {**recipe.get("optimizer_kwargs", {}), **explicit.get("optimizer_kwargs", {})}
         self.name = name
         self.description: str = recipe.get("description", "custom recipe")
         self.optimizer: str = values["optimizer"].lower()

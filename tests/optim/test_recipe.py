@@ -90,6 +90,8 @@ def test_mfac_recipe_with_a_small_window():
     net = nn.Linear(3, 2)
     opt = OptimizerRecipe.from_name("mfac", optimizer_kwargs={"num_grads": 4}).build_optimizer(net)
     assert isinstance(opt, MFAC) and opt.num_grads == 4 and opt.damp == 1e-5
+    conda = OptimizerRecipe.from_name("conda-llama", optimizer_kwargs={"update_proj_gap": 50})
+    assert conda.optimizer_kwargs == {"betas": (0.9, 0.99), "scale": 0.25, "update_proj_gap": 50}  # merged
 
 
 def test_batch_size_scaling():
