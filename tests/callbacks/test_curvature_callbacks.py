@@ -1,4 +1,5 @@
 import math
+import os
 import warnings
 
 import pytest
@@ -252,11 +253,24 @@ class _CPUFSDPStrategy(FSDPStrategy):
     subclass passes that guard, so fit goes through FSDP's environment set-up to the callbacks' ``setup``."""
 
 
+@pytest.fixture
+def _leaves_no_process_group():
+    """FSDP's set-up starts a 1-process gloo group and sets MASTER_* variables; later tests must not see them."""
+    env = dict(os.environ)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)
+
+
+@pytest.mark.usefixtures("_leaves_no_process_group")
 @pytest.mark.parametrize("cls", [HessianTraceMonitor, SharpnessTracker])
 def test_fsdp_is_refused_in_setup_of_a_real_fit(tmp_path, cls):
     trainer = _trainer(tmp_path, [cls()], strategy=_CPUFSDPStrategy(), devices=1)
     with pytest.raises(MisconfigurationException, match=f"{cls.__name__} does not support _CPUFSDPStrategy"):
         trainer.fit(TinyClassifier(), classification_loader())
+    assert torch.distributed.is_initialized()  # the refusal came from setup, after FSDP's environment set-up
 
 
 @pytest.mark.parametrize("cls", [HessianTraceMonitor, SharpnessTracker])
