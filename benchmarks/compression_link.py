@@ -62,6 +62,7 @@ LABELS = {
     "qsgd": "QSGD 16 levels", "nocomm": "no communication (compute floor)",
 }  # fmt: skip
 SMOOTH = 3
+COMPARE_STEP = 20  # losses of all rows compared at this step (equal steps, not equal time)
 
 
 # ---------------------------------------------------------------------------------------------- worker (one rank)
@@ -271,21 +272,25 @@ def analyze(data: dict[str, Any], target: float | None = None) -> dict[str, Any]
         row["seeds"].append({
             "step_s": statistics.median(steps), "bytes": statistics.fmean(r[2] for r in rec), "t_target": hit,
             "final": sm[-1], "steps": len(rec), "budget_t": rec[-1][0],
+            "at_step": sm[COMPARE_STEP - 1] if len(sm) >= COMPARE_STEP else math.nan,
+            "steady": statistics.median(steps[-10:]),
         })  # fmt: skip
     for rows in table.values():
         for row in rows.values():
-            for key in ("step_s", "bytes", "t_target", "final", "steps"):
+            for key in ("step_s", "bytes", "t_target", "final", "steps", "at_step", "steady"):
                 vals = [s[key] for s in row["seeds"]]
                 row[key] = math.nan if any(math.isnan(v) for v in vals) else statistics.fmean(vals)
         dense_t = rows.get("dense", {}).get("t_target", math.nan)
         for row in rows.values():
             row["speedup"] = dense_t / row["t_target"] if row["t_target"] > 0 else math.nan
+            row["steady_speedup"] = rows.get("dense", {}).get("steady", math.nan) / row["steady"]
     print(f"\n# Compressed DDP over a shaped link ({data['date']}, model {data['args']['model']}, seeds "
           f"{data['args']['seeds']}, budget {data['args']['budget']} s/run)\n")  # fmt: skip
     print(f"Target loss (worst final dense loss, trailing mean of {SMOOTH} steps): {target:.4f}\n")
     print("| link (measured) | strategy | step time (ms) | MB / step / rank | time to target (s) | speed-up vs dense "
-          "| final loss after budget | steps in budget |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          f"| final loss after budget | steps in budget | loss at step {COMPARE_STEP} "
+          "| steady step-time ratio |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for link, rows in table.items():
         meas = data["links"].get(link, {}).get("measured_mbit", math.nan)
         for name in sorted(rows, key=_order):
@@ -293,7 +298,8 @@ def analyze(data: dict[str, Any], target: float | None = None) -> dict[str, Any]
             tt = "not reached" if math.isnan(r["t_target"]) else f"{r['t_target']:.1f}"
             sp = "-" if math.isnan(r["speedup"]) else f"{r['speedup']:.1f}x"
             print(f"| {link} ({meas:.0f} Mbit/s) | {_label(name)} | {1e3 * r['step_s']:.0f} | {r['bytes'] / 1e6:.3f} "
-                  f"| {tt} | {sp} | {r['final']:.4f} | {r['steps']:.0f} |")  # fmt: skip
+                  f"| {tt} | {sp} | {r['final']:.4f} | {r['steps']:.0f} | {r['at_step']:.4f} "
+                  f"| {r['steady_speedup']:.2f}x |")  # fmt: skip
     return {"table": table, "target": target}
 
 
