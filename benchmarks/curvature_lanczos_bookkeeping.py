@@ -6,7 +6,9 @@ separately the products (inside ``op.matvec``) and everything else (the bookkeep
 storage, Ritz values). Two settings:
 
 * ``float64``: the model and the products in float64 (the issue's check), batch ``--f64-batch``;
-* ``float32``: the quickstart's precision and batch (16 windows x 128 bytes).
+* ``float32``: the quickstart's precision and batch (16 windows x 128 bytes);
+* ``restarts``: products and accuracy of the same check when the basis is capped at ``max_basis`` vectors
+  (thick restart), against a tol=1e-10 reference, over ``--starts`` random start vectors.
 
 "before" is the process of commit 95ff168 (``git show 95ff168:lightning_gd/curvature/_krylov.py`` and
 ``lanczos.py``, loaded as modules), "after" the working tree; they run interleaved on the same operator from the
@@ -109,11 +111,39 @@ def run(dtype: torch.dtype, batch: int, seq: int, repeats: int, old_lanczos) -> 
               f" {product:.1f} | {step:.1f} | {book:.1f} | {book / product:.1%} |")  # fmt: skip
 
 
+def restarts(batch: int, seq: int, starts: int) -> None:
+    """HVPs and accuracy of ``lanczos(k=1, tol=1e-2)`` when the basis is capped (thick restart), float64."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_name("tiny")).double()
+    tokens = corpus(batch, seq)
+
+    def loss_fn(m, b):
+        return F.cross_entropy(m(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten())
+
+    op = HessianOperator(model, loss_fn, tokens, hvp="double_backward")
+    exact = new_lanczos(op, k=1, tol=1e-10, max_iter=200).eigenvalues[0].item()
+    print(f"\nmax_basis against products, float64 tiny decoder, batch {batch} x {seq}, {starts} random starts;"
+          f" reference lambda_max {exact:.10g} (tol 1e-10)")  # fmt: skip
+    print("| max_basis | extra vectors (basis + residual + Ritz) | median HVPs | max HVPs | worst rel. error |")
+    print("|---|---|---|---|---|")
+    for m in (None, 8, 6, 4, 3):
+        hvps, errs = [], []
+        for s in range(starts):
+            init = torch.randn(op.numel, generator=torch.Generator().manual_seed(100 + s), dtype=torch.float64)
+            res = new_lanczos(op, k=1, tol=1e-2, init=init, max_basis=m)
+            hvps.append(res.num_matvecs)
+            errs.append(abs(res.eigenvalues[0].item() - exact) / abs(exact))
+        size = "max_iter (none)" if m is None else str(m)
+        print(f"| {size} | {'iterations + 2' if m is None else m + 2} | {statistics.median(hvps):g} | {max(hvps)} |"
+              f" {max(errs):.1e} |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--f64-batch", type=int, nargs=2, default=(4, 64), metavar=("B", "T"))
-    parser.add_argument("--only", choices=("float64", "float32"), default=None)
+    parser.add_argument("--only", choices=("float64", "float32", "restarts"), default=None)
+    parser.add_argument("--starts", type=int, default=5, help="random starts in the max_basis table")
     args = parser.parse_args()
     torch.set_num_threads(1)
     old = load_old()
@@ -121,6 +151,8 @@ def main() -> None:
         run(torch.float64, *args.f64_batch, args.repeats, old)
     if args.only in (None, "float32"):
         run(torch.float32, 16, 128, args.repeats, old)
+    if args.only in (None, "restarts"):
+        restarts(*args.f64_batch, args.starts)
 
 
 if __name__ == "__main__":
