@@ -29,7 +29,7 @@ from torch import nn
 from lightning_gd.compression.base import CompressedTensor, Compressor
 from lightning_gd.compression.error_feedback import ErrorFeedback
 from lightning_gd.compression.hook_state import _gather, _pick_rank, _rank_and_world
-from lightning_gd.compression.layout import BucketLayouts
+from lightning_gd.compression.layout import BucketLayouts, Layout
 from lightning_gd.compression.momentum import MomentumCorrection
 from lightning_gd.utils.checks import check_positive_int
 
@@ -140,6 +140,8 @@ class CompressionHookState:
         self._world_size: int | None = None
         self._acc = dict.fromkeys(_ACCOUNTS, 0.0)
         self._last: dict[str, Any] | None = None
+        self._bucket_layouts: dict[int, Layout] = {}  # every bucket's parameters at its last call
+        self._replay: list[tuple[int, Layout]] | None = None  # the saved buckets, for the first step after a load
 
     # ------------------------------------------------------------------ HookState
     def register(self, ddp: nn.parallel.DistributedDataParallel) -> None:
@@ -207,7 +209,10 @@ class CompressionHookState:
         [name, ...] | None, "shapes": [[int, ...], ...], "tensors": {"error" | "u" | "v": flat CPU tensor}}}}``.
         """
         self._init_dist()
+        layouts = self._bucket_layouts or dict(self._replay or ())  # loaded but not yet run: the loaded ones
+        named = all(isinstance(i, str) for lay in layouts.values() for i, _ in lay)
         local = {
+            "buckets": [[k, [[i, list(s)] for i, s in lay]] for k, lay in sorted(layouts.items())] if named else [],
             "step": self.step,
             "compressor": self.compressor.state_dict(),
             "memory": self.layouts.state_dict(self._get_mem),
@@ -230,14 +235,45 @@ class CompressionHookState:
             if store is not None:
                 store.reset()
         self.layouts.load_state_dict(own["memory"] if own is not None else {})
+        saved = [(int(k), tuple((i, tuple(s)) for i, s in lay)) for k, lay in shared.get("buckets", [])]
+        self._replay = saved or None
         self._last = None
 
     # ------------------------------------------------------------------ hook body
     def _run(self, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         self._init_dist()
+        buf, key = bucket.buffer(), bucket.index()
+        layout = tuple((self._names.get(p.data_ptr(), p.data_ptr()), tuple(p.shape)) for p in bucket.parameters())
+        if self._replay is not None:
+            replay, self._replay = self._replay, None
+            saved = [slot for _, lay in replay for slot in lay]
+            if bucket.is_last() and len(saved) == len(layout) and set(saved) == set(layout):
+                return self._run_replayed(buf, layout, replay)
+        self._bucket_layouts[key] = layout
+        fut = self._process(key, layout, buf)
+        if bucket.is_last():
+            self._finish_step()
+        return fut
+
+    def _run_replayed(
+        self, buf: torch.Tensor, layout: Layout, replay: list[tuple[int, Layout]]
+    ) -> torch.futures.Future[torch.Tensor]:
+        """First step after a restart: DDP sends every gradient in one bucket until it regroups them after this
+        step. Compress them in the saved buckets instead, so the selection is the uninterrupted run's."""
+        views = dict(zip([i for i, _ in layout], buf.split([math.prod(s) for _, s in layout]), strict=True))
+        for key, saved in replay:
+            flat = torch.cat([views[i].reshape(-1) for i, _ in saved])
+            self._bucket_layouts[key] = saved
+            out = self._process(key, saved, flat).wait()
+            for (i, _), piece in zip(saved, out.split([math.prod(s) for _, s in saved]), strict=True):
+                views[i].copy_(piece)
+        self._finish_step()
+        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        fut.set_result(buf)
+        return fut
+
+    def _process(self, key: int, layout: Layout, buf: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
         group, world = self._group(), self._world_size or 1
-        buf = bucket.buffer()
-        key = bucket.index()
         numel, esize = buf.numel(), buf.element_size()
         dense_bytes = numel * esize
         comp = self.compressor
@@ -245,27 +281,23 @@ class CompressionHookState:
             comp.density = self.density_at(self.step)
         if self.step < self.warmup_steps or numel < self.min_numel or not buf.is_floating_point():
             self._account(numel, dense_bytes, dense_bytes, numel, allgather=False, compressed=False)
-            fut = _allreduce_mean(buf, group, world)
+            return _allreduce_mean(buf, group, world)
+        self._sync_layout(key, layout, buf)
+        # p_t: what is compressed
+        if self.momentum_correction is not None:
+            p = self.momentum_correction.accumulate(key, buf)  # v_t (DGC)
+        elif self.memory is not None:
+            p = self.memory.compensate(key, buf)  # g_t + e_t
         else:
-            self._sync_layout(key, bucket, buf)
-            # p_t: what is compressed
-            if self.momentum_correction is not None:
-                p = self.momentum_correction.accumulate(key, buf)  # v_t (DGC)
-            elif self.memory is not None:
-                p = self.memory.compensate(key, buf)  # g_t + e_t
-            else:
-                p = buf
-            c = comp.compress(p, key)
-            if self.momentum_correction is not None:
-                self.momentum_correction.mask(key, comp.sent_mask(c))  # v, u <- 0 on sent coords
-            elif self.memory is not None:
-                self.memory.update(key, p, comp.decompress(c))  # e_{t+1} = p_t - D(C(p_t))
-            allgather = not comp.shared_indices
-            self._account(numel, c.nbytes, dense_bytes, comp.sent_numel(numel), allgather=allgather, compressed=True)
-            fut = (_allgather_decompress if allgather else _allreduce_shared)(comp, c, buf, group, world)
-        if bucket.is_last():
-            self._finish_step()
-        return fut
+            p = buf
+        c = comp.compress(p, key)
+        if self.momentum_correction is not None:
+            self.momentum_correction.mask(key, comp.sent_mask(c))  # v, u <- 0 on sent coords
+        elif self.memory is not None:
+            self.memory.update(key, p, comp.decompress(c))  # e_{t+1} = p_t - D(C(p_t))
+        allgather = not comp.shared_indices
+        self._account(numel, c.nbytes, dense_bytes, comp.sent_numel(numel), allgather=allgather, compressed=True)
+        return (_allgather_decompress if allgather else _allreduce_shared)(comp, c, buf, group, world)
 
     def _group(self) -> dist.ProcessGroup | None:
         return self.process_group if self.process_group is not None else dist.group.WORLD
@@ -328,17 +360,15 @@ class CompressionHookState:
                 store.pop(key)
         return out
 
-    def _sync_layout(self, key: int, bucket: dist.GradBucket, buf: torch.Tensor) -> None:
+    def _sync_layout(self, key: int, layout: Layout, buf: torch.Tensor) -> None:
         """Re-key memories by parameter whenever DDP changes which parameters a bucket holds."""
         if self.memory is None and self.momentum_correction is None:
             return
-        params = bucket.parameters()
-        layout = tuple((self._names.get(p.data_ptr(), p.data_ptr()), tuple(p.shape)) for p in params)
         if not self.layouts.update(key, layout, self._pop_mem):
             return
-        if sum(p.numel() for p in params) != buf.numel():
+        if sum(math.prod(s) for _, s in layout) != buf.numel():
             raise RuntimeError(
-                f"bucket {key}: parameters hold {sum(p.numel() for p in params)} elements, buffer {buf.numel()}"
+                f"bucket {key}: parameters hold {sum(math.prod(s) for _, s in layout)} elements, buffer {buf.numel()}"
             )
         mem = self.layouts.assemble(key, ("u", "v") if self.momentum_correction is not None else ("error",), buf)
         if self.memory is not None and "error" in mem:

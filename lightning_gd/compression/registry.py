@@ -8,6 +8,7 @@ compressors`` and the README table all read :data:`COMPRESSORS`. A new compresso
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -47,7 +48,9 @@ class CompressorEntry:
 
 
 COMPRESSORS: dict[str, CompressorEntry] = {
-    "topk": CompressorEntry(TopK, {"density": 0.01}, "the k largest-magnitude entries (allgather), error feedback"),
+    "topk": CompressorEntry(
+        TopK, {"density": 0.01, "sampled": False}, "the k largest-magnitude entries (allgather), error feedback"
+    ),
     "randomk": CompressorEntry(
         RandomK, {"density": 0.01, "seed": 0}, "k shared-seed random entries (allreduce), error feedback"
     ),
@@ -74,7 +77,8 @@ def make_hook_state(name: str, **options: Any) -> HookState:
             on for contractive compressors).
 
     Raises:
-        ValueError: for an unknown name (listing the registered ones) or a bad option (naming it and its value).
+        ValueError: for an unknown name (listing the registered ones), an unknown option, or a bad option (naming
+            it and its value).
 
     Example::
 
@@ -89,6 +93,9 @@ def make_hook_state(name: str, **options: Any) -> HookState:
             users = [n for n, e in COMPRESSORS.items() if key in e.options]
             raise ValueError(f"{key}={value!r} applies to {', '.join(users)}, not to {name!r}")
     own = {k: options[k] if options.get(k) is not None else default for k, default in entry.options.items()}
-    if issubclass(entry.cls, Compressor):
+    hook_cls = CompressionHookState if issubclass(entry.cls, Compressor) else entry.cls  # PowerSGD: its own
+    if unknown := sorted(set(hook_options) - set(inspect.signature(hook_cls).parameters)):
+        raise ValueError(f"unknown option {unknown[0]}={hook_options[unknown[0]]!r} for {name!r}")
+    if hook_cls is CompressionHookState:
         return CompressionHookState(entry.cls(**own), **hook_options)
-    return entry.cls(**own, **hook_options)
+    return hook_cls(**own, **hook_options)

@@ -68,6 +68,8 @@ class CompressedDDPStrategy(DDPStrategy):
         min_numel: Buckets with fewer entries are sent dense (not PowerSGD).
         powersgd_rank: Rank of PowerSGD's approximation (``None``: 1).
         seed: Seed of the shared random-k indices, QSGD's rounding and PowerSGD's initial Q (``None``: 0).
+        compressor_options: Any other option of the compressor, by its registry name (e.g. ``{"sampled": True}``:
+            top-k's DGC threshold sampling); ``lightning-gd compressors`` lists them.
         **kwargs: Passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (e.g. ``find_unused_parameters``,
             ``bucket_cap_mb``, ``process_group_backend``).
 
@@ -97,6 +99,7 @@ class CompressedDDPStrategy(DDPStrategy):
         min_numel: int = 0,
         powersgd_rank: int | None = None,
         seed: int | None = None,
+        compressor_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         for key in ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper"):
@@ -109,6 +112,10 @@ class CompressedDDPStrategy(DDPStrategy):
             "error_feedback": error_feedback, "momentum_correction": momentum_correction, "warmup_steps": warmup_steps,
             "density_warmup_steps": density_warmup_steps, "min_numel": min_numel,
         }  # fmt: skip
+        for key, value in (compressor_options or {}).items():
+            if self.options.get(key) is not None:
+                raise MisconfigurationException(f"`{key}` is given twice: as an argument and in `compressor_options`")
+            self.options[key] = value
         self.hook_state: HookState = self._new_hook_state()  # checks the arguments now
         self._hook_registered = False
         self._hook_steps_at_setup: int | None = None

@@ -149,13 +149,17 @@ def _dense_reference(rank: int, steps: range) -> dict[int, dict[str, torch.Tenso
     return grads
 
 
-def _resume(rank: int, gather: bool, bind: bool, save_at: int = 2, total: int = 5) -> dict[str, Any]:
+def _resume(
+    rank: int, gather: bool, bind: bool, save_at: int = 2, total: int = 5, bucket_cap_mb: float = 25
+) -> dict[str, Any]:
     """Save after step ``save_at``, rebuild model/DDP/hook state from the snapshot, continue.
 
     One bucket, so top-k selections do not depend on the bucket layout; the restarted DDP still
     uses its initial (reversed) parameter order in the first resumed step.
     """
-    first = _train(rank, TopK(0.1), range(save_at + 1), bind=bind, save_at=save_at, gather=gather, bucket_cap_mb=25)
+    first = _train(
+        rank, TopK(0.1), range(save_at + 1), bind=bind, save_at=save_at, gather=gather, bucket_cap_mb=bucket_cap_mb
+    )
     snap = first["snapshot"]
     model = _model()
     model.load_state_dict(snap["model"])
@@ -169,7 +173,7 @@ def _resume(rank: int, gather: bool, bind: bool, save_at: int = 2, total: int = 
             opt_state=snap["opt"],
             hook_state=snap["hook"],
             bind=bind,
-            bucket_cap_mb=25,
+            bucket_cap_mb=bucket_cap_mb,
         )
     second["warnings"] = [str(w.message) for w in caught]
     return second
@@ -188,6 +192,9 @@ SCENARIOS: dict[str, Callable[[int], Any]] = {
     "resume_gather": lambda r: _resume(r, gather=True, bind=True),
     "resume_local": lambda r: _resume(r, gather=False, bind=True),
     "resume_unbound": lambda r: _resume(r, gather=False, bind=False),
+    # Two buckets: the restarted DDP sends everything in one bucket in its first step, then regroups.
+    "uninterrupted_buckets": lambda r: _train(r, TopK(0.1), range(5)),
+    "resume_buckets": lambda r: _resume(r, gather=True, bind=True, bucket_cap_mb=0.0001),
 }
 
 

@@ -270,6 +270,19 @@ def test_state_dict_round_trip_mid_run_reproduces_the_uninterrupted_run(
                 assert torch.equal(g, r["uninterrupted"]["grads"][step][name]), (scenario, step, name)
 
 
+def test_resume_with_several_buckets_compresses_the_first_step_in_the_saved_buckets(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for r in ranks:
+        resumed = r["resume_buckets"]
+        assert resumed["warnings"] == []
+        # the restarted DDP's first step is one bucket of all 4 parameters, the uninterrupted run has two there
+        assert len(resumed["records"][0]["params"]) == 4 and len(resumed["records"][-1]["params"]) == 2
+        for step, grads in resumed["grads"].items():
+            for name, g in grads.items():
+                assert torch.equal(g, r["uninterrupted_buckets"]["grads"][step][name]), (step, name)
+
+
 def test_resume_without_module_drops_mismatched_bucket_memory_with_warning(
     ranks: list[dict[str, Any]],
 ) -> None:

@@ -312,6 +312,7 @@ def test_registry_entries_build_hook_states_with_their_defaults() -> None:
     assert make_hook_state("randomk", density=0.1, seed=3).compressor.seed == 3
     assert make_hook_state("powersgd", powersgd_rank=2).state.matrix_approximation_rank == 2
     assert make_hook_state("topk", density=None).compressor.density == 0.01
+    assert make_hook_state("topk", sampled=True).compressor.sampled and not make_hook_state("topk").compressor.sampled
 
 
 def test_registry_rejects_unknown_names_and_foreign_options() -> None:
@@ -323,6 +324,10 @@ def test_registry_rejects_unknown_names_and_foreign_options() -> None:
         make_hook_state("topk", levels=4)
     with pytest.raises(ValueError, match="density=0.5 applies to topk, randomk, not to 'sign'"):
         make_hook_state("sign", density=0.5)
+    with pytest.raises(ValueError, match="unknown option denisty=0.5 for 'topk'"):
+        make_hook_state("topk", denisty=0.5)
+    with pytest.raises(ValueError, match="unknown option nesterov=True for 'powersgd'"):
+        make_hook_state("powersgd", nesterov=True)
 
 
 # ---------------------------------------------------------------------- PowerSGD

@@ -66,6 +66,13 @@ def test_logged_bytes_equal_the_analytic_payload(compressor, payload, single_pro
     assert Sign().payload_bytes(n) == math.ceil(n / 8) + 4
 
 
+def test_compressor_options_reach_the_compressor(single_process_group):
+    strategy = CompressedDDPStrategy("topk", compressor_options={"sampled": True})
+    assert strategy.hook_state.compressor.sampled
+    trainer, _ = _fit(strategy, steps=2)
+    assert trainer.strategy.hook_state.compressor.sampled  # the state built for the fit too
+
+
 def test_warmup_steps_are_dense(single_process_group):
     trainer, model = _fit(CompressedDDPStrategy("topk", warmup_steps=10), steps=3)
     assert trainer.callback_metrics["compression/ratio"].item() == 1.0
@@ -99,6 +106,11 @@ def test_powersgd_runs_and_accounts(single_process_group):
         ({"compressor": "sign", "density": 0.5}, "density=0.5 applies to topk, randomk, not to 'sign'"),
         ({"compressor": "powersgd", "min_numel": 10}, "min_numel=10 is not supported by PowerSGD"),
         ({"compressor": "powersgd", "powersgd_rank": 0}, "`powersgd_rank` must be a positive integer, got 0"),
+        ({"compressor_options": {"density": 0.1}, "density": 0.2}, "`density` is given twice"),
+        (
+            {"compressor_options": {"sampled": True}, "compressor": "sign"},
+            "sampled=True applies to topk, not to 'sign'",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, match):
