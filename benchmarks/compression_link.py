@@ -310,27 +310,33 @@ def plot(data: dict[str, Any], summary: dict[str, Any], path: Path = FIG) -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     table = summary["table"]
     links = sorted(table, key=lambda lk: data["links"][lk]["measured_mbit"])
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     names = sorted({n for rows in table.values() for n in rows}, key=_order)
-    for name in names:
-        if name in ("dense", "nocomm"):
-            continue
-        pts = [(data["links"][lk]["measured_mbit"], table[lk][name]["speedup"]) for lk in links if name in table[lk]]
-        pts = [(x, y) for x, y in pts if not math.isnan(y)]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=_label(name))
-    ax.axhline(1.0, color="k", lw=1, label="dense DDP")
-    ax.plot([100, 1000], [5, 2], "r*", ms=12, ls="none", label="goal (5x at 100 Mbit/s, 2x at 1 Gbit/s)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("measured link rate (Mbit/s, log)")
-    ax.set_ylabel("speed-up over dense DDP: time to target loss (log)")
-    ax.set_title(f"2 CPU ranks across a tbf-shaped veth link, {data['args']['model']}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    panels = [("speedup", "time to target loss"), ("steady_speedup", "step time after warm-ups (median, last 10)")]
+    for ax, (key, what) in zip(axes, panels, strict=True):
+        for i, name in enumerate(names):
+            if name in ("dense", "nocomm"):
+                continue
+            pts = [(data["links"][lk]["measured_mbit"], table[lk][name][key]) for lk in links if name in table[lk]]
+            pts = [(x, y) for x, y in pts if not math.isnan(y)]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", color=f"C{i}", label=_label(name))
+        ax.axhline(1.0, color="k", lw=1, label="dense DDP")
+        ax.plot([100, 1000], [5, 2], "r*", ms=12, ls="none", label="goal (5x at 100 Mbit/s, 2x at 1 Gbit/s)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%gx"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%gx"))
+        ax.set_xlabel("measured link rate (Mbit/s, log)")
+        ax.set_title(f"speed-up over dense: {what}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("dense / compressed (log)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"2 CPU ranks (gloo) across a tbf-shaped veth link, {data['args']['model']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
