@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except NetLabError as err:
         print(f"netlab: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the lab is already torn down by now
+        print("netlab: interrupted; namespaces removed", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -58,7 +58,8 @@ def main() -> None:
     trainer.fit(model, DataLoader(data, batch_size=16))
     result = {
         "rank": trainer.global_rank, "world_size": trainer.world_size, "steps": trainer.global_step,
-        "checksum": float(sum(p.detach().double().sum() for p in model.parameters())), "seconds": time.perf_counter() - t0,
+        "checksum": float(sum(p.detach().double().sum() for p in model.parameters())),
+        "seconds": time.perf_counter() - t0,
     }  # fmt: skip
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
 
