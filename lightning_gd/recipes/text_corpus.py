@@ -12,6 +12,7 @@ global RNG states of every rank and the data settings the position refers to.
 from __future__ import annotations
 
 import copy
+import math
 import random
 import sysconfig
 import warnings
@@ -400,7 +401,10 @@ class TextCorpusDataModule(LightningDataModule):
 
     def _warn_if_position_lost(self, trainer: Any) -> None:
         loader = self._train_loader
-        mid_epoch = trainer.fit_loop.epoch_loop.batch_progress.current.ready > 1
+        # Lightning's own test: a checkpoint is mid-epoch when its step count is not a whole number of epochs.
+        batches = trainer.num_training_batches
+        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 0
+        mid_epoch = per_epoch > 0 and trainer.global_step % per_epoch != 0
         restarted = self._resume_plan is not None and self._resume_plan.get("restart_epoch")
         if loader is None or loader.position_loaded or not mid_epoch or restarted:
             return
