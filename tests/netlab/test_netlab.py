@@ -65,3 +65,14 @@ def test_existing_namespace_is_refused_and_left_alone() -> None:
         assert "lgdt1" in _netns() and "lgdt0" not in _netns()
     finally:
         subprocess.run(["ip", "netns", "del", "lgdt1"], check=True)
+
+
+def test_missing_tools_refused() -> None:
+    """Without `ip`/`tc` on the PATH the CLI refuses with a clear message and exit status 2, creating nothing."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.netlab", "--prefix", "lgdt"],
+        cwd=ROOT, env={"PATH": "/nonexistent"}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "needs the `ip` and `tc` tools" in proc.stderr
+    assert not {"lgdt0", "lgdt1"} & _netns()
