@@ -13,7 +13,7 @@ from lightning_gd.recipes import recipe_path, recipes
 def test_recipes_lists_quickstart_with_a_description(capsys):
     main(["recipes"])
     out = capsys.readouterr().out
-    line = next(line for line in out.splitlines() if line.strip().startswith("quickstart"))
+    line = next(line for line in out.splitlines() if line.split()[:1] == ["quickstart"])  # not quickstart-vision
     assert "LLaMA" in line and recipes()["quickstart"] in line
 
 
