@@ -76,9 +76,9 @@ def spectral_density(
             rounding, and a ghost copy of a converged Ritz value only splits that node's weight.
 
     Memory and precision: extra memory on the operator's device beyond the operator's own product is
-    ``min(max_basis, num_steps)`` parameter-sized vectors (rounded up to a multiple of 4) plus 1 residual,
-    in the working dtype (float32 for float32 and half-precision operators, float64 for float64 ones);
-    nodes and weights come from a float64 projected matrix.
+    ``min(max_basis, num_steps)`` parameter-sized vectors (allocated 4 at a time, never beyond
+    ``max_basis``) plus 1 residual, in the working dtype (float32 for float32 and half-precision
+    operators, float64 for float64 ones); nodes and weights come from a float64 projected matrix.
 
     Returns:
         A :class:`SpectralDensity`.

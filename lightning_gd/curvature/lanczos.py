@@ -66,10 +66,10 @@ def lanczos(
     max_basis // 2)`` Ritz vectors, rotated in place, so the memory stays bounded whatever ``max_iter``
     (at the price of more products if ``max_basis`` is smaller than the iterations needed). Extra memory on
     the operator's device beyond the operator's own product: ``min(max_basis, iterations)`` vectors
-    (rounded up to a multiple of 4) plus 1 residual, plus ``k`` for the returned eigenvectors, all
-    parameter-sized, in the working dtype: float32 for float32 and half-precision operators, float64
-    for float64 ones. The operator is applied to vectors of its own dtype; Ritz values come from a
-    float64 projected matrix.
+    (allocated 4 at a time, never beyond ``max_basis``) plus 1 residual, plus ``k`` for the returned
+    eigenvectors (and 1 transient after a breakdown), all parameter-sized, in the working dtype: float32
+    for float32 and half-precision operators, float64 for float64 ones. The operator is applied to
+    vectors of its own dtype; Ritz values come from a float64 projected matrix.
 
     Args:
         op: Symmetric operator (e.g. :class:`~lightning_gd.curvature.HessianOperator`).
