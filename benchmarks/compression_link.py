@@ -274,11 +274,11 @@ def analyze(data: dict[str, Any], target: float | None = None) -> dict[str, Any]
             "step_s": statistics.median(steps), "bytes": statistics.fmean(r[2] for r in rec), "t_target": hit,
             "final": sm[-1], "steps": len(rec), "budget_t": rec[-1][0],
             "at_step": sm[COMPARE_STEP - 1] if len(sm) >= COMPARE_STEP else math.nan,
-            "steady": statistics.median(steps[-10:]),
+            "steady": statistics.median(steps[-10:]), "last_bytes": rec[-1][2],
         })  # fmt: skip
     for rows in table.values():
         for row in rows.values():
-            for key in ("step_s", "bytes", "t_target", "final", "steps", "at_step", "steady"):
+            for key in ("step_s", "bytes", "t_target", "final", "steps", "at_step", "steady", "last_bytes"):
                 vals = [s[key] for s in row["seeds"]]
                 row[key] = math.nan if any(math.isnan(v) for v in vals) else statistics.fmean(vals)
         dense_t = rows.get("dense", {}).get("t_target", math.nan)
@@ -288,7 +288,8 @@ def analyze(data: dict[str, Any], target: float | None = None) -> dict[str, Any]
     print(f"\n# Compressed DDP over a shaped link ({data['date']}, model {data['args']['model']}, seeds "
           f"{data['args']['seeds']}, budget {data['args']['budget']} s/run)\n")  # fmt: skip
     print(f"Target loss (worst final dense loss, trailing mean of {SMOOTH} steps): {target:.4f}\n")
-    print("| link (measured) | strategy | step time (ms) | MB / step / rank | time to target (s) | speed-up vs dense "
+    print("| link (measured) | strategy | step time (ms) | MB / step / rank (run mean; last step) "
+          "| time to target (s) | speed-up vs dense "
           f"| final loss after budget | steps in budget | loss at step {COMPARE_STEP} "
           "| steady step-time ratio |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -298,10 +299,36 @@ def analyze(data: dict[str, Any], target: float | None = None) -> dict[str, Any]
             r = rows[name]
             tt = "not reached" if math.isnan(r["t_target"]) else f"{r['t_target']:.1f}"
             sp = "-" if math.isnan(r["speedup"]) else f"{r['speedup']:.1f}x"
-            print(f"| {link} ({meas:.0f} Mbit/s) | {_label(name)} | {1e3 * r['step_s']:.0f} | {r['bytes'] / 1e6:.3f} "
+            print(f"| {link} ({meas:.0f} Mbit/s) | {_label(name)} | {1e3 * r['step_s']:.0f} "
+                  f"| {r['bytes'] / 1e6:.3f}; {r['last_bytes'] / 1e6:.3f} "
                   f"| {tt} | {sp} | {r['final']:.4f} | {r['steps']:.0f} | {r['at_step']:.4f} "
                   f"| {r['steady_speedup']:.2f}x |")  # fmt: skip
+    _profile(data, table)
     return {"table": table, "target": target}
+
+
+def _profile(data: dict[str, Any], table: dict[str, dict[str, Any]]) -> None:
+    """Where a steady-state step goes: compute floor (``nocomm`` run: forward + backward + SGD), wire time, and the
+    rest (compress + decompress + hook work + communication not overlapped with backward) per strategy and link.
+    Wire time = last-step bytes x 8 / measured rate: at 2 ranks a ring allreduce and an allgather both make each
+    rank transmit its payload once. Dense DDP overlaps its allreduce with backward, so its rest can be negative."""
+    floors = [rows["nocomm"]["steady"] for rows in table.values() if "nocomm" in rows]
+    if not floors:
+        return
+    floor = statistics.fmean(floors)
+    print(f"\nProfile (compute floor = no-communication step, forward + backward + SGD: {1e3 * floor:.0f} ms)\n")
+    print("| link | strategy | steady step (ms) | compute floor (ms) | wire time at measured rate (ms) "
+          "| rest: compress + decompress + hook + unoverlapped comm (ms) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for link, rows in table.items():
+        mbit = data["links"][link]["measured_mbit"]
+        for name in sorted(rows, key=_order):
+            if name == "nocomm":
+                continue
+            r = rows[name]
+            wire = r["last_bytes"] * 8 / (mbit * 1e6)
+            print(f"| {link} | {_label(name)} | {1e3 * r['steady']:.0f} | {1e3 * floor:.0f} | {1e3 * wire:.0f} | "
+                  f"{1e3 * (r['steady'] - floor - wire):.0f} |")  # fmt: skip
 
 
 def plot(data: dict[str, Any], summary: dict[str, Any], path: Path = FIG) -> None:
