@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -84,7 +85,7 @@ def _mean_loss(loss_fn: LossFn) -> LossFn:
 def _check_strategy(strategy: Any, owner: str) -> None:
     """Refuse sharded parameters, where double backward over the full model is not available."""
     name = type(strategy).__name__
-    if "FSDP" in name or "ModelParallel" in name:
+    if isinstance(strategy, FSDPStrategy | ModelParallelStrategy) or "FSDP" in name:
         raise MisconfigurationException(
             f"{owner} does not support {name}: FSDP shards the parameters, so Hessian-vector products of the"
             " full model are not available. Use DDP (`strategy='ddp'`) or DeepSpeed ZeRO stage 1/2."

@@ -3,7 +3,8 @@
 Cohen et al. 2021, "Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability":
 under full-batch GD, lambda_max rises to about 2/lr and hovers there. Cohen et al. 2022, "Adaptive
 Gradient Methods at the Edge of Stability": for Adam the preconditioned sharpness lambda_max(P^-1 H),
-P = diag(sqrt(v_hat) + eps), hovers at (2 + 2 beta1) / ((1 - beta1) lr), 38/lr for beta1 = 0.9.
+P_t = (1 - beta1^t) diag(sqrt(v_hat_t) + eps), hovers at (2 + 2 beta1) / ((1 - beta1) lr), 38/lr for
+beta1 = 0.9.
 Ghorbani et al. 2019 and Sagun et al. 2017 ("Empirical Analysis of the Hessian") for the density.
 """
 
@@ -96,7 +97,7 @@ class SharpnessTracker(_CurvatureCallback):
       edge 2/lr); with ``k > 1`` also ``sharpness/eig_2`` ... ``sharpness/eig_k``;
     * with ``smallest=True``, ``sharpness/lambda_min`` (negative: a direction of negative curvature, a saddle);
     * with ``preconditioned=True`` (Adam-family optimizers), ``sharpness/preconditioned_lambda_max`` of
-      P^-1/2 H P^-1/2, P = diag(sqrt(v_hat) + eps), and ``sharpness/edge_of_stability`` against
+      P^-1/2 H P^-1/2, P_t = (1 - beta1^t) diag(sqrt(v_hat_t) + eps), and ``sharpness/edge_of_stability`` against
       (2 + 2 beta1) / ((1 - beta1) lr), i.e. 38/lr at beta1 = 0.9;
     * ``sharpness/num_hvps``: Hessian-vector products spent in this check;
     * ``sharpness/skipped_checks``: due checks skipped so far by the ``max_overhead`` budget.
