@@ -26,11 +26,21 @@ the run, warm-ups included), time to the target loss, final loss (trailing mean 
 budget. Target: the worst final loss over all dense runs (so dense reaches it on every link and seed), trailing
 mean over 3 steps. Speed-up = dense time to target / strategy time to target, on the same link.
 
-Commands (2-core CPU shared with other jobs; about 1.5 minutes per run)::
+Commands of the recorded run (2-core CPU shared with other jobs, load average ~20; about 1 minute per run, 43
+runs, 45 minutes; J=benchmarks/figures/compression_link_mlp12m.json)::
 
     python benchmarks/compression_link.py --links 100mbit,1gbit --strategies dense,topk,powersgd1,sign \
-        --seeds 0,1 --budget 40 --json benchmarks/figures/compression_link_mlp12m.json
-    python benchmarks/compression_link.py --analyze benchmarks/figures/compression_link_mlp12m.json
+        --seeds 0,1 --budget 30 --json $J --no-plot
+    C="python benchmarks/compression_link.py --budget 30 --json $J --resume --no-plot"
+    $C --links 10gbit --strategies dense,topk,powersgd1,sign --seeds 0
+    $C --links 100mbit,1gbit --strategies bf16,powersgd4,qsgd --seeds 0
+    $C --links 100mbit --strategies topk@0.0009,topk@0.0034 --seeds 0   # top-k at PowerSGD-1 / -4 bytes
+    $C --links 1gbit --strategies nocomm --seeds 0                      # compute floor, for the profile
+    python benchmarks/compression_link.py --model llama-tiny --links 100mbit,1gbit \
+        --strategies dense,powersgd1,topk --seeds 0 --budget 30 --json benchmarks/figures/compression_link_llama.json
+    python benchmarks/compression_link.py --analyze $J
+    python benchmarks/compression_link.py --analyze benchmarks/figures/compression_link_llama.json \
+        --fig benchmarks/figures/compression_link_llama.png
 
 Writes ``benchmarks/figures/compression_link.png`` (speed-up over dense against link rate) unless ``--no-plot``.
 Needs root, ``ip`` and ``tc``.
