@@ -26,8 +26,8 @@ the run, warm-ups included), time to the target loss, final loss (trailing mean 
 budget. Target: the worst final loss over all dense runs (so dense reaches it on every link and seed), trailing
 mean over 3 steps. Speed-up = dense time to target / strategy time to target, on the same link.
 
-Commands of the recorded run (2-core CPU shared with other jobs, load average ~20; about 1 minute per run, 43
-runs, 45 minutes; J=benchmarks/figures/compression_link_mlp12m.json)::
+Commands of the recorded run (2-core CPU shared with other jobs, load average ~20; about 1 minute per run, 35
+runs, 36 minutes; J=benchmarks/figures/compression_link_mlp12m.json)::
 
     python benchmarks/compression_link.py --links 100mbit,1gbit --strategies dense,topk,powersgd1,sign \
         --seeds 0,1 --budget 30 --json $J --no-plot
