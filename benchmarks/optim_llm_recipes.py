@@ -2,7 +2,9 @@
 
 Recipes: ``adamw-llama``, ``conda-llama``, ``muon-llama``, ``psgd-kron-llama`` exactly as registered
 (``lightning-gd optimizers``), each with its own 10% warm-up + cosine schedule over ``--steps`` steps and
-clipping at 1.0; one seed. The quickstart's own tuned AdamW (lr 3e-3) is drawn for reference.
+clipping at 1.0; one seed. timm's Kron ``torch.compile``s its kernels for every parameter shape; on a CPU the
+inductor builds take minutes, so ``--eager`` runs them eagerly instead (same numbers, no compile). The
+quickstart's own tuned AdamW (lr 3e-3) is drawn for reference.
 
     python benchmarks/optim_llm_recipes.py --steps 150
 
@@ -38,7 +40,10 @@ def main() -> None:
     parser.add_argument("--val-batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default=str(Path(__file__).parent / "figures" / "optim_llm_recipes.png"))
+    parser.add_argument("--eager", action="store_true", help="run torch.compile'd code eagerly (timm's Kron)")
     args = parser.parse_args()
+    if args.eager:  # timm's Kron compiles its kernels per shape: minutes of inductor builds on a loaded CPU
+        torch.compiler.set_stance("force_eager")
     data = corpus(128, args.batch_size)
     runs = {}
     start = time.perf_counter()
