@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import sysconfig
 import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -32,6 +29,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from typing_extensions import override
 
 from lightning_gd.utils.checks import check_choice, check_positive_int
+from lightning_gd.utils.rng import gather_rng_states, set_rng_states
 
 __all__ = ["TextCorpusDataModule"]
 
@@ -115,29 +113,6 @@ class _ResumableLoader(StatefulDataLoader):
             return
         template = self.state_dict()  # a fresh iterator's state in this loader's own layout
         super().load_state_dict(_at_position(template, samples, batches, self.num_workers))
-
-
-def _rng_states() -> dict[str, Any]:
-    """This process's global RNG states (torch, CUDA, numpy, python) as checkpoint-safe values."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _stdlib_files() -> tuple[Path, list[Path]]:
@@ -339,12 +314,7 @@ class TextCorpusDataModule(LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Data settings, world size, workers, and every rank's global RNG states (a collective under DDP)."""
         world_size, _ = self._world()
-        local = _rng_states()
-        if world_size > 1 and dist.is_available() and dist.is_initialized():
-            rng: list[Any] = [None] * world_size
-            dist.all_gather_object(rng, local)
-        else:
-            rng = [local]
+        rng = gather_rng_states(world_size)
         return {"version": _STATE_VERSION, "settings": self._settings(), "world_size": world_size,
                 "num_workers": self.hparams.num_workers, "rng": rng}  # fmt: skip
 
@@ -392,7 +362,7 @@ class TextCorpusDataModule(LightningDataModule):
         trainer = self.trainer
         if trainer is not None and trainer.training:
             if self._pending_rng is not None:  # the RNG as the uninterrupted run had it before this step
-                _set_rng_states(self._pending_rng)
+                set_rng_states(self._pending_rng)
                 self._pending_rng = None
             if self._check_position:
                 self._check_position = False

@@ -13,16 +13,19 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_gd.recipes.prepare_text import TokenizerInfo, read_tokenizer_info
 from lightning_gd.utils.checks import check_positive_int
+from lightning_gd.utils.rng import gather_rng_states, set_rng_states
 
 __all__ = ["TokenStreamDataModule"]
 
 _PREPARE = "lightning-gd prepare-text INPUT... --output DIR"
+_POSITION_KEYS = ("train_dir", "seq_len", "batch_size", "seed", "shuffle")  # what the loader position refers to
 
 
 def _is_url(path: str) -> bool:
@@ -53,7 +56,10 @@ class TokenStreamDataModule(LightningDataModule):
     sample is ``seq_len + 1`` consecutive tokens, batches are ``(inputs, targets)`` of shape (B, T). Training
     windows are shuffled by ``seed`` (the same order on every run), and litdata gives every rank its own
     share of the chunks. The loaders are litdata's ``StreamingDataLoader``, whose position Lightning saves in
-    the checkpoint: a run resumed mid-epoch continues with the very next batch.
+    the checkpoint: a run resumed mid-epoch continues with the very next batch. The data module's own checkpoint
+    entry holds every rank's global RNG states (dropout draws from them), put back before the first resumed
+    step, and the settings the position refers to: a checkpoint with another window, batch size, seed or
+    dataset gets one warning naming the difference.
 
     Args:
         train_dir: The prepared ``train`` split: a local directory or a URL litdata reads (``s3://bucket/train``).
@@ -100,6 +106,7 @@ class TokenStreamDataModule(LightningDataModule):
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.num_workers, self.shuffle = num_workers, shuffle
         self.tokenizer: TokenizerInfo | None = None if _is_url(train_dir) else read_tokenizer_info(train_dir)
+        self._pending_rng: dict[str, Any] | None = None
 
     @property
     def vocab_size(self) -> int | None:
@@ -122,6 +129,35 @@ class TokenStreamDataModule(LightningDataModule):
                 f"`seq_len`={self.seq_len} exceeds the model's block_size={block}:"
                 f" set --model.block_size {self.seq_len}"
             )
+
+    def _settings(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in _POSITION_KEYS}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The data settings and every rank's global RNG states (a collective under DDP)."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        return {"settings": self._settings(), "rng": gather_rng_states(world_size)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("settings", {})
+        changed = [f"{k}={saved[k]!r} -> {v!r}" for k, v in self._settings().items() if k in saved and saved[k] != v]
+        if changed:
+            rank_zero_warn(
+                f"TokenStreamDataModule: the checkpoint was saved with other data settings ({', '.join(changed)};"
+                " checkpoint -> this run): the restored loader position refers to other data."
+            )
+        rng = state_dict.get("rng") or []
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        self._pending_rng = rng[rank] if rank < len(rng) else None
+
+    @override
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self._pending_rng is not None and self.trainer is not None and self.trainer.training:
+            set_rng_states(self._pending_rng)  # the RNG as the uninterrupted run had it before this step
+            self._pending_rng = None
+        return batch
 
     def _loader(self, path: str, shuffle: bool) -> Any:
         from litdata import StreamingDataLoader, StreamingDataset, TokensLoader

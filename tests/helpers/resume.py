@@ -48,7 +48,7 @@ _SKIPPED_CALLBACKS = ("ModelCheckpoint", "Timer")
 _SKIPPED_KEYS = ("time", "elapsed", "seconds", "clock", "overhead", "dirpath", "path")
 # Logged metrics that measure the machine, not the training: ThroughputMonitor's rates and its running counters
 # (Lightning's ThroughputMonitor keeps no checkpoint state, so its counters restart with the resumed process).
-_SKIPPED_METRICS = ("per_sec", "mfu", "/time", "/batches", "/samples", "/lengths", "flops")
+_SKIPPED_METRICS = ("per_sec", "mfu", "/time", "/batches", "/samples", "/lengths", "flops", "_ms")
 
 
 @dataclass
@@ -105,6 +105,9 @@ def tiny_overrides(recipe: str, steps: int, work: Path | None = None) -> list[st
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
     ]  # fmt: skip
+    if int((config.get("trainer") or {}).get("accumulate_grad_batches") or 1) > 1:
+        # The GPU recipes accumulate 32-128 micro-batches per step: 2 keep accumulation across the resume in play.
+        args += ["--trainer.accumulate_grad_batches", "2"]
     strategy = (config.get("trainer") or {}).get("strategy")
     if isinstance(strategy, str) and strategy not in ("auto", "ddp_topk"):  # plain multi-device names: one process
         args += ["--trainer.strategy", "auto"]

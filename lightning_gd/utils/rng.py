@@ -1,0 +1,50 @@
+"""Global RNG states (torch, CUDA, numpy, python) as checkpoint-safe values, gathered from every rank.
+
+Lightning does not checkpoint the global RNGs that dropout and augmentations draw from; the data modules
+store them in their checkpoint entry and put them back before the first resumed training step.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = ["gather_rng_states", "rng_states", "set_rng_states"]
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's global RNG states (torch, CUDA, numpy, python) as checkpoint-safe values."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def gather_rng_states(world_size: int) -> list[dict[str, Any]]:
+    """Every rank's :func:`rng_states`, indexed by rank (a collective when ``world_size > 1``)."""
+    local = rng_states()
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * world_size
+        dist.all_gather_object(out, local)
+        return out
+    return [local]
