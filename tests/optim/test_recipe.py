@@ -14,7 +14,9 @@ from lightning_gd.optim import MFAC, Conda, DiffGrad, OptimizerRecipe, WarmupCos
 from lightning_gd.recipes import CausalLMModule
 from tests.helpers.models import TinyClassifier, classification_loader
 
-LLM_RECIPES = ["adamw-llama", "conda-llama", "muon-llama", "psgd-kron-llama"]
+# psgd-kron-llama is left out of the CLI run: timm's Kron grew past 23 GB of memory on the quickstart model
+# on CPU (see benchmarks/RESULTS.md, "Optimizers"); its construction and a step on a small net are tested above.
+LLM_RECIPES = ["adamw-llama", "conda-llama", "muon-llama"]
 
 
 class _Net(nn.Module):
