@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--val-batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default=str(Path(__file__).parent / "figures" / "optim_llm_recipes.png"))
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     parser.add_argument("--eager", action="store_true", help="run torch.compile'd code eagerly (timm's Kron)")
     args = parser.parse_args()
     if args.eager:  # timm's Kron compiles its kernels per shape: minutes of inductor builds on a loaded CPU
@@ -47,7 +48,7 @@ def main() -> None:
     data = corpus(128, args.batch_size)
     runs = {}
     start = time.perf_counter()
-    for name in (*RECIPES, "adamw-llama lr 3e-3"):
+    for name in (*args.recipes, "adamw-llama lr 3e-3"):
         recipe = OptimizerRecipe.from_name("adamw-llama", lr=3e-3) if " " in name else OptimizerRecipe.from_name(name)
         runs[name] = train(recipe, args.seed, args.steps, args.val_every, args.val_batches, batch_size=args.batch_size,
                            data=data)  # fmt: skip
