@@ -14,9 +14,7 @@ from lightning_gd.optim import MFAC, Conda, DiffGrad, OptimizerRecipe, WarmupCos
 from lightning_gd.recipes import CausalLMModule
 from tests.helpers.models import TinyClassifier, classification_loader
 
-# psgd-kron-llama is left out of the CLI run: timm's Kron grew past 23 GB of memory on the quickstart model
-# on CPU (see benchmarks/RESULTS.md, "Optimizers"); its construction and a step on a small net are tested above.
-LLM_RECIPES = ["adamw-llama", "conda-llama", "muon-llama"]
+LLM_RECIPES = ["adamw-llama", "conda-llama", "muon-llama", "psgd-kron-llama"]
 
 
 class _Net(nn.Module):
@@ -189,8 +187,11 @@ def test_optimizers_command_lists_every_recipe(capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LLM_RECIPES)
-def test_quickstart_override_trains_two_steps(name, tmp_path, monkeypatch):
+def test_quickstart_override_trains_two_steps(name, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)
+    # timm's Kron torch.compiles its kernels for every shape (minutes on a CPU): eager is enough for 2 steps
+    torch.compiler.set_stance("force_eager")
+    request.addfinalizer(lambda: torch.compiler.set_stance("default"))
     cli = LightningGDCLI(
         args=_resolve_config_names([
             "fit", "--config", "quickstart", "--model.optimizer_recipe", name,
