@@ -29,6 +29,7 @@ from lightning_gd.curvature import CurvatureOperator, HessianOperator, HvpMethod
 from lightning_gd.curvature._utils import _work_dtype
 from lightning_gd.utils.checks import check_choice, check_positive_int
 from lightning_gd.utils.logging import log_to_loggers
+from lightning_gd.utils.ranks import finite_on_every_rank
 
 LossFn = Callable[[LightningModule, Any], Tensor]
 
@@ -338,9 +339,7 @@ class _CurvatureCallback(Callback):
 
     def _finite_everywhere(self, trainer: Trainer, values: Tensor) -> bool:
         """Agree on every rank whether to go on, so that no rank waits alone in a collective."""
-        bad = not bool(torch.isfinite(values.detach()).all())
-        if trainer.world_size > 1:
-            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        bad = not finite_on_every_rank(trainer, values)
         if bad and not self._warned_nonfinite:
             rank_zero_warn(
                 f"{type(self).__name__}: non-finite loss or curvature at step {trainer.global_step}; this"

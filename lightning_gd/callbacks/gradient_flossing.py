@@ -25,6 +25,7 @@ from lightning_gd.dynamics.lyapunov import _single_cpu_thread
 from lightning_gd.utils.checks import check_positive_int
 from lightning_gd.utils.logging import log_to_loggers
 from lightning_gd.utils.plotting import new_figure, run_dir, save_figure
+from lightning_gd.utils.ranks import finite_on_every_rank
 
 __all__ = ["GradientFlossing"]
 
@@ -317,9 +318,7 @@ class GradientFlossing(Callback):
         return self.weight * ((lam - self.target) ** 2).mean()
 
     def _finite_everywhere(self, trainer: Trainer, value: Tensor) -> bool:
-        bad = not bool(torch.isfinite(value.detach()).all())
-        if trainer.world_size > 1:
-            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        bad = not finite_on_every_rank(trainer, value)
         if bad and not self._warned_nonfinite:
             rank_zero_warn(
                 f"GradientFlossing: non-finite Lyapunov exponents at step {trainer.global_step}; this flossing step"
