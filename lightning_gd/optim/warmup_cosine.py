@@ -8,12 +8,12 @@ Convolutional Networks" (LARS, polynomial decay); Hu et al. 2024, "MiniCPM" (war
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["WarmupCosineLR"]
+__all__ = ["WarmupCosineLR", "per_step_config"]
 
 _DECAYS = ("cosine", "linear", "polynomial", "wsd", "constant")
 
@@ -129,3 +129,14 @@ def _shape(decay: str, p: float, power: float, decay_fraction: float) -> float:
         stable_end = 1.0 - decay_fraction
         return 1.0 if p < stable_end else (1.0 - p) / decay_fraction
     return 1.0
+
+
+def per_step_config(optimizer: Optimizer, scheduler: LRScheduler, total_steps: int) -> dict[str, Any]:
+    """``configure_optimizers``' dict for a scheduler stepped every optimizer step.
+
+    A :class:`WarmupCosineLR` built without ``total_steps`` gets ``total_steps`` (e.g. the Trainer's
+    ``estimated_stepping_batches``).
+    """
+    if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+        scheduler.set_total_steps(max(1, int(total_steps)))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from lightning_gd.optim.recipe import OptimizerRecipe
-from lightning_gd.optim.warmup_cosine import WarmupCosineLR
+from lightning_gd.optim.warmup_cosine import WarmupCosineLR, per_step_config
 from lightning_gd.recipes.llama import Llama, LlamaConfig
 
 __all__ = ["CausalLMModule", "batch_size", "tokens_in_batch"]
@@ -166,9 +166,7 @@ class CausalLMModule(LightningModule):
             scheduler = WarmupCosineLR(optimizer, warmup_steps=0.05, min_lr_ratio=0.1)
         else:
             scheduler = self.lr_scheduler_factory(optimizer)
-        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
-            scheduler.set_total_steps(max(1, int(self.trainer.estimated_stepping_batches)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return per_step_config(optimizer, scheduler, self.trainer.estimated_stepping_batches)
 
     def configure_gradient_clipping(
         self,

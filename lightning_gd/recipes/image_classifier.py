@@ -14,6 +14,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_gd.optim import OptimizerRecipe, WarmupCosineLR
+from lightning_gd.optim.warmup_cosine import per_step_config
 
 __all__ = ["ImageClassifierModule"]
 
@@ -126,9 +127,7 @@ class ImageClassifierModule(LightningModule):
             scheduler = WarmupCosineLR(optimizer, warmup_steps=0.05)
         else:
             scheduler = self.lr_scheduler_factory(optimizer)
-        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
-            scheduler.set_total_steps(max(1, int(self.trainer.estimated_stepping_batches)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return per_step_config(optimizer, scheduler, self.trainer.estimated_stepping_batches)
 
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
