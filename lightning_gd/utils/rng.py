@@ -2,18 +2,22 @@
 
 Lightning does not checkpoint the global RNGs that dropout and augmentations draw from; the data modules
 store them in their checkpoint entry and put them back before the first resumed training step.
+:func:`seeded_rngs` runs one sample's augmentation under RNGs seeded by the sample's own key, so the
+augmentation neither depends on nor disturbs the global streams.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_rng_states", "rng_states", "set_rng_states"]
+__all__ = ["gather_rng_states", "rng_states", "seeded_rngs", "set_rng_states"]
 
 
 def rng_states() -> dict[str, Any]:
@@ -48,3 +52,26 @@ def gather_rng_states(world_size: int) -> list[dict[str, Any]]:
         dist.all_gather_object(out, local)
         return out
     return [local]
+
+
+@contextlib.contextmanager
+def seeded_rngs(*key: int) -> Iterator[None]:
+    """Run the block with the CPU torch, numpy and python RNGs seeded by ``key``; restore them afterwards.
+
+    ``key`` is a tuple of non-negative integers, e.g. ``(seed, epoch, index)`` of one training sample: the
+    block draws the same numbers whichever process runs it and whatever ran before, and the global streams
+    continue as if it had not run. CUDA generators are not touched (dropout on the GPU keeps its stream).
+    """
+    # SeedSequence mixes the key's entries, so nearby keys give unrelated streams.
+    words = np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint32)
+    seed = int(words[0]) << 32 | int(words[1])
+    saved_torch, saved_numpy, saved_python = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    torch.default_generator.manual_seed(seed)
+    np.random.seed(int(words[0]))
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved_torch)
+        np.random.set_state(saved_numpy)
+        random.setstate(saved_python)
