@@ -1,15 +1,23 @@
-"""An ImageFolder (ImageNet layout) DataModule on timm's data pipeline: ``create_dataset`` and ``create_transform``."""
+"""An ImageFolder (ImageNet layout) DataModule on timm's data pipeline: ``create_dataset`` and ``create_transform``.
+
+Exactly resumable (:class:`~lightning_gd.recipes.resumable.ResumableDataModule`): the training loader is a
+torchdata ``StatefulDataLoader`` over a seeded order, and every image is decoded and augmented under RNGs seeded by
+``(seed, epoch, index)``, so timm's random crops, flips, RandAugment and random erasing are the same in a resumed
+run, with any number of workers.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
+
+from lightning_gd.recipes.resumable import ResumableDataModule
+from lightning_gd.utils.checks import check_positive_int
 
 __all__ = ["ImageFolderDataModule", "image_batch_size", "make_tiny_image_folder"]
 
@@ -42,7 +50,7 @@ def make_tiny_image_folder(root: str | os.PathLike, classes: int = 3, per_class:
     return root
 
 
-class ImageFolderDataModule(LightningDataModule):
+class ImageFolderDataModule(ResumableDataModule):
     """Train / validation splits of an ImageFolder root through timm's data pipeline.
 
     ``data_dir`` holds ``train/<class>/*`` and ``val/<class>/*`` (or ``validation/``), the ImageNet layout;
@@ -50,6 +58,12 @@ class ImageFolderDataModule(LightningDataModule):
     resized crop, flip, colour jitter, optional RandAugment / AutoAugment and random erasing: timm's own, none
     re-implemented here) and the evaluation transform (resize, centre crop at ``crop_pct``). A missing root is an
     error at construction, before any training.
+
+    Resuming: the training order is a function of ``seed`` and the epoch, and each image's augmentation a function
+    of ``(seed, epoch, index)``; the loader position and every rank's global RNG states are in the checkpoint. A run
+    resumed mid-epoch continues bit-identically on the same hardware and world size, with any ``num_workers``
+    (see :class:`~lightning_gd.recipes.resumable.ResumableDataModule` for a different world size, other data
+    settings, and checkpoints written before this).
 
     Args:
         data_dir: The ImageFolder root.
@@ -68,6 +82,10 @@ class ImageFolderDataModule(LightningDataModule):
         persistent_workers: Keep workers alive between epochs.
         generate_tiny: When ``data_dir`` does not exist, write a tiny random ImageFolder there first (3 classes,
             a few JPEGs) so the recipe runs end to end without ImageNet: smoke tests, the recipe resume test.
+        seed: Seed of the training order and of the per-image augmentation RNGs (not of the model's
+            initialization, which ``seed_everything`` sets).
+        resume_mismatch: What a checkpoint saved with other data settings (batch size, seed, number of
+            training images or classes) does: ``"error"`` raises, ``"warn"`` warns and restarts the epoch's data.
 
     Example::
 
@@ -94,10 +112,12 @@ class ImageFolderDataModule(LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         generate_tiny: bool = False,
+        seed: int = 0,
+        resume_mismatch: Literal["error", "warn"] = "error",
     ) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise MisconfigurationException(f"`batch_size` must be a positive integer, got {batch_size!r}")
+        super().__init__(resume_mismatch)
+        check_positive_int("batch_size", batch_size, error=MisconfigurationException)
+        check_positive_int("num_workers", num_workers, minimum=0, error=MisconfigurationException)
         if image_size < 8:
             raise MisconfigurationException(f"`image_size` must be >= 8, got {image_size!r}")
         root = Path(os.path.expanduser(data_dir))
@@ -122,6 +142,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.train_transform = dict(train_transform or {})
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
+        self.seed = seed
         self.train_set: Any = None
         self.val_set: Any = None
 
@@ -141,14 +162,25 @@ class ImageFolderDataModule(LightningDataModule):
                 crop_pct=self.crop_pct,
             )  # fmt: skip
 
-    def _loader(self, dataset: Any, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=train, drop_last=train, num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(), persistent_workers=self.persistent_workers,
-        )  # fmt: skip
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {"pin_memory": self.pin_memory and torch.cuda.is_available(),
+                "persistent_workers": self.persistent_workers}  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        assert self.train_set is not None, "call setup() first"
+        return self.resumable_loader(
+            self.train_set, self.batch_size, self.seed, self.num_workers, per_sample_seed=True, **self._loader_kwargs()
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        assert self.val_set is not None, "call setup() first"
+        return self.evaluation_loader(self.val_set, self.batch_size, self.seed + 1, self.num_workers,
+                                      **self._loader_kwargs())  # fmt: skip
+
+    def position_settings(self) -> dict[str, Any]:
+        """Batch size, seed and the training set's size and classes: what a saved position refers to."""
+        if self.train_set is None:
+            self.setup("fit")
+        classes = getattr(getattr(self.train_set, "reader", None), "class_to_idx", None)
+        return {"batch_size": self.batch_size, "seed": self.seed, "train_images": len(self.train_set),
+                "classes": None if classes is None else len(classes)}  # fmt: skip
