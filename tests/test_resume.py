@@ -28,9 +28,7 @@ def quickstart_first_run(tmp_path_factory):
 # Data modules of recipes that arrived while this test was written, whose exact resume has not been verified
 # yet (their owners: add or check the tiny settings in tests/helpers/resume.py, then remove the class here).
 # A recipe with any other data class runs: a new recipe is covered, or fails until the harness can shrink it.
-# ImageFolderDataModule: timm's augmentations draw from the global RNGs, which that data module does not checkpoint
-# yet (TextCorpusDataModule does), so the resnet50-* recipes do not resume bit-identically yet.
-_NOT_YET_VERIFIED = {"ImageFolderDataModule"}
+_NOT_YET_VERIFIED: set[str] = set()
 
 
 def _data_class(recipe):

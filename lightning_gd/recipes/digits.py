@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gd.recipes.resumable import ResumableDataModule
+from lightning_gd.utils.checks import check_positive_int
 
 __all__ = ["DigitsDataModule"]
 
@@ -29,7 +33,7 @@ def _load_digits() -> tuple[Tensor, Tensor]:
     return images, torch.tensor(digits.target, dtype=torch.long)
 
 
-class DigitsDataModule(LightningDataModule):
+class DigitsDataModule(ResumableDataModule):
     """scikit-learn's digits (10 classes), resized to ``image_size`` and normalized; a seeded train/val split.
 
     Pixels are in [0, 1] and normalized with :data:`DIGITS_MEAN` / :data:`DIGITS_STD`, so an attack budget of
@@ -37,12 +41,17 @@ class DigitsDataModule(LightningDataModule):
     memory (0.1 MB at 8x8). scikit-learn is the optional extra ``lightning-gd[vision]``; without it,
     constructing the data fails with a one-line message giving the install command.
 
+    Exactly resumable (:class:`~lightning_gd.recipes.resumable.ResumableDataModule`): the training order is a
+    function of ``seed`` and the epoch, and the loader position and the global RNG states are in the checkpoint.
+
     Args:
         image_size: Side after bilinear resizing (8 keeps the original).
         batch_size: Per device.
         val_fraction: Share of the images held out (stratified by a seeded permutation).
-        seed: Seed of the split.
+        seed: Seed of the split and of the training order.
         num_workers: DataLoader workers (0: in-process; the data is in memory).
+        resume_mismatch: What a checkpoint saved with other data settings does: ``"error"`` raises, ``"warn"``
+            warns and restarts the epoch's data.
 
     Example::
 
@@ -60,12 +69,13 @@ class DigitsDataModule(LightningDataModule):
         val_fraction: float = 0.2,
         seed: int = 0,
         num_workers: int = 0,
+        resume_mismatch: Literal["error", "warn"] = "error",
     ) -> None:
-        super().__init__()
+        super().__init__(resume_mismatch)
         if image_size < 8:
             raise MisconfigurationException(f"`image_size` must be >= 8, got {image_size!r}")
-        if batch_size < 1:
-            raise MisconfigurationException(f"`batch_size` must be a positive integer, got {batch_size!r}")
+        check_positive_int("batch_size", batch_size, error=MisconfigurationException)
+        check_positive_int("num_workers", num_workers, minimum=0, error=MisconfigurationException)
         if not 0.0 < val_fraction < 1.0:
             raise MisconfigurationException(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
         self.save_hyperparameters()
@@ -98,9 +108,12 @@ class DigitsDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          drop_last=True)  # fmt: skip
+        return self.resumable_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None
-        return DataLoader(self.val_set, batch_size=512, num_workers=self.num_workers)
+        return self.evaluation_loader(self.val_set, 512, self.seed + 1, self.num_workers)
+
+    def position_settings(self) -> dict[str, Any]:
+        """Batch size, seed and the split: what a saved position refers to."""
+        return {"batch_size": self.batch_size, "seed": self.seed, "val_fraction": self.val_fraction}

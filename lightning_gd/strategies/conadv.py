@@ -68,7 +68,8 @@ class _LookaheadLoader:
     Batches pulled early are kept and yielded when their turn comes, so the loop sees exactly the original
     sequence. It is resumable (Lightning's ``state_dict`` / ``load_state_dict`` dataloader protocol): the state is
     the number of batches trained on in the current epoch, and a mid-epoch resume skips that many batches, so a
-    resumed run sees the batches (and the saved adversarial batches) of the uninterrupted one.
+    resumed run sees the batches (and the saved adversarial batches) of the uninterrupted one. A loader with a
+    ``seek(batches)`` method (the recipes' ``ResumableDataModule`` loaders) skips them without reading them.
     """
 
     def __init__(self, loader: Any, epoch_fn: Callable[[], int]) -> None:
@@ -92,20 +93,22 @@ class _LookaheadLoader:
         return len(self.loader)
 
     def __iter__(self) -> _LookaheadLoader:
-        self._iterator = iter(self.loader)
         self._buffer.clear()
         self._pulled = self._yielded = self.consumed = 0
         self._exhausted = False
         self.epoch = self._epoch_fn()
-        if self._skip is not None:
-            saved_epoch, count = self._skip
-            self._skip = None
-            if saved_epoch == self.epoch:
-                for _ in range(count):
-                    if not self._pull():
-                        break
-                    self._buffer.pop(self._pulled - 1)
-                self._yielded = self.consumed = self._pulled
+        skip, self._skip = self._skip, None
+        count = skip[1] if skip is not None and skip[0] == self.epoch else 0
+        seek = getattr(self.loader, "seek", None)
+        if count and seek is not None:  # a resumable loader starts after `count` batches without reading them
+            self._pulled = seek(count)
+            count = 0
+        self._iterator = iter(self.loader)
+        for _ in range(count):  # any other loader: read and drop the batches already trained on
+            if not self._pull():
+                break
+            self._buffer.pop(self._pulled - 1)
+        self._yielded = self.consumed = self._pulled
         return self
 
     def __next__(self) -> Any:

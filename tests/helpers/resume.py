@@ -68,7 +68,8 @@ _TINY_DATA: dict[str, dict[str, Any]] = {
     "TokenStreamDataModule": {"seq_len": 16, "batch_size": 4, "num_workers": 0, "train_dir": "{work}/tokens/train",
                               "val_dir": "{work}/tokens/val"},
     "DigitsDataModule": {"image_size": 8, "batch_size": 16, "num_workers": 0},
-    "ImageFolderDataModule": {"data_dir": "{work}/images", "generate_tiny": True, "image_size": 16, "batch_size": 4,
+    # The generated tiny ImageFolder has 12 training images: 6 batches, 3 optimizer steps of 2 micro-batches.
+    "ImageFolderDataModule": {"data_dir": "{work}/images", "generate_tiny": True, "image_size": 16, "batch_size": 2,
                               "num_workers": 0, "pin_memory": False, "persistent_workers": False},
 }  # fmt: skip
 _TINY_MODEL: dict[str, dict[str, Any]] = {
@@ -97,7 +98,6 @@ def tiny_overrides(recipe: str, steps: int, work: Path | None = None) -> list[st
         "--trainer.precision", "32-true",
         "--trainer.max_steps", str(2 * steps),
         "--trainer.max_epochs", "-1",
-        "--trainer.val_check_interval", str(steps),
         "--trainer.check_val_every_n_epoch", "null",
         "--trainer.limit_val_batches", "2",
         "--trainer.log_every_n_steps", "1",
@@ -105,9 +105,11 @@ def tiny_overrides(recipe: str, steps: int, work: Path | None = None) -> list[st
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
     ]  # fmt: skip
-    if int((config.get("trainer") or {}).get("accumulate_grad_batches") or 1) > 1:
-        # The GPU recipes accumulate 32-128 micro-batches per step: 2 keep accumulation across the resume in play.
-        args += ["--trainer.accumulate_grad_batches", "2"]
+    accumulate = 2 if int((config.get("trainer") or {}).get("accumulate_grad_batches") or 1) > 1 else 1
+    # The GPU recipes accumulate 16-128 micro-batches per step: 2 keep accumulation across the resume in play.
+    args += ["--trainer.accumulate_grad_batches", str(accumulate)]
+    # Lightning counts val_check_interval in micro-batches: validate (and so checkpoint) every N optimizer steps.
+    args += ["--trainer.val_check_interval", str(steps * accumulate)]
     strategy = (config.get("trainer") or {}).get("strategy")
     if isinstance(strategy, str) and strategy not in ("auto", "ddp_topk"):  # plain multi-device names: one process
         args += ["--trainer.strategy", "auto"]
