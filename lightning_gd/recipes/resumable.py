@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from typing_extensions import override
 
@@ -60,7 +60,8 @@ class _SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
-        with seeded_rngs(self.seed, epoch, index):
+        # In a worker process nothing else reads the global streams: seed them, but skip saving and restoring.
+        with seeded_rngs(self.seed, epoch, index, restore=get_worker_info() is None):
             return self.dataset[index]
 
 

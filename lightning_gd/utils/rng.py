@@ -55,23 +55,26 @@ def gather_rng_states(world_size: int) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def seeded_rngs(*key: int) -> Iterator[None]:
+def seeded_rngs(*key: int, restore: bool = True) -> Iterator[None]:
     """Run the block with the CPU torch, numpy and python RNGs seeded by ``key``; restore them afterwards.
 
     ``key`` is a tuple of non-negative integers, e.g. ``(seed, epoch, index)`` of one training sample: the
     block draws the same numbers whichever process runs it and whatever ran before, and the global streams
     continue as if it had not run. CUDA generators are not touched (dropout on the GPU keeps its stream).
+    ``restore=False`` skips saving and restoring the streams (about 80 us of the 90 us this costs): for
+    processes whose global streams nobody else reads, such as DataLoader workers.
     """
     # SeedSequence mixes the key's entries, so nearby keys give unrelated streams.
     words = np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint32)
     seed = int(words[0]) << 32 | int(words[1])
-    saved_torch, saved_numpy, saved_python = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    saved = (torch.get_rng_state(), np.random.get_state(), random.getstate()) if restore else None
     torch.default_generator.manual_seed(seed)
     np.random.seed(int(words[0]))
     random.seed(seed)
     try:
         yield
     finally:
-        torch.set_rng_state(saved_torch)
-        np.random.set_state(saved_numpy)
-        random.setstate(saved_python)
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])

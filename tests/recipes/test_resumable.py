@@ -34,6 +34,12 @@ def test_seeded_rngs_is_a_function_of_the_key_and_leaves_the_global_streams_alon
         other_index = _draws()
     for a, b, c in zip(inside, other_epoch, other_index, strict=True):
         assert a != b and a != c
+    with seeded_rngs(7, 1, 42):
+        _draws()
+        then = _draws()
+    with seeded_rngs(7, 1, 42, restore=False):  # as DataLoader workers use it: the same draws ...
+        assert _draws() == inside
+    assert _draws() == then  # ... and the global streams are left where the block moved them
 
 
 @pytest.fixture(scope="module")
