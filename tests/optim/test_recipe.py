@@ -110,8 +110,11 @@ def test_imagenet_tables():
     assert OptimizerRecipe.from_name("lars-imagenet", batch_size=8192).lr == 10.0
     assert lars.schedule == "polynomial" and lars.power == 1.6 and lars.optimizer_kwargs["momentum"] == 0.92
     lamb = OptimizerRecipe.from_name("lamb-imagenet", batch_size=4096)
-    assert lamb.lr == pytest.approx(5e-3 * math.sqrt(2), rel=1e-4) and lamb.warmup_steps == 5 * 313
-    with pytest.raises(ValueError, match=r"batch_size`=3000.*knows batch sizes: 2048, 4096, 8192, 16384, 32768"):
+    # The LAMB authors' rule: 0.04 at 32K scaled by sqrt(B / 32K); warm-up 20 * B / 32K = 2.5 epochs of 313 steps
+    assert lamb.lr == pytest.approx(0.04 * math.sqrt(4096 / 32768), rel=1e-4) and lamb.warmup_steps == 782
+    assert OptimizerRecipe.from_name("lamb-imagenet", batch_size=32768).lr == 0.04
+    assert lamb.weight_decay == 1.5 and lamb.optimizer_kwargs == {"bias_correction": False}
+    with pytest.raises(ValueError, match=r"batch_size`=3000.*knows batch sizes: 512, 1024, .*, 16384, 32768"):
         OptimizerRecipe.from_name("lamb-imagenet", batch_size=3000)
     assert OptimizerRecipe.from_name("lamb-imagenet", batch_size=3000, lr=1e-3).lr == 1e-3  # an explicit lr wins
 
