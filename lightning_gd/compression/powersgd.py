@@ -20,11 +20,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
 
+from lightning_gd.compression.hook import _DGC_START_DENSITY, _WARMUP_DTYPES, WarmupDtype
 from lightning_gd.compression.hook_state import _gather, _pick_rank, _rank_and_world
 from lightning_gd.compression.layout import BucketLayouts, Layout
-from lightning_gd.utils.checks import check_positive_int
+from lightning_gd.utils.checks import check_choice, check_positive_int
 
 __all__ = ["PowerSGDHookState", "load_powersgd_state_dict", "powersgd_state_dict"]
 
@@ -110,7 +112,10 @@ class PowerSGDHookState:
         seed: Seed of the random initial Q.
         min_compression_rate: A matrix is compressed when it shrinks by more than this factor.
         process_group: Group to communicate in (default: the world group).
+        warmup_dtype: dtype of the dense warm-up steps' allreduce: ``"bfloat16"`` sends half the bytes (torch's
+            ``bf16_compress_hook``), which halves the warm-up's cost on a slow link.
         momentum_correction, density_warmup_steps, min_numel: Not supported by PowerSGD: must be 0.
+        density_warmup_start: A sparse compressor's option; accepted at its default only.
 
     Raises:
         ValueError: for a bad or unsupported argument, naming it and its value.
@@ -134,8 +139,16 @@ class PowerSGDHookState:
         momentum_correction: float = 0.0,
         density_warmup_steps: int = 0,
         min_numel: int = 0,
+        warmup_dtype: WarmupDtype = "float32",
+        density_warmup_start: float = _DGC_START_DENSITY,
     ) -> None:
         check_positive_int("powersgd_rank", powersgd_rank)
+        self.warmup_dtype = check_choice("warmup_dtype", warmup_dtype, _WARMUP_DTYPES)
+        if density_warmup_start != _DGC_START_DENSITY:
+            raise ValueError(
+                f"density_warmup_start={density_warmup_start!r} is not supported by PowerSGD (a sparse compressor's"
+                " option)"
+            )
         self.warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
         for name, value in (
             ("momentum_correction", momentum_correction),
@@ -157,7 +170,7 @@ class PowerSGDHookState:
         self.layouts = BucketLayouts(self._segments)
         self._names: dict[int, str] = {}
         self._counts = (0, 0)  # torch's cumulative (numel before, numel after) at the end of the last step
-        self._acc = [0, 0]  # this step's (numel, bytes) of the buckets
+        self._acc = [0, 0, 0]  # this step's (numel, bytes, bf16 warm-up bytes) of the buckets
         self._last: dict[str, float] = {}
 
     # ------------------------------------------------------------------ HookState
@@ -215,20 +228,25 @@ class PowerSGDHookState:
                 st.p_memory_dict[key] = buf.new_empty(sum(n * r for n, _, r in _compressed(layout, st)))
         self._acc[0] += buf.numel()
         self._acc[1] += buf.numel() * buf.element_size()
-        fut = powerSGD_hook(st, bucket)
+        if st.iter < st.start_powerSGD_iter and self.warmup_dtype == "bfloat16":
+            st.maybe_increase_iter(bucket)  # what torch's hook does in its warm-up, before its fp32 allreduce
+            self._acc[2] += buf.numel() * 2
+            fut = bf16_compress_hook(st.process_group, bucket)
+        else:
+            fut = powerSGD_hook(st, bucket)
         if bucket.is_last():
             self._finish_step(buf.element_size())
         return fut
 
     def _finish_step(self, esize: int) -> None:
-        st, (numel, dense) = self.state, self._acc
+        st, (numel, dense, warmup_bf16) = self.state, self._acc
         d_before = st.total_numel_before_compression - self._counts[0]
         d_after = st.total_numel_after_compression - self._counts[1]
         self._counts = (st.total_numel_before_compression, st.total_numel_after_compression)
-        # warm-up: plain allreduce; then the tensors left uncompressed (not counted by torch) go dense
-        sent = dense if d_before == 0 else (d_after + numel - d_before) * esize
+        # warm-up: plain (or bf16) allreduce; then the tensors left uncompressed (not counted by torch) go dense
+        sent = (warmup_bf16 or dense) if d_before == 0 else (d_after + numel - d_before) * esize
         self._last = {"bytes_sent": sent, "dense_bytes": dense, "ratio": dense / sent, "density": sent / dense}
-        self._acc = [0, 0]
+        self._acc = [0, 0, 0]
         self.step += 1
 
     # ------------------------------------------------------------------ memories per parameter

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_gd.compression import COMPRESSORS, CompressorName, HookState, make_hook_state
+from lightning_gd.compression.hook import WarmupDtype
 from lightning_gd.utils.logging import log_to_loggers
 
 __all__ = ["CompressedDDPStrategy"]
@@ -64,7 +65,12 @@ class CompressedDDPStrategy(DDPStrategy):
         momentum_correction: DGC momentum factor in [0, 1) (0: off); top-k and random-k only.
         warmup_steps: Dense steps before compression starts (PowerSGD's ``start_powerSGD_iter``).
         density_warmup_steps: DGC's density warm-up for top-k / random-k: over this many steps after the dense
-            ones, the density decays exponentially from 0.25 to ``density`` (DGC: 0.25, 0.063, 0.015, 0.004, 0.001).
+            ones, the density decays exponentially from ``density_warmup_start`` to ``density`` (DGC: 0.25, 0.063,
+            0.015, 0.004, 0.001).
+        density_warmup_start: First density of that warm-up (0.25). Values plus int32 indices cost twice a dense
+            entry, so 0.25 sends half the dense bytes: on a slow link 0.0625 skips the costliest steps.
+        warmup_dtype: ``"bfloat16"`` sends the dense warm-up steps in bfloat16 (half the bytes, as torch's
+            ``bf16_compress_hook``); ``"float32"`` (default) sends them as plain DDP does.
         min_numel: Buckets with fewer entries are sent dense (not PowerSGD).
         powersgd_rank: Rank of PowerSGD's approximation (``None``: 1).
         seed: Seed of the shared random-k indices, QSGD's rounding and PowerSGD's initial Q (``None``: 0).
@@ -96,6 +102,8 @@ class CompressedDDPStrategy(DDPStrategy):
         momentum_correction: float = 0.0,
         warmup_steps: int = 0,
         density_warmup_steps: int = 0,
+        density_warmup_start: float = 0.25,
+        warmup_dtype: WarmupDtype = "float32",
         min_numel: int = 0,
         powersgd_rank: int | None = None,
         seed: int | None = None,
@@ -111,6 +119,7 @@ class CompressedDDPStrategy(DDPStrategy):
             "density": density, "levels": levels, "powersgd_rank": powersgd_rank, "seed": seed,
             "error_feedback": error_feedback, "momentum_correction": momentum_correction, "warmup_steps": warmup_steps,
             "density_warmup_steps": density_warmup_steps, "min_numel": min_numel,
+            "density_warmup_start": density_warmup_start, "warmup_dtype": warmup_dtype,
         }  # fmt: skip
         for key, value in (compressor_options or {}).items():
             if self.options.get(key) is not None:

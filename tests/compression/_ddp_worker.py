@@ -188,6 +188,7 @@ SCENARIOS: dict[str, Callable[[int], Any]] = {
     "qsgd": lambda r: _train(r, QSGD(4, seed=1), range(3)),
     "dgc": lambda r: _train(r, TopK(0.25), range(3), momentum_correction=0.9),
     "warmup": lambda r: _train(r, TopK(0.1), range(3), warmup_steps=1, min_numel=100),
+    "warmup_bf16": lambda r: _train(r, TopK(0.1), range(2), warmup_steps=1, warmup_dtype="bfloat16"),
     "uninterrupted": lambda r: _train(r, TopK(0.1), range(5), bucket_cap_mb=25),
     "resume_gather": lambda r: _resume(r, gather=True, bind=True),
     "resume_local": lambda r: _resume(r, gather=False, bind=True),

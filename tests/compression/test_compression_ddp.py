@@ -256,6 +256,19 @@ def test_warmup_and_small_buckets_go_dense(ranks: list[dict[str, Any]]) -> None:
     assert [s["error_norm"] for s in stats] == pytest.approx(error_norms, rel=1e-5) and stats[0]["error_norm"] == 0.0
 
 
+def test_bf16_warmup_sends_the_mean_in_bfloat16_then_compresses(ranks: list[dict[str, Any]]) -> None:
+    records = _records(ranks, "warmup_bf16")
+    for rec0, rec1 in records:
+        if rec0["step"] == 0:  # torch's bf16_compress_hook: each rank's g / 2 in bfloat16, summed, back to fp32
+            half = (rec0["grad_in"].to(torch.bfloat16) / 2, rec1["grad_in"].to(torch.bfloat16) / 2)
+            expected = (half[0] + half[1]).float()
+            assert torch.equal(rec0["out"], expected) and torch.equal(rec1["out"], expected)
+            assert not torch.equal(rec0["out"], (rec0["grad_in"] + rec1["grad_in"]) / 2)  # not the fp32 mean
+    stats = ranks[0]["warmup_bf16"]["stats"]
+    assert stats[0]["bytes_sent"] == stats[0]["dense_bytes"] / 2 and stats[0]["compressed_buckets"] == 0
+    assert stats[1]["compressed_buckets"] > 0 and stats[1]["bytes_sent"] < stats[1]["dense_bytes"] / 2
+
+
 @pytest.mark.parametrize("scenario", ["resume_gather", "resume_local"])
 def test_state_dict_round_trip_mid_run_reproduces_the_uninterrupted_run(
     ranks: list[dict[str, Any]], scenario: str

@@ -90,9 +90,38 @@ def test_powersgd_runs_and_accounts(single_process_group):
     assert m["compression/ratio"] == pytest.approx(m["compression/dense_bytes"] / m["compression/bytes_sent"])
 
 
+@pytest.mark.parametrize("compressor", ["topk", "powersgd"])
+def test_bf16_warmup_halves_the_warmup_bytes(compressor, single_process_group):
+    sent = []
+
+    class _Bytes(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            stats = trainer.strategy.hook_state.stats()
+            sent.append(stats["bytes_sent"] / stats["dense_bytes"])
+
+    seed_everything(0)
+    strategy = CompressedDDPStrategy(compressor, warmup_steps=2, warmup_dtype="bfloat16")
+    trainer = Trainer(
+        accelerator="cpu", devices=1, strategy=strategy, max_steps=4, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[_Bytes()],
+    )  # fmt: skip
+    trainer.fit(TinyClassifier(dropout=0.0), classification_loader())
+    assert sent[:2] == [0.5, 0.5] and all(r < 0.5 for r in sent[2:]) and len(sent) == 4
+
+
+def test_density_warmup_start(single_process_group):
+    state = CompressedDDPStrategy("topk", density=0.001, density_warmup_steps=4, density_warmup_start=0.0625).hook_state
+    # 0.0625 * (0.001 / 0.0625) ** (t / 4): 0.0625, 0.0222, 0.0079, 0.0028, then the target
+    assert [round(state.density_at(t), 4) for t in range(5)] == [0.0625, 0.0222, 0.0079, 0.0028, 0.001]
+    assert CompressedDDPStrategy("topk", density_warmup_steps=4).hook_state.density_at(0) == 0.25  # DGC's default
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
+        ({"warmup_dtype": "float16"}, r"`warmup_dtype` must be one of \('float32', 'bfloat16'\), got 'float16'"),
+        ({"density_warmup_start": 0.0}, r"density_warmup_start must be in \(0, 1\], got density_warmup_start=0.0"),
+        ({"compressor": "powersgd", "density_warmup_start": 0.1}, "density_warmup_start=0.1 is not supported by"),
         ({"compressor": "top_k"}, "`compressor` must be one of .*'powersgd'\\), got 'top_k'"),
         ({"density": 0.0}, "density must be in \\(0, 1\\], got density=0.0"),
         ({"density": 1.5}, "density must be in \\(0, 1\\], got density=1.5"),
