@@ -24,7 +24,12 @@ ranks agree to stop through a 2-float allreduce after each step, which also aver
 Reported per strategy and link (mean over ``--seeds``): median step time (steps >= 3), bytes per step (mean over
 the run, warm-ups included), time to the target loss, final loss (trailing mean of the last 3 steps) after the
 budget. Target: the worst final loss over all dense runs (so dense reaches it on every link and seed), trailing
-mean over 3 steps. Speed-up = dense time to target / strategy time to target, on the same link.
+mean over 3 steps; or with ``--target per-link`` dense's final loss on each link (give dense a longer ``--budget``
+on slow links so that the target is not just the warm-up). Speed-up = dense time to target / strategy time to
+target, on the same link. Strategy modifiers: ``+bf16`` (``warmup_dtype="bfloat16"``), ``+start6`` (DGC's density
+warm-up from 6.25%), e.g. ``powersgd1+bf16``. ``--analyze A.json,B.json`` merges runs of several files.
+
+The quiet-machine re-measurement with per-link targets (2026-11-24): see benchmarks/RESULTS.md.
 
 Commands of the recorded run (2-core CPU shared with other jobs, load average ~20; about 1 minute per run, 35
 runs, 36 minutes; J=benchmarks/figures/compression_link_mlp12m.json)::
@@ -108,6 +113,18 @@ def _make_strategy(name: str) -> Any:
         fut.set_result(bucket.buffer())
         return fut
 
+    base, *mods = name.split("+")  # modifiers: +bf16 (warm-up steps in bfloat16), +start6 (DGC warm-up from 6.25%)
+    if mods:
+        strategy = _make_strategy(base)
+        for mod in mods:
+            if mod == "bf16":
+                strategy.options["warmup_dtype"] = "bfloat16"
+            elif mod == "start6":
+                strategy.options["density_warmup_start"] = 0.0625
+            else:
+                raise ValueError(f"unknown modifier {mod!r} in {name!r}: +bf16, +start6")
+        strategy.hook_state = strategy._new_hook_state()
+        return strategy
     if name == "dense":
         return DDPStrategy()
     if name == "bf16":
@@ -251,33 +268,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
-def _order(name: str) -> int:
-    return ALL_STRATEGIES.index(name.split("@")[0])
+def _order(name: str) -> tuple[int, str]:
+    return ALL_STRATEGIES.index(name.split("+")[0].split("@")[0]), name
+
+
+_MOD_LABELS = {"bf16": "bf16 warm-up", "start6": "DGC warm-up from 6.25%"}
 
 
 def _label(name: str) -> str:
-    if name.startswith("topk@"):
-        return f"top-k {100 * float(name[5:]):g}% sampled + DGC warm-up"
-    return LABELS[name]
+    base, *mods = name.split("+")
+    label = f"top-k {100 * float(base[5:]):g}% sampled + DGC warm-up" if base.startswith("topk@") else LABELS[base]
+    return ", ".join([label, *(_MOD_LABELS[m] for m in mods)])
 
 
 def _smooth(losses: list[float]) -> list[float]:
     return [statistics.fmean(losses[max(0, i - SMOOTH + 1) : i + 1]) for i in range(len(losses))]
 
 
-def analyze(data: dict[str, Any], target: float | None = None) -> dict[str, Any]:
+def analyze(data: dict[str, Any], target: float | str | None = None) -> dict[str, Any]:
     """Print the tables; returns {link: {strategy: summary}} and the target."""
     runs = data["runs"]
-    dense_final = [_smooth([r[1] for r in run["records"]])[-1] for run in runs if run["strategy"] == "dense"]
-    if target is None:
+    dense_final: dict[str, list[float]] = {}
+    for run in runs:
+        if run["strategy"] == "dense":
+            dense_final.setdefault(run["link"], []).append(_smooth([r[1] for r in run["records"]])[-1])
+    if target is None or target == "per-link":
         if not dense_final:
             raise SystemExit("no dense runs: pass --target")
-        target = max(dense_final)
+    # One target for every link (the worst final dense loss), or per link: what dense reaches on that link.
+    targets = {
+        link: float(target) if target not in (None, "per-link") else
+        max(dense_final[link]) if target == "per-link" else max(v for vals in dense_final.values() for v in vals)
+        for link in {run["link"] for run in runs}
+    }  # fmt: skip
     table: dict[str, dict[str, Any]] = {}
     for run in runs:
         rec = run["records"]
         sm = _smooth([r[1] for r in rec])
-        hit = next((rec[i][0] for i, v in enumerate(sm) if v <= target), math.nan)
+        hit = next((rec[i][0] for i, v in enumerate(sm) if v <= targets[run["link"]]), math.nan)
         steps = [b[0] - a[0] for a, b in zip(rec[2:], rec[3:], strict=False)] or [rec[-1][0] / len(rec)]
         row = table.setdefault(run["link"], {}).setdefault(run["strategy"], {"seeds": []})
         row["seeds"].append({
@@ -297,7 +325,11 @@ def analyze(data: dict[str, Any], target: float | None = None) -> dict[str, Any]
             row["steady_speedup"] = rows.get("dense", {}).get("steady", math.nan) / row["steady"]
     print(f"\n# Compressed DDP over a shaped link ({data['date']}, model {data['args']['model']}, seeds "
           f"{data['args']['seeds']}, budget {data['args']['budget']} s/run)\n")  # fmt: skip
-    print(f"Target loss (worst final dense loss, trailing mean of {SMOOTH} steps): {target:.4f}\n")
+    how = "dense's final loss on each link" if target == "per-link" else "worst final dense loss"
+    if target not in (None, "per-link"):
+        how = "given"
+    shown = ", ".join(f"{link} {t:.4f}" for link, t in sorted(targets.items()))
+    print(f"Target loss ({how}, trailing mean of {SMOOTH} steps): {shown}\n")
     print("| link (measured) | strategy | step time (ms) | MB / step / rank (run mean; last step) "
           "| time to target (s) | speed-up vs dense "
           f"| final loss after budget | steps in budget | loss at step {COMPARE_STEP} "
@@ -314,7 +346,7 @@ def analyze(data: dict[str, Any], target: float | None = None) -> dict[str, Any]
                   f"| {tt} | {sp} | {r['final']:.4f} | {r['steps']:.0f} | {r['at_step']:.4f} "
                   f"| {r['steady_speedup']:.2f}x |")  # fmt: skip
     _profile(data, table)
-    return {"table": table, "target": target}
+    return {"table": table, "target": target, "targets": targets}
 
 
 def _profile(data: dict[str, Any], table: dict[str, dict[str, Any]]) -> None:
@@ -392,7 +424,11 @@ def main() -> None:
     parser.add_argument("--json", help="raw records (written after every run)")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --json, run the rest")
     parser.add_argument("--analyze", help="only print the tables / plot from this --json file")
-    parser.add_argument("--target", type=float, help="target loss (default: the worst final dense loss)")
+    parser.add_argument(
+        "--target",
+        help="target loss, or 'per-link': dense's final loss on each link (default: the"
+        " worst final dense loss over all links)",
+    )
     parser.add_argument("--fig", default=str(FIG))
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args()
@@ -400,10 +436,19 @@ def main() -> None:
         sys.path.insert(0, str(HERE))
         _worker(json.loads(args.worker))
         return
-    data = json.loads(Path(args.analyze).read_text()) if args.analyze else run(args)
+    data = _load(args.analyze.split(",")) if args.analyze else run(args)
     summary = analyze(data, args.target)
     if not args.no_plot:
         plot(data, summary, Path(args.fig))
+
+
+def _load(paths: list[str]) -> dict[str, Any]:
+    """One or more ``--json`` files as one data set (e.g. per-link runs with different budgets)."""
+    files = [json.loads(Path(p).read_text()) for p in paths]
+    data = {**files[0], "runs": [r for f in files for r in f["runs"]], "links": {}}
+    for f in files:
+        data["links"].update(f["links"])
+    return data
 
 
 if __name__ == "__main__":
