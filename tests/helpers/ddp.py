@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -48,15 +49,32 @@ def write_result(result: dict[str, Any], rank: int) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
+# Failures of the machine's networking, not of the code under test: the job is started once more on a new port.
+_INFRA_ERRORS = ("Address already in use", "EADDRINUSE", "Connection reset by peer", "DistNetworkError")
+
+
 def run_ddp_script(source: str, tmp_path: Path, num_procs: int = 2, timeout: float = 240.0) -> list[dict[str, Any]]:
     """Run ``source`` as ``python script.py OUT`` and return the ranks' results in rank order.
+
+    A job that fails with a networking error of the machine (a port taken between choosing and binding it, a reset
+    connection; ``_INFRA_ERRORS``) is run once more on another port; any other failure fails at once.
 
     Raises:
         AssertionError: when the job fails, times out or a rank writes no result (with the job's output).
     """
+    try:
+        return _run_once(source, tmp_path, num_procs, timeout)
+    except AssertionError as err:
+        if not any(marker in str(err) for marker in _INFRA_ERRORS):
+            raise
+        return _run_once(source, tmp_path, num_procs, timeout)
+
+
+def _run_once(source: str, tmp_path: Path, num_procs: int, timeout: float) -> list[dict[str, Any]]:
     script = tmp_path / "ddp_job.py"
     script.write_text(textwrap.dedent(source))
     out = tmp_path / "ddp_out"
+    shutil.rmtree(out, ignore_errors=True)  # no result of a failed first attempt is read
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
