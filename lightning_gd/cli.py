@@ -178,6 +178,12 @@ def _print_compressors() -> None:
     for name, entry in COMPRESSORS.items():
         options = ", ".join(f"{k}={v}" for k, v in entry.options.items()) or "-"
         print(f"  ddp_{name:<10} {options:<26} {entry.description}")
+    print(
+        "Every compressor also takes warmup_steps, warmup_dtype (float32 | bfloat16: the dense warm-up steps in bf16)"
+        " and error_feedback; top-k and random-k add momentum_correction, density_warmup_steps and"
+        " density_warmup_start. Below a few Gbit/s: --trainer.strategy lightning_gd.strategies.CompressedDDPStrategy"
+        " --trainer.strategy.compressor powersgd --trainer.strategy.warmup_dtype bfloat16 (benchmarks/RESULTS.md)."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,3 +1,4 @@
+import inspect
 import math
 import re
 import warnings
@@ -193,6 +194,12 @@ def test_compressors_listing_reads_the_registry(capsys):
     for name, entry in COMPRESSORS.items():
         assert re.search(rf"ddp_{name}\s.*{re.escape(entry.description)}", out), name
     assert "density=0.01" in out and "levels=16" in out
+    # The hook options the listing names are the strategy's arguments (a renamed one would leave the hint stale).
+    params = inspect.signature(CompressedDDPStrategy).parameters
+    named = {"warmup_steps", "warmup_dtype", "error_feedback", "momentum_correction", "density_warmup_steps",
+             "density_warmup_start"}  # fmt: skip
+    assert all(name in out for name in named) and named <= set(params)
+    assert "--trainer.strategy.warmup_dtype bfloat16" in out
 
 
 def test_readme_table_reads_the_registry():
