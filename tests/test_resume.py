@@ -9,10 +9,9 @@ import warnings
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_gd.recipes.registry import RecipeTag, recipe_path, recipes
+from lightning_gd.recipes.registry import RecipeTag, recipes
 from tests.helpers.resume import _working_dir, first_run, resume_and_compare, run_fit
 
 STEPS = 5  # see tests/helpers/resume.py: the step-5 checkpoint is mid-epoch in epoch 1 or 2
@@ -25,22 +24,10 @@ def quickstart_first_run(tmp_path_factory):
     return first_run("quickstart", tmp, steps=STEPS, after_validation=False), tmp
 
 
-# Data modules of recipes that arrived while this test was written, whose exact resume has not been verified
-# yet (their owners: add or check the tiny settings in tests/helpers/resume.py, then remove the class here).
-# A recipe with any other data class runs: a new recipe is covered, or fails until the harness can shrink it.
-_NOT_YET_VERIFIED: set[str] = set()
-
-
-def _data_class(recipe):
-    config = yaml.safe_load(recipe_path(recipe).read_text(encoding="utf-8"))
-    return str(config["data"]["class_path"]).rsplit(".", 1)[-1]
-
-
 @pytest.mark.parametrize("recipe", sorted(recipes()))
 def test_every_recipe_resumes_bit_identically(recipe, tmp_path):
-    """Every shipped recipe, shrunk by tests/helpers/resume.py's per-class tiny settings."""
-    if (data_class := _data_class(recipe)) in _NOT_YET_VERIFIED:
-        pytest.skip(f"{recipe}: exact resume of {data_class} not verified yet (see _NOT_YET_VERIFIED)")
+    """Every shipped recipe, shrunk by tests/helpers/resume.py's per-class tiny settings (a recipe with a data or
+    model class the harness cannot shrink fails here until its tiny settings are added)."""
     first = first_run(recipe, tmp_path, steps=STEPS)  # checkpoints after validation, like last.ckpt
     result = resume_and_compare(first, tmp_path)
     assert result.tensors_compared > 10 and result.metric_values_compared > 0
