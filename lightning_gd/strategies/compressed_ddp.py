@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_gd.compression import COMPRESSORS, CompressorName, HookState, make_hook_state
-from lightning_gd.compression.hook import WarmupDtype
+from lightning_gd.compression.hook import _DGC_START_DENSITY, WarmupDtype
 from lightning_gd.utils.logging import log_to_loggers
 
 __all__ = ["CompressedDDPStrategy"]
@@ -102,7 +102,7 @@ class CompressedDDPStrategy(DDPStrategy):
         momentum_correction: float = 0.0,
         warmup_steps: int = 0,
         density_warmup_steps: int = 0,
-        density_warmup_start: float = 0.25,
+        density_warmup_start: float = _DGC_START_DENSITY,
         warmup_dtype: WarmupDtype = "float32",
         min_numel: int = 0,
         powersgd_rank: int | None = None,
