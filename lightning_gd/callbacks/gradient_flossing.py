@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
@@ -124,7 +125,8 @@ class GradientFlossing(Callback):
     (one all-reduce per flossing step), so replicas stay identical; the logged exponents are rank means.
     **DeepSpeed ZeRO-1/2** the same, with the flossed weights also written into DeepSpeed's fp32 master copies
     and the added gradient into its gradient buffers (through ``deepspeed.utils``' per-parameter API), so a run
-    matches the DDP run of the same seed; ZeRO-3 is refused at setup (it partitions the recurrent weights).
+    matches the DDP run of the same seed; ZeRO-3 and FSDP are refused at setup (they partition the recurrent
+    weights).
 
     Args:
         k: Number of exponents (``1 <= k <= N``, the state size; checked at setup).
@@ -238,6 +240,12 @@ class GradientFlossing(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):
+            raise MisconfigurationException(
+                f"GradientFlossing does not support {type(trainer.strategy).__name__}: FSDP shards the recurrent"
+                " weights across ranks, and the Lyapunov spectrum needs the whole weights in every step function"
+                " call. Use DDP, or DeepSpeed ZeRO stage 1 or 2 (`strategy='deepspeed_stage_2'`)."
+            )
         if deepspeed_stage(trainer.strategy) == 3:
             raise MisconfigurationException(
                 "GradientFlossing does not support DeepSpeed ZeRO stage 3: it partitions the recurrent weights across"

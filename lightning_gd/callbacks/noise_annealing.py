@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -78,6 +79,32 @@ def _clip_norm_(params: list[Tensor], grads: list[Tensor], max_norm: float, zero
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in grads:
         g.mul_(coef.to(g.device))
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _add_whole_(t: Tensor, whole: Tensor, alpha: float = 1.0) -> None:
+    """``t += alpha * whole``; a sharded DTensor (FSDP2's parameters and gradients) adds its own shard of ``whole``.
+
+    ``whole`` is drawn alike on every rank, so each shard gets the entries DDP would add there (``distribute_tensor``
+    is a collective: every rank calls it, for the same tensors in the same order).
+    """
+    if _is_dtensor(t):
+        from torch.distributed.tensor import distribute_tensor
+
+        whole = distribute_tensor(whole, t.device_mesh, t.placements)
+    t.add_(whole, alpha=alpha)
+
+
+def _whole(t: Tensor) -> Tensor:
+    """A DTensor's whole value (a collective), any other tensor itself."""
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 def _seed(*parts: int) -> int:
@@ -224,6 +251,12 @@ class NoiseAnnealing(Callback):
     # ---------------------------------------------------------------- Lightning hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and isinstance(trainer.strategy, FSDPStrategy):
+            raise MisconfigurationException(
+                "NoiseAnnealing does not support FSDPStrategy (FSDP1): its optimizer holds flat shards of the"
+                " parameters, where the noise would not match any layout. Use ModelParallelStrategy with"
+                " `fully_shard` (FSDP2, supported), DDP, or DeepSpeed ZeRO-1/2/3."
+            )
         if stage == "fit" and self.clip_norm is not None and trainer.gradient_clip_val:
             rank_zero_warn(
                 "NoiseAnnealing(clip_norm=...) with the Trainer's gradient_clip_val: Lightning clips after this"
@@ -288,7 +321,7 @@ class NoiseAnnealing(Callback):
                 gens = _Generators(_seed(self.seed, step, opt_idx, rank, 0))
                 for t in grads if self.target == "gradient" else weights:
                     noise = torch.randn(t.shape, generator=gens(t.device), device=t.device, dtype=t.dtype)
-                    t.add_(noise, alpha=std)
+                    _add_whole_(t, noise, alpha=std)
             if perturb:
                 self._perturb(weights, _Generators(_seed(self.seed, step, opt_idx, rank, 1)))
                 self.perturbations += 1
@@ -304,7 +337,7 @@ class NoiseAnnealing(Callback):
             return False
         if self.last_perturbation is not None and step - self.last_perturbation < self.perturb_interval:
             return False
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
+        norm = torch.linalg.vector_norm(torch.stack([_whole(torch.linalg.vector_norm(g.double())) for g in grads]))
         finite = bool(torch.isfinite(norm))
         due = finite and norm.item() <= self.grad_norm_threshold
         if trainer.world_size > 1 and not self.per_rank:  # one decision, or replicas drift apart
@@ -327,7 +360,7 @@ class NoiseAnnealing(Callback):
         u = torch.rand((), generator=gens(torch.device("cpu")), dtype=torch.float64).item()
         scale = self.radius * u ** (1.0 / d) / norm  # uniform in the ball: radius r * U^(1/d)
         for w, v in zip(weights, directions, strict=True):
-            w.add_((v * scale).to(w.dtype))
+            _add_whole_(w, (v * scale).to(w.dtype))
 
     # ---------------------------------------------------------------- checkpointing
     @override
