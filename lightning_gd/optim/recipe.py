@@ -45,6 +45,14 @@ __all__ = ["OptimizerRecipe"]
 
 _OWN_OPTIMIZERS: dict[str, type[Optimizer]] = {"conda": Conda, "diffgrad": DiffGrad, "mfac": MFAC}
 _MUON_FAMILY = ("muon", "nmuon", "adamuon", "nadamuon")
+# Optimizers whose update of a parameter depends on its shape or on per-tensor quantities (SVD or
+# orthogonalization of 2-D matrices, Kronecker or factored preconditioners, per-layer trust ratios or norms, the
+# gradient window of M-FAC). DeepSpeed ZeRO gives the optimizer one flat 1-D partition per group instead: these
+# would silently become another algorithm (measured: Conda and Muon take their AdamW path; the ZeRO-2 weights
+# differ from DDP's by a whole step), so they are refused there. Elementwise optimizers (SGD, Adam, AdamW, Lion,
+# DiffGrad, ...) are unaffected.
+_SHAPE_DEPENDENT = ("conda", "mfac", "*muon", "kron*", "*adamp", "*sgdp", "*lars", "*larc", "*lamb*",
+                    "*adafactor*", "*novograd*", "adahessian")  # fmt: skip
 _IMAGENET_TRAIN_IMAGES = 1_281_167
 
 # ConAdv's reference LARS rule (ANCHORS section 5, from the TF code): (smallest batch, largest batch exclusive,
@@ -379,14 +387,33 @@ class OptimizerRecipe:
 
         The schedule's length is ``total_steps``, else :attr:`total_steps`, else the Trainer's
         ``estimated_stepping_batches`` when ``module`` is a LightningModule attached to one.
+
+        Raises:
+            ValueError: when that Trainer runs DeepSpeed ZeRO and the optimizer depends on parameter shapes or
+                per-tensor norms (Conda, M-FAC, Muon, PSGD-Kron, AdamP, LARS, LAMB, Adafactor, NovoGrad,
+                AdaHessian): ZeRO's flat partitions would silently turn it into another algorithm.
         """
+        trainer = getattr(module, "_trainer", None)
+        self._check_strategy(getattr(trainer, "strategy", None))
         optimizer = self.build_optimizer(module)
         total = total_steps if total_steps is not None else self.total_steps
-        trainer = getattr(module, "_trainer", None)
         if total is None and trainer is not None:
             total = max(1, int(trainer.estimated_stepping_batches))
         scheduler = self.build_scheduler(optimizer, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _check_strategy(self, strategy: Any) -> None:
+        """Refuse a shape-dependent optimizer under DeepSpeed ZeRO (see ``_SHAPE_DEPENDENT``)."""
+        from lightning_gd.utils.deepspeed_state import deepspeed_stage
+
+        stage = deepspeed_stage(strategy)
+        if stage and any(fnmatch.fnmatchcase(self.optimizer, pattern) for pattern in _SHAPE_DEPENDENT):
+            raise ValueError(
+                f"optimizer {self.optimizer!r} does not work under DeepSpeed ZeRO stage {stage}: its update depends"
+                " on each parameter's shape or per-tensor norms, and ZeRO hands the optimizer flat 1-D partitions"
+                " instead, so it would silently run another algorithm. Use DDP (`strategy='ddp'`), or an"
+                " elementwise optimizer (e.g. `adamw-llama`) under DeepSpeed."
+            )
 
     def clip_gradients(
         self,

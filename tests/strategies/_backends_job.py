@@ -26,6 +26,7 @@ from lightning_gd.callbacks import (  # noqa: E402
     SharpnessTracker,
     TextSampler,
 )
+from lightning_gd.optim import OptimizerRecipe  # noqa: E402
 from lightning_gd.recipes import CausalLMModule, TextCorpusDataModule  # noqa: E402
 from tests.callbacks.test_gradient_flossing import RNNTask, _loader  # noqa: E402
 from tests.helpers.ddp import write_result  # noqa: E402
@@ -47,6 +48,11 @@ def _shard_under_fsdp2(module, *parts):
 class Classifier(TinyClassifier):
     def configure_model(self):
         _shard_under_fsdp2(self, self.net)
+
+
+class CondaClassifier(Classifier):
+    def configure_optimizers(self):
+        return OptimizerRecipe(optimizer="conda", lr=0.01, warmup_steps=0).build(self)
 
 
 class RNN(RNNTask):
@@ -90,7 +96,7 @@ def fit(name, case, model, data, callbacks, max_steps=4, ckpt_path=None, checkpo
     loaders = {"datamodule": data} if isinstance(data, TextCorpusDataModule) else {"train_dataloaders": data}
     try:
         trainer.fit(model, ckpt_path=ckpt_path, **loaders)
-    except MisconfigurationException as err:  # raised at setup on every rank: the job goes on
+    except (MisconfigurationException, ValueError) as err:  # raised at setup on every rank: the job goes on
         return {"error": str(err)}
     return {"weights": weights(trainer, model)}
 
@@ -129,6 +135,11 @@ def run(name):
     sharp = SharpnessTracker(max_overhead=None, every_n_steps=2, smallest=True, density_every_n_steps=4)
     r = fit(name, "curvature", classifier(), classification_loader(), [trace, sharp])
     res["curvature"] = {**r, "trace": trace.last_metrics, "sharp": sharp.last_metrics}
+
+    if name != "fsdp2":  # a shape-dependent optimizer recipe: refused under ZeRO, trains under DDP
+        seed_everything(0)
+        res["conda_recipe"] = fit(name, "conda_recipe", CondaClassifier(dropout=0.0, batchnorm=False),
+                                  classification_loader(), [])  # fmt: skip
 
     plotter = MetricPlotter(every_n_steps=1)
     r = fit(name, "plotter", classifier(), classification_loader(), [plotter])

@@ -102,3 +102,11 @@ def test_text_sampler_matches_ddp(backend_runs, stage):
     assert got["weights"] == pytest.approx(ddp["weights"], abs=1e-5)
     assert got["sample"] == ddp["sample"] and got["sample"].startswith("def")
     assert backend_runs[1][stage]["text_sampler"]["sample"] is None
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_shape_dependent_optimizer_recipe_is_refused(backend_runs, stage):
+    # Conda on ZeRO's flat 1-D partitions would silently take its AdamW path (measured: a whole step off DDP).
+    message = same_on_both_ranks(backend_runs, stage, "conda_recipe")["error"]
+    assert f"optimizer 'conda' does not work under DeepSpeed ZeRO stage {stage[-1]}" in message
+    assert "weights" in backend_runs[0]["ddp"]["conda_recipe"]  # DDP trains with it
