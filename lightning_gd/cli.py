@@ -25,9 +25,10 @@ if TYPE_CHECKING:
 __all__ = ["LightningGDCLI", "main"]
 
 _CONFIG_FLAGS = ("--config", "-c")
+_DEBUG = "LIGHTNING_GD_DEBUG"  # set to 1: a configuration mistake shows its traceback (as --debug does)
 
 _HELP = """\
-usage: lightning-gd {fit,validate,test,predict} [--config RECIPE_OR_YAML] [--help] [OPTIONS]
+usage: lightning-gd {fit,validate,test,predict} [--config RECIPE_OR_YAML] [--help] [--debug] [OPTIONS]
        lightning-gd {recipes [NAME ...],optimizers,compressors,prepare-text}
 
 Gradient-descent research tools as PyTorch Lightning plugins: a LightningCLI that runs the built-in recipes by
@@ -47,6 +48,8 @@ environment:
                  wait, which slows a run down several times when another process uses a core)
   LIGHTNING_GD_THREAD_DEFAULTS=0
                  keep torch's own OpenMP defaults
+  LIGHTNING_GD_DEBUG=1
+                 a configuration mistake shows its traceback (as --debug does), not one line
 """
 
 
@@ -182,11 +185,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     # The arguments are passed explicitly (recipe names resolved); LightningCLI warns when it also sees them in
     # sys.argv, so hide them from it while it parses.
-    from lightning_gd._lightning_cli import LightningGDCLI
+    from lightning_gd._lightning_cli import LightningGDCLI, StartError
 
+    debug = "--debug" in args or os.environ.get(_DEBUG, "0").strip().lower() not in ("", "0", "false", "no", "off")
+    args = [a for a in args if a != "--debug"]
     saved, sys.argv = sys.argv, sys.argv[:1]
     try:
-        LightningGDCLI(args=_resolve_config_names(args))
+        LightningGDCLI(args=_resolve_config_names(args), short_errors=not debug)
+    except StartError as err:
+        print(f"lightning-gd: error: {err}\n(the traceback: add --debug, or set {_DEBUG}=1)", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         sys.argv = saved
 
