@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
             "HessianTraceMonitor",
             "MetricPlotter",
             "NoiseAnnealing",
+            "ResumeProgressBar",
             "SharpnessTracker",
             "TextSampler",
         ],

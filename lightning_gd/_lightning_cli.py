@@ -9,10 +9,12 @@ from glob import glob as _glob
 from typing import Any
 
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_gd
+from lightning_gd.callbacks.progress_bar import ResumeProgressBar
 from lightning_gd.recipes.recipe_tag import RecipeTag
 
 __all__ = ["LightningGDCLI", "StartError"]
@@ -83,6 +85,13 @@ class LightningGDCLI(LightningCLI):
         _check_ckpt_path(config.get("ckpt_path"), run_dirs)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # Lightning's own bar reads "110/9" after a mid-epoch resume: ours, unless a bar is configured or disabled.
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        wanted = config.get("enable_progress_bar") is not False and not config.get("barebones")
+        if "callbacks" not in kwargs and wanted and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, ResumeProgressBar()]
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(self._watch)
         return trainer

@@ -207,3 +207,21 @@ def test_debug_shows_the_error_itself(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="Unknown Llama preset"):
         main(["fit", "--config", "quickstart", "--model.preset", "huge"])
     assert not (tmp_path / "runs").exists()  # the run directory is removed either way
+
+
+def test_the_command_uses_the_resume_aware_progress_bar_unless_one_is_configured(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from lightning_gd.callbacks import ResumeProgressBar
+    from lightning_gd.cli import LightningGDCLI, _resolve_config_names
+
+    monkeypatch.chdir(tmp_path)
+
+    def bar(*extra):
+        args = _resolve_config_names(["--config", "quickstart", "--trainer.logger", "false", *extra])
+        return LightningGDCLI(args=args, run=False).trainer.progress_bar_callback
+
+    assert type(bar()) is ResumeProgressBar
+    assert bar("--trainer.enable_progress_bar", "false") is None
+    own = bar("--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate", "5")
+    assert type(own) is TQDMProgressBar and own.refresh_rate == 5

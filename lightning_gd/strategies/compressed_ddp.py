@@ -11,6 +11,9 @@ and puts every rank's state into the checkpoint.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lightning.fabric.utilities.types import _PATH
@@ -30,6 +33,17 @@ __all__ = ["CompressedDDPStrategy"]
 
 _CHECKPOINT_KEY = "compressed_ddp"
 _LOGGED = ("bytes_sent", "dense_bytes", "ratio", "density", "error_norm")
+
+
+@contextmanager
+def _on_rank_zero() -> Iterator[None]:
+    """Re-issue the block's warnings on rank zero only: the pure compression layer warns on every rank, and its
+    argument and optimizer checks say the same on each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        rank_zero_warn(str(w.message), category=w.category)
 
 
 class CompressedDDPStrategy(DDPStrategy):
@@ -131,7 +145,8 @@ class CompressedDDPStrategy(DDPStrategy):
 
     def _new_hook_state(self) -> HookState:
         try:
-            return make_hook_state(self.compressor, **self.options)
+            with _on_rank_zero():
+                return make_hook_state(self.compressor, **self.options)
         except ValueError as err:
             raise MisconfigurationException(f"CompressedDDPStrategy({self.compressor!r}): {err}") from err
 
@@ -160,7 +175,8 @@ class CompressedDDPStrategy(DDPStrategy):
             )
         for opt in trainer.optimizers:
             try:
-                self.hook_state.check_optimizer(opt.param_groups)
+                with _on_rank_zero():
+                    self.hook_state.check_optimizer(opt.param_groups)
             except ValueError as err:
                 raise MisconfigurationException(f"CompressedDDPStrategy({self.compressor!r}): {err}") from err
 
