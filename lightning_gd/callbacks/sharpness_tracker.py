@@ -29,6 +29,8 @@ from lightning_gd.curvature import (
     lanczos,
     spectral_density,
 )
+from lightning_gd.curvature.preconditioned import adam_preconditioner
+from lightning_gd.utils.optim_state import adam_moments, is_adam_family
 from lightning_gd.utils.plotting import new_figure, run_dir, save_figure
 
 __all__ = ["SharpnessTracker"]
@@ -47,38 +49,21 @@ def _wide_range_scale(ax: Any, values: list[float]) -> None:
 
 
 def _adam_preconditioner(optimizer: torch.optim.Optimizer, params: tuple[Tensor, ...]) -> tuple[Tensor, float] | None:
-    """Flat diagonal of Adam's preconditioner P_t over ``params``, and beta1, from an Adam-family optimizer's state.
-
-    Cohen et al. 2022, "Adaptive Gradient Methods at the Edge of Stability", Section 2, write Adam as
-    preconditioned heavy-ball momentum, w_{t+1} = w_t - lr * P_t^{-1} m_t with m_t = beta1 m_{t-1} + (1 - beta1) g_t,
-    and its preconditioner as
-
-        P_t = (1 - beta1^t) * (diag(sqrt(v_hat_t)) + eps * I),   v_hat_t = v_t / (1 - beta2^t):
-
-    the first-moment bias correction 1 / (1 - beta1^t) folded into P_t, so that lambda_max(P_t^{-1} H) is
-    compared with the EMA heavy-ball threshold (2 + 2 beta1) / ((1 - beta1) lr). The factor matters in the
-    first few dozen steps (at t = 1 it is 1 - beta1 = 0.1 for beta1 = 0.9: a 10x larger preconditioned
-    sharpness); t is the optimizer's own ``step`` count.
-    """
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    diags = []
-    beta1 = None
-    for p in params:
-        group, state = group_of.get(id(p)), optimizer.state.get(p, {})
-        if group is None or "exp_avg_sq" not in state:
-            return None
-        beta1, beta2 = group["betas"]
-        t = float(state["step"])
-        v_hat = state["exp_avg_sq"] / (1.0 - beta2**t)  # bias-corrected second moment
-        diags.append(((1.0 - beta1**t) * (v_hat.sqrt() + group["eps"])).flatten())
-    return torch.cat(diags), float(beta1)
+    """Flat diagonal of Adam's preconditioner over ``params`` and beta1 (``None`` if a parameter has no moments)."""
+    moments = adam_moments([optimizer], params)
+    if any(m is None for m in moments):
+        return None
+    diag = torch.cat([adam_preconditioner(m.exp_avg_sq, m.step, m.beta1, m.beta2, m.eps).flatten() for m in moments])
+    return diag, moments[-1].beta1
 
 
 def _has_adam_moments(optimizer: torch.optim.Optimizer | None) -> bool:
-    """Whether ``optimizer`` is from the Adam family: betas and eps, and an ``exp_avg_sq`` second moment."""
-    if optimizer is None or not all("betas" in g and "eps" in g for g in optimizer.param_groups):
+    """Whether ``optimizer`` is from the Adam family and has created its moments."""
+    if optimizer is None or not all(is_adam_family(g) for g in optimizer.param_groups):
         return False
-    return any("exp_avg_sq" in state for state in optimizer.state.values())
+    return any(
+        m is not None for m in adam_moments([optimizer], [p for g in optimizer.param_groups for p in g["params"]])
+    )
 
 
 class SharpnessTracker(_CurvatureCallback):
