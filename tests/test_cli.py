@@ -8,6 +8,7 @@ import yaml
 
 from lightning_gd.cli import main
 from lightning_gd.recipes import recipe_path, recipes
+from tests.helpers.timeouts import scaled_timeout
 
 
 def test_recipes_lists_quickstart_with_a_description(capsys):
@@ -19,7 +20,7 @@ def test_recipes_lists_quickstart_with_a_description(capsys):
 
 def test_python_m_runs_the_same_command():
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_gd", "recipes"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "lightning_gd", "recipes"], capture_output=True, text=True, timeout=scaled_timeout(60)
     )
     assert proc.returncode == 0 and "quickstart" in proc.stdout
 

@@ -35,7 +35,7 @@ _LOGGED = ("bytes_sent", "dense_bytes", "ratio", "density", "error_norm")
 class CompressedDDPStrategy(DDPStrategy):
     """DDP whose gradient allreduce is replaced by a compressed exchange with error-feedback memory.
 
-    Registered names (usable once ``lightning_gd`` is imported): ``ddp_<name>`` for every compressor of
+    Registered names (usable once ``lightning_gd.strategies`` is imported): ``ddp_<name>`` for every compressor of
     :data:`~lightning_gd.compression.COMPRESSORS` (``ddp_topk``, ``ddp_randomk``, ``ddp_sign``, ``ddp_qsgd``,
     ``ddp_powersgd``; ``lightning-gd compressors`` lists them), e.g. ``Trainer(strategy="ddp_topk", devices=4)``.
 
