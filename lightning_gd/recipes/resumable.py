@@ -9,7 +9,8 @@ Three things make a resumed run read, augment and drop out exactly as the uninte
   (:func:`~lightning_gd.utils.rng.seeded_rngs`): random crops and flips do not depend on the global RNG, on the
   worker count or on the world size, and do not disturb the global streams that dropout uses.
 - **Global RNGs.** The data module's checkpoint entry holds every rank's global RNG states, put back just
-  before the first training batch after the resume.
+  before the first training batch after the resume, and the data settings checked on resume
+  (:class:`~lightning_gd.recipes.stateful_data.StatefulDataModule`, shared with the streaming data module).
 
 Subclasses build their loaders with :meth:`ResumableDataModule.resumable_loader` and
 :meth:`ResumableDataModule.evaluation_loader` and name what a saved position refers to in
@@ -19,25 +20,19 @@ Subclasses build their loaders with :meth:`ResumableDataModule.resumable_loader`
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from typing_extensions import override
 
-from lightning_gd.utils.checks import check_choice
-from lightning_gd.utils.rng import gather_rng_states, seeded_rngs, set_rng_states
+from lightning_gd.recipes.stateful_data import ResumeMismatch, ResumePlan, StatefulDataModule
+from lightning_gd.utils.rng import seeded_rngs
 
 __all__ = ["ResumableDataModule"]
-
-_STATE_VERSION = 1
 
 
 class _EpochSampler(DistributedSampler):
@@ -102,7 +97,7 @@ class _ResumableLoader(StatefulDataLoader):
     ``resume_plan`` is set by :class:`ResumableDataModule` from its checkpoint entry.
     """
 
-    resume_plan: dict[str, Any] | None = None
+    resume_plan: ResumePlan | None = None
     position_loaded: bool = False
 
     @override
@@ -122,17 +117,17 @@ class _ResumableLoader(StatefulDataLoader):
         return self._move_to(batches * (self.batch_size or 1), batches)
 
     def _world_changed(self) -> bool:
-        old, new = (self.resume_plan or {}).get("world_size", (1, 1))
+        old, new = (self.resume_plan or ResumePlan()).world_size
         return old != new
 
     def _restarting(self) -> bool:
-        return bool((self.resume_plan or {}).get("restart_epoch"))
+        return (self.resume_plan or ResumePlan()).restart_epoch
 
     def _move_to(self, samples: int, batches: int) -> int:
         self.position_loaded = True
         if self._restarting():
             return 0  # the data settings changed: the epoch's data starts from its beginning
-        old_world, new_world = (self.resume_plan or {}).get("world_size", (1, 1))
+        old_world, new_world = (self.resume_plan or ResumePlan()).world_size
         if old_world != new_world:  # the same share of the epoch, re-partitioned over the new ranks
             samples = samples * old_world // new_world
             batches = samples // (self.batch_size or 1)
@@ -141,12 +136,13 @@ class _ResumableLoader(StatefulDataLoader):
         return batches
 
 
-class ResumableDataModule(LightningDataModule):
-    """Base of the data modules whose training data resumes bit-identically from a mid-epoch checkpoint.
+class ResumableDataModule(StatefulDataModule):
+    """Base of the data modules whose map-style training data resumes bit-identically from a mid-epoch checkpoint.
 
     A subclass builds its training loader with :meth:`resumable_loader`, its validation loaders with
     :meth:`evaluation_loader`, and returns from :meth:`position_settings` the settings that decide which
-    samples make up an epoch and in which order (batch size, seed, dataset size, ...). On resume:
+    samples make up an epoch and in which order (batch size, seed, dataset size, ...). The settings check, the
+    RNG states and the rule on resume are :class:`~lightning_gd.recipes.stateful_data.StatefulDataModule`'s:
 
     - same settings, world size and worker count: the run continues bit-identically;
     - another ``num_workers``: the position carries over exactly (one info message);
@@ -177,23 +173,13 @@ class ResumableDataModule(LightningDataModule):
                 return self.resumable_loader(MyDataset(1000), self.batch_size, self.seed, per_sample_seed=True)
     """
 
-    def __init__(self, resume_mismatch: Literal["error", "warn"] = "error") -> None:
-        super().__init__()
-        check_choice("resume_mismatch", resume_mismatch, ("error", "warn"), error=MisconfigurationException)
-        self.resume_mismatch = resume_mismatch
-        self._resume_plan: dict[str, Any] | None = None
-        self._pending_rng: dict[str, Any] | None = None
-        self._train_loader: _ResumableLoader | None = None
-        self._check_position = False
+    def __init__(self, resume_mismatch: ResumeMismatch = "error") -> None:
+        super().__init__(resume_mismatch)
         self._num_workers = 0
 
-    def position_settings(self) -> dict[str, Any]:
-        """The settings a saved data position refers to (plain values); checked on resume."""
-        raise NotImplementedError(f"{type(self).__name__} must implement position_settings()")
-
-    def _world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    @override
+    def _current_workers(self) -> int:
+        return int(getattr(self, "num_workers", self._num_workers))
 
     def resumable_loader(
         self,
@@ -236,11 +222,8 @@ class ResumableDataModule(LightningDataModule):
                 generator=torch.Generator().manual_seed(seed),  # worker seeds: not from the global RNG either
                 **loader_kwargs,
             )
-        loader.resume_plan = self._resume_plan
-        self._train_loader = loader
         self._num_workers = num_workers
-        self._check_position = self.trainer is not None and self.trainer.ckpt_path is not None
-        return loader
+        return self.track_train_loader(loader)
 
     @staticmethod
     def evaluation_loader(
@@ -254,81 +237,4 @@ class ResumableDataModule(LightningDataModule):
             num_workers=num_workers,
             generator=torch.Generator().manual_seed(seed),
             **loader_kwargs,
-        )
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """Data settings, world size, workers, and every rank's global RNG states (a collective under DDP)."""
-        world_size, _ = self._world()
-        rng = gather_rng_states(world_size)
-        return {"version": _STATE_VERSION, "settings": self.position_settings(), "world_size": world_size,
-                "num_workers": self._num_workers, "rng": rng}  # fmt: skip
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check the saved data settings against this run's and plan the resume (see the class docstring)."""
-        name = type(self).__name__
-        saved, current = state_dict.get("settings", {}), self.position_settings()
-        changed = [f"{k}={saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
-        world_size, rank = self._world()
-        old_world = int(state_dict.get("world_size", 1))
-        plan: dict[str, Any] = {"world_size": (old_world, world_size)}
-        if changed:
-            message = (
-                f"{name}: the checkpoint's data position was saved with other data settings"
-                f" ({', '.join(changed)}; checkpoint -> this run), e.g. a checkpoint of another recipe"
-            )
-            if self.resume_mismatch == "error":
-                raise MisconfigurationException(
-                    message + ". Resume with the same data settings, or pass `resume_mismatch='warn'` to continue"
-                    " with the new ones from the beginning of the epoch's data."
-                )
-            rank_zero_warn(message + ": the epoch's data restarts from its beginning.")
-            plan["restart_epoch"] = True
-        elif old_world != world_size:
-            rank_zero_warn(
-                f"{name}: resuming a checkpoint saved at world size {old_world} on world size {world_size}: the rest"
-                " of the epoch is re-partitioned over the ranks and ranks without a saved RNG state take rank 0's,"
-                " so the run continues from the same point of the epoch but not bit-identically to an"
-                " uninterrupted run."
-            )
-        elif "num_workers" in state_dict and int(state_dict["num_workers"]) != self._current_workers():
-            rank_zero_info(
-                f"{name}: resuming with num_workers={self._current_workers()} (checkpoint:"
-                f" {state_dict['num_workers']}); the data position carries over exactly."
-            )
-        rng = state_dict.get("rng") or []
-        self._pending_rng = rng[rank] if rank < len(rng) else (rng[0] if rng else None)
-        self._resume_plan = plan
-        if self._train_loader is not None:
-            self._train_loader.resume_plan = plan
-
-    def _current_workers(self) -> int:
-        return int(getattr(self, "num_workers", self._num_workers))
-
-    @override
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        trainer = self.trainer
-        if trainer is not None and trainer.training:
-            if self._pending_rng is not None:  # the RNG as the uninterrupted run had it before this step
-                set_rng_states(self._pending_rng)
-                self._pending_rng = None
-            if self._check_position:
-                self._check_position = False
-                self._warn_if_position_lost(trainer)
-        return batch
-
-    def _warn_if_position_lost(self, trainer: Any) -> None:
-        loader = self._train_loader
-        # Lightning's own test: a checkpoint is mid-epoch when its step count is not a whole number of epochs.
-        batches = trainer.num_training_batches
-        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 0
-        mid_epoch = per_epoch > 0 and trainer.global_step % per_epoch != 0
-        restarted = self._resume_plan is not None and self._resume_plan.get("restart_epoch")
-        if loader is None or loader.position_loaded or not mid_epoch or restarted:
-            return
-        rank_zero_warn(
-            f"{type(self).__name__}: the checkpoint {trainer.ckpt_path!r} holds no data-loader position (it was"
-            f" written before the loaders were resumable): the data of epoch {trainer.current_epoch} restarts at"
-            " the beginning of the epoch, so the resumed run reads other batches than an uninterrupted run."
         )
