@@ -197,3 +197,12 @@ def test_a_checkpoint_entry_written_before_the_shared_base_still_loads(prepared)
         warnings.simplefilter("error")
         dm.load_state_dict(old)
     assert dm._pending_rng is not None and not dm._resume_plan.restart_epoch
+
+
+def test_litdata_loader_epoch_reads_the_saved_epoch(prepared):
+    from lightning_gd._compat import litdata_loader_epoch
+
+    out, _ = prepared
+    loader = TokenStreamDataModule(str(out / "train"), seq_len=16, batch_size=4, seed=3).train_dataloader()
+    _first_batches(loader, 1)
+    assert litdata_loader_epoch(loader.state_dict()) == 1  # litdata counts epochs from 1
