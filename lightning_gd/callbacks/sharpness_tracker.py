@@ -29,6 +29,8 @@ from lightning_gd.curvature import (
     lanczos,
     spectral_density,
 )
+from lightning_gd.curvature.preconditioned import adam_preconditioner
+from lightning_gd.utils.optim_state import adam_moments, is_adam_family
 from lightning_gd.utils.plotting import new_figure, run_dir, save_figure
 
 __all__ = ["SharpnessTracker"]
@@ -47,38 +49,21 @@ def _wide_range_scale(ax: Any, values: list[float]) -> None:
 
 
 def _adam_preconditioner(optimizer: torch.optim.Optimizer, params: tuple[Tensor, ...]) -> tuple[Tensor, float] | None:
-    """Flat diagonal of Adam's preconditioner P_t over ``params``, and beta1, from an Adam-family optimizer's state.
-
-    Cohen et al. 2022, "Adaptive Gradient Methods at the Edge of Stability", Section 2, write Adam as
-    preconditioned heavy-ball momentum, w_{t+1} = w_t - lr * P_t^{-1} m_t with m_t = beta1 m_{t-1} + (1 - beta1) g_t,
-    and its preconditioner as
-
-        P_t = (1 - beta1^t) * (diag(sqrt(v_hat_t)) + eps * I),   v_hat_t = v_t / (1 - beta2^t):
-
-    the first-moment bias correction 1 / (1 - beta1^t) folded into P_t, so that lambda_max(P_t^{-1} H) is
-    compared with the EMA heavy-ball threshold (2 + 2 beta1) / ((1 - beta1) lr). The factor matters in the
-    first few dozen steps (at t = 1 it is 1 - beta1 = 0.1 for beta1 = 0.9: a 10x larger preconditioned
-    sharpness); t is the optimizer's own ``step`` count.
-    """
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    diags = []
-    beta1 = None
-    for p in params:
-        group, state = group_of.get(id(p)), optimizer.state.get(p, {})
-        if group is None or "exp_avg_sq" not in state:
-            return None
-        beta1, beta2 = group["betas"]
-        t = float(state["step"])
-        v_hat = state["exp_avg_sq"] / (1.0 - beta2**t)  # bias-corrected second moment
-        diags.append(((1.0 - beta1**t) * (v_hat.sqrt() + group["eps"])).flatten())
-    return torch.cat(diags), float(beta1)
+    """Flat diagonal of Adam's preconditioner over ``params`` and beta1 (``None`` if a parameter has no moments)."""
+    moments = adam_moments([optimizer], params)
+    if any(m is None for m in moments):
+        return None
+    diag = torch.cat([adam_preconditioner(m.exp_avg_sq, m.step, m.beta1, m.beta2, m.eps).flatten() for m in moments])
+    return diag, moments[-1].beta1
 
 
 def _has_adam_moments(optimizer: torch.optim.Optimizer | None) -> bool:
-    """Whether ``optimizer`` is from the Adam family: betas and eps, and an ``exp_avg_sq`` second moment."""
-    if optimizer is None or not all("betas" in g and "eps" in g for g in optimizer.param_groups):
+    """Whether ``optimizer`` is from the Adam family and has created its moments."""
+    if optimizer is None or not all(is_adam_family(g) for g in optimizer.param_groups):
         return False
-    return any("exp_avg_sq" in state for state in optimizer.state.values())
+    return any(
+        m is not None for m in adam_moments([optimizer], [p for g in optimizer.param_groups for p in g["params"]])
+    )
 
 
 class SharpnessTracker(_CurvatureCallback):
@@ -133,18 +118,18 @@ class SharpnessTracker(_CurvatureCallback):
         seed: Seed of the cold-start vectors and density probes.
         max_overhead: Largest fraction of the training wall time spent measuring, default 2.5%; due checks are
             skipped while over it (see :class:`HessianTraceMonitor`). ``None``: exactly every ``every_n_steps``.
-        memory_budget: Bytes of extra device memory a check may use beyond autograd's own Hessian-vector-product
-            memory, for its parameter-sized vectors (in the working dtype: float32, float64 for float64 models).
-            A check holds the Lanczos basis (at most ``max_basis`` vectors), the residual and the ``k`` Ritz
-            vectors, plus 4 with the Adam preconditioner (its diagonal, ``P^-1/2`` and the two scaled vectors of a
-            product); the warm-start vectors stay in host memory. ``max_basis`` = what the budget leaves, at most
-            ``max_iter``; below the iterations a check needs, Lanczos thick-restarts (more products, same
-            accuracy) and the density reorthogonalises against the latest ``max_basis`` vectors only. ``None``:
-            25% of the device's memory (a GPU's total memory; the host's physical memory on CPU), the smallest
-            over ranks. A budget below ``k + 2`` basis vectors raises at the start of fitting, stating the numbers.
+        memory_budget: Bytes of extra device memory a check may use beyond autograd's own Hessian-vector-product memory,
+            for its parameter-sized vectors (in the working dtype: float32, float64 for float64 models). A check holds
+            the Lanczos basis (at most ``max_basis`` vectors), the block's ``k`` products (one is the residual) and the
+            ``k`` Ritz vectors, plus 4 with the Adam preconditioner (its diagonal, ``P^-1/2`` and the two scaled vectors
+            of a product); the warm-start vectors stay in host memory. ``max_basis`` = what the budget leaves, at most
+            ``max_iter``; below the iterations a check needs, Lanczos thick-restarts (more products, same accuracy) and
+            the density reorthogonalises against the latest ``max_basis`` vectors only. ``None``: 25% of the device's
+            memory (a GPU's total memory; the host's physical memory on CPU), the smallest over ranks. A budget below
+            ``2k + 1`` basis vectors raises at the start of fitting, stating the numbers.
 
     Precision: products in the parameters' dtype (float32 under ``bf16-mixed``), basis and Gram-Schmidt in float32
-    (float64 for float64 models), Ritz values from a float64 tridiagonal matrix.
+    (float64 for float64 models), Ritz values from a float64 projected matrix.
 
     Example::
 
@@ -234,14 +219,14 @@ class SharpnessTracker(_CurvatureCallback):
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         adam_like = optimizer is not None and all("betas" in g and "eps" in g for g in optimizer.param_groups)
         pre = 4 if self.preconditioned is True or (self.preconditioned == "auto" and adam_like) else 0
-        fixed = 1 + self.k + pre  # residual, Ritz vectors, preconditioner
+        fixed = 2 * self.k + pre  # the block's k products (one is the residual), k Ritz vectors, preconditioner
         basis = plan.vectors - fixed
-        if basis < self.k + 2:
-            what = f"Lanczos (k={self.k}: a basis of k + 2, the residual and k Ritz vectors" + (
+        if basis < 2 * self.k + 1:
+            what = f"Lanczos (k={self.k}: a basis of 2k + 1, the block's k products and k Ritz vectors" + (
                 ", and 4 for the Adam preconditioner)" if pre else ")"
             )
-            raise plan.too_small(f"SharpnessTracker(k={self.k})", fixed + self.k + 2, what)
-        self._max_basis = None if basis >= max(self.max_iter, self.density_num_steps) else basis
+            raise plan.too_small(f"SharpnessTracker(k={self.k})", fixed + 2 * self.k + 1, what)
+        self._max_basis = None if basis >= max(self.max_iter + self.k - 1, self.density_num_steps) else basis
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -302,13 +287,15 @@ class SharpnessTracker(_CurvatureCallback):
         side = "max" if which == "largest" else "min"
         init = self._init.get(side) if self.warm_start else None  # on the host: copied into the basis directly
         k = self.k if which == "largest" else 1
-        max_basis = None if self._max_basis is None else min(self._max_basis, self.max_iter)
+        max_basis = None if self._max_basis is None else min(self._max_basis, self.max_iter + k - 1)
         result = lanczos(
             op, k=k, which=which, tol=self.tol, max_iter=self.max_iter, init=init,
             generator=self._generator(trainer), max_basis=max_basis,
         )  # fmt: skip
         if self.warm_start and torch.isfinite(result.eigenvectors).all():
-            self._init[side] = result.eigenvectors[:, 0].detach().to(device="cpu", dtype=op.dtype, copy=True)
+            # All k Ritz vectors: the next check's start block (block Lanczos for k > 1; one vector for k = 1).
+            vectors = result.eigenvectors if k > 1 else result.eigenvectors[:, 0]
+            self._init[side] = vectors.detach().to(device="cpu", dtype=op.dtype, copy=True)
         return result
 
     def _plot_density(self, trainer: Trainer, op: Any, step: int) -> None:

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_gd._compat import DDP_HOOK_METHOD, ddp_kwargs
 from lightning_gd.compression import COMPRESSORS, CompressorName, HookState, make_hook_state
 from lightning_gd.compression.hook import _DGC_START_DENSITY, WarmupDtype
 from lightning_gd.utils.logging import log_to_loggers
@@ -170,7 +171,7 @@ class CompressedDDPStrategy(DDPStrategy):
         if trainer.state.fn == TrainerFn.FITTING and not self._hook_registered:
             raise MisconfigurationException(
                 "CompressedDDPStrategy: the compression hook was not registered (Lightning did not call the"
-                " strategy's `_register_ddp_hooks`; was it renamed in this Lightning version?); training would"
+                f" strategy's `{DDP_HOOK_METHOD}`; was it renamed in this Lightning version?); training would"
                 " silently run as dense DDP"
             )
         for opt in trainer.optimizers:
@@ -185,14 +186,15 @@ class CompressedDDPStrategy(DDPStrategy):
         different ranks once there are several buckets (a collective mismatch, then SIGABRT): one bucket."""
         model_mb = sum(p.numel() * p.element_size() for p in trainer.lightning_module.parameters()) / 2**20
         wanted = model_mb + 1.0
-        current = self._ddp_kwargs.get("bucket_cap_mb")
+        kwargs = ddp_kwargs(self)
+        current = kwargs.get("bucket_cap_mb")
         if current is not None and current < wanted:
             rank_zero_warn(
                 f"CompressedDDPStrategy({self.compressor}) on CPU/gloo: `bucket_cap_mb`={current} would split the"
                 f" model into several buckets, which this hook cannot order on gloo; using {wanted:.1f}"
             )
         if current is None or current < wanted:
-            self._ddp_kwargs["bucket_cap_mb"] = wanted
+            kwargs["bucket_cap_mb"] = wanted
 
     @override
     def _register_ddp_hooks(self) -> None:
