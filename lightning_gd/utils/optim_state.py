@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["AdamMoments", "adam_moments", "is_adam_family", "owner_of"]
+__all__ = ["AdamMoments", "Owner", "adam_moments", "is_adam_family", "owner_of"]
 
 # (parameter, its param group, its state) for every parameter an optimizer updates.
 _StateReader = Callable[[Any], Iterator[tuple[Tensor, Mapping[str, Any], Mapping[str, Any]]]]
@@ -73,12 +73,27 @@ def is_adam_family(param_group: Mapping[str, Any]) -> bool:
     return bool(param_group.get("betas"))
 
 
-def owner_of(optimizers: Sequence[Any], params: Iterable[Tensor]) -> list[int | None]:
-    """For each parameter, the index in ``optimizers`` of the first optimizer that updates it, or ``None``."""
-    owner: dict[int, int] = {}
+class Owner(NamedTuple):
+    """The optimizer (its index in the list given) and the parameter group that update a parameter."""
+
+    index: int
+    group: Mapping[str, Any]
+
+
+def owner_of(optimizers: Sequence[Any], params: Iterable[Tensor]) -> list[Owner | None]:
+    """For each parameter, the first optimizer of ``optimizers`` that updates it and its group, or ``None``.
+
+    Example::
+
+        >>> import torch
+        >>> w, b = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
+        >>> [o if o is None else (o.index, o.group["lr"]) for o in owner_of([torch.optim.SGD([w], lr=0.5)], [w, b])]
+        [(0, 0.5), None]
+    """
+    owner: dict[int, Owner] = {}
     for index, optimizer in enumerate(optimizers):
-        for p, _, _ in _reader_for(optimizer)(optimizer):
-            owner.setdefault(id(p), index)
+        for p, group, _ in _reader_for(optimizer)(optimizer):
+            owner.setdefault(id(p), Owner(index, group))
     return [owner.get(id(p)) for p in params]
 
 

@@ -14,7 +14,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.func import functional_call
 
 from lightning_gd.callbacks import HessianTraceMonitor, SharpnessTracker
-from lightning_gd.callbacks.sharpness_tracker import _adam_preconditioner
 from lightning_gd.curvature import HessianOperator, hutchinson_trace
 from tests.helpers.models import TinyClassifier, classification_loader
 
@@ -163,23 +162,6 @@ def test_preconditioned_sharpness_matches_the_exact_adam_preconditioned_hessian(
     assert m["sharpness/preconditioned_lambda_max"] == pytest.approx(exact, rel=1e-6)
     assert m["sharpness/threshold"] == pytest.approx(38 / 0.01)
     assert m["sharpness/edge_of_stability"] == pytest.approx(exact / 3800, rel=1e-6)
-
-
-def test_adam_preconditioner_is_the_one_in_adams_own_update():
-    # w_t - w_{t-1} = -lr P_t^{-1} m_t with m_t torch's exp_avg: P_t is the matrix Adam divides its momentum by.
-    torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
-    target = torch.randn(5, dtype=torch.float64)
-    opt = torch.optim.Adam([w], lr=0.05, betas=(0.9, 0.99), eps=1e-3)
-    for _ in range(3):
-        before = w.detach().clone()
-        opt.zero_grad()
-        ((w - target) ** 4).sum().backward()
-        opt.step()
-        diag, beta1 = _adam_preconditioner(opt, (w,))
-        assert beta1 == 0.9
-        torch.testing.assert_close(diag, _adam_p_by_hand(opt, (w,)), rtol=1e-12, atol=0)
-        torch.testing.assert_close(w.detach() - before, -0.05 * opt.state[w]["exp_avg"] / diag, rtol=1e-10, atol=0)
 
 
 def test_plots_and_logs(tmp_path):

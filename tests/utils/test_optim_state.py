@@ -30,7 +30,14 @@ def test_each_parameter_gets_the_moments_of_the_optimizer_that_owns_it():
     assert (disc_m.optimizer_index, disc_m.lr, disc_m.beta1, disc_m.beta2, disc_m.step) == (2, 2e-4, 0.9, 0.999, 2.0)
     assert (gen_m.optimizer_index, gen_m.lr, gen_m.beta1, gen_m.eps) == (1, 1e-3, 0.5, 1e-7)
     assert (head_m.lr, head_m.beta1, head_m.beta2) == (5e-4, 0.8, 0.9)
-    assert owner_of([sgd, opt_g, opt_d], [disc, gen, frozen, nn.Parameter(torch.zeros(1))]) == [2, 1, 0, None]
+    owners = owner_of([sgd, opt_g, opt_d], [disc, gen, head, frozen, nn.Parameter(torch.zeros(1))])
+    assert [o if o is None else (o.index, o.group["lr"]) for o in owners] == [
+        (2, 2e-4),
+        (1, 1e-3),
+        (2, 5e-4),
+        (0, 0.1),
+        None,
+    ]
 
 
 def test_not_found_is_explicit():
