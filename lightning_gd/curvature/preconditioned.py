@@ -129,7 +129,7 @@ def adam_preconditioner(
 
         >>> import torch
         >>> adam_preconditioner(torch.tensor([4.0]), step=1, beta1=0.9, beta2=0.99, eps=0.0)  # (1 - 0.9) sqrt(4 / 0.01)
-        tensor([2.0000])
+        tensor([2.])
     """
     if not step >= 1:
         raise ValueError(f"step must be >= 1, got {step!r}")
