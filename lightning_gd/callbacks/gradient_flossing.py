@@ -4,8 +4,9 @@ Engelken 2023, "Gradient Flossing: Improving Gradient Descent through Dynamic Co
 gradients of a recurrent network over ``T`` steps scale like ``exp(lambda_i T)``, so exponents ``lambda_i``
 far from zero make them explode or vanish. Flossing minimizes ``mean((lambda - target)^2)`` over the
 ``k`` leading exponents of the network's own forward dynamics, before and during training. The math is
-:func:`lightning_gd.dynamics.lyapunov_spectrum`; this module only finds the dynamics, schedules the
-flossing steps, averages their gradients over data-parallel ranks, logs, plots and checkpoints.
+:mod:`lightning_gd.dynamics.flossing` (the loss and the trajectories) over
+:func:`lightning_gd.dynamics.lyapunov_spectrum`; this module only finds the dynamics, schedules the flossing
+steps, averages their gradients over data-parallel ranks, logs, plots and checkpoints.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_gd.dynamics import RecurrentDynamics, lyapunov_spectrum, recurrent_dynamics
+from lightning_gd.dynamics import RecurrentDynamics, recurrent_dynamics
+from lightning_gd.dynamics.flossing import flossing_loss, flossing_spectrum
 from lightning_gd.dynamics.lyapunov import _single_cpu_thread
 from lightning_gd.utils.checks import check_positive_int
 from lightning_gd.utils.logging import log_to_loggers
@@ -300,22 +302,15 @@ class GradientFlossing(Callback):
     def _spectrum(self, trainer: Trainer, pl_module: LightningModule) -> Tensor:
         """Exponents ``(B, k)`` of fresh trajectories (differentiable when grad is enabled)."""
         assert self._dyn is not None
-        dyn = self._dyn
-        param = next(p for p in pl_module.parameters())
         gen = torch.Generator().manual_seed(hash((self.seed, trainer.global_rank, self._draws)) & 0x7FFF_FFFF)
         self._draws += 1
-        T, B = self.sequence_length, self.batch_size
-        if dyn.sample_inputs is not None:
-            inputs = dyn.sample_inputs(T, B, gen)  # (T, B, D)
-        else:
-            inputs = self.input_std * torch.randn(T, B, dyn.input_size, generator=gen)  # (T, B, D)
-        h0 = 0.1 * torch.randn(B, dyn.state_size, generator=gen)  # (B, N)
-        inputs = inputs.to(device=param.device, dtype=param.dtype)
-        h0 = h0.to(device=param.device, dtype=param.dtype)
-        return lyapunov_spectrum(dyn.step, h0, inputs, self.k, self.warmup, self.reorth_every, generator=gen)
+        return flossing_spectrum(
+            self._dyn, self.k, self.sequence_length, self.batch_size, self.warmup, gen, self.reorth_every,
+            self.input_std, like=next(p for p in pl_module.parameters()),
+        )  # fmt: skip
 
     def _loss(self, lam: Tensor) -> Tensor:
-        return self.weight * ((lam - self.target) ** 2).mean()
+        return flossing_loss(lam, self.target, self.weight)
 
     def _finite_everywhere(self, trainer: Trainer, value: Tensor) -> bool:
         bad = not finite_on_every_rank(trainer, value)

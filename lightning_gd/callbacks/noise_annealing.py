@@ -11,12 +11,15 @@
   ``t_thres`` steps.
 * Adilova et al., "Introducing Noise in Decentralized Training of Neural Networks": independent noise on
   each replica of local SGD, between model averagings.
+
+The schedule, the Gaussian noise and the ball kick are :mod:`lightning_gd.dynamics.noise`; this callback
+decides when and where they apply, keeps ranks in step, logs and checkpoints.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -26,13 +29,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gd._compat import ddp_comm_state, model_averager
+from lightning_gd.dynamics.noise import DeviceGenerators, NoiseSchedule, add_gaussian_, noise_std, uniform_ball_
 from lightning_gd.utils.checks import check_choice, check_positive_int
 from lightning_gd.utils.logging import log_to_loggers
 
 __all__ = ["NoiseAnnealing"]
 
 Target = Literal["gradient", "weights"]
-Schedule = Literal["polynomial", "step"]
 
 
 def _check_nonnegative(name: str, value: Any, positive: bool = False) -> float:
@@ -135,7 +138,7 @@ class NoiseAnnealing(Callback):
         eta: float = 0.01,
         gamma: float = 0.55,
         target: Target = "gradient",
-        schedule: Schedule | None = None,
+        schedule: NoiseSchedule | None = None,
         decay_steps: int | None = None,
         grad_norm_threshold: float | None = None,
         radius: float = 0.01,
@@ -146,10 +149,10 @@ class NoiseAnnealing(Callback):
     ) -> None:
         self.eta = _check_nonnegative("eta", eta)
         self.gamma = _check_nonnegative("gamma", gamma)
-        check_choice("target", target, ("gradient", "weights"), error=MisconfigurationException)
+        check_choice("target", target, get_args(Target), error=MisconfigurationException)
         if schedule is None:
             schedule = "polynomial" if target == "gradient" else "step"
-        check_choice("schedule", schedule, ("polynomial", "step"), error=MisconfigurationException)
+        check_choice("schedule", schedule, get_args(NoiseSchedule), error=MisconfigurationException)
         if schedule == "step" and self.gamma > 1:
             raise MisconfigurationException(f"`gamma` must be at most 1 with schedule='step', got {gamma!r}")
         if decay_steps is not None:
@@ -165,7 +168,7 @@ class NoiseAnnealing(Callback):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise MisconfigurationException(f"`seed` must be an integer, got {seed!r}")
         self.target: Target = target
-        self.schedule: Schedule = schedule
+        self.schedule: NoiseSchedule = schedule
         self.decay_steps = decay_steps
         self.perturb_interval = perturb_interval
         self.per_rank = per_rank
@@ -190,10 +193,8 @@ class NoiseAnnealing(Callback):
 
     def std(self, step: int, epoch: int = 0) -> float:
         """``sigma_t``, the noise's standard deviation at optimizer step ``step`` (and epoch ``epoch``)."""
-        if self.schedule == "polynomial":
-            return math.sqrt(self.eta / (1.0 + step) ** self.gamma)
         period = epoch if self.decay_steps is None else step // self.decay_steps
-        return math.sqrt(self.eta) * self.gamma**period
+        return noise_std(self.schedule, self.eta, self.gamma, step, period)
 
     # ---------------------------------------------------------------- Lightning hooks
     @override
@@ -232,12 +233,10 @@ class NoiseAnnealing(Callback):
                     torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
                 perturb = self._perturb_due(trainer, params, step)
                 if std > 0:
-                    gens = _Generators(_seed(self.seed, step, opt_idx, rank, 0))
-                    for p in params:
-                        noise = torch.randn(p.shape, generator=gens(p.device), device=p.device, dtype=p.dtype)
-                        (p.grad if self.target == "gradient" else p).add_(noise, alpha=std)
+                    noisy = [p.grad for p in params] if self.target == "gradient" else params
+                    add_gaussian_(noisy, std, DeviceGenerators(_seed(self.seed, step, opt_idx, rank, 0)))
                 if perturb:
-                    self._perturb(params, _Generators(_seed(self.seed, step, opt_idx, rank, 1)))
+                    uniform_ball_(params, self.radius, DeviceGenerators(_seed(self.seed, step, opt_idx, rank, 1)))
                     self.perturbations += 1
                     self.last_perturbation = step
         metrics = {"noise/std": std, "noise/perturbations": float(self.perturbations)}
@@ -265,18 +264,6 @@ class NoiseAnnealing(Callback):
             self._warned_nonfinite = True
         return due
 
-    def _perturb(self, params: list[Tensor], gens: _Generators) -> None:
-        """Add a point drawn uniformly from the ball of radius ``radius`` (all parameters jointly)."""
-        directions = [
-            torch.randn(p.shape, generator=gens(p.device), device=p.device, dtype=torch.float64) for p in params
-        ]
-        d = sum(v.numel() for v in directions)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in directions])).item()
-        u = torch.rand((), generator=gens(torch.device("cpu")), dtype=torch.float64).item()
-        scale = self.radius * u ** (1.0 / d) / norm  # uniform in the ball: radius r * U^(1/d)
-        for p, v in zip(params, directions, strict=True):
-            p.add_((v * scale).to(p.dtype))
-
     # ---------------------------------------------------------------- checkpointing
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -296,16 +283,3 @@ class NoiseAnnealing(Callback):
         last = state_dict.get("last_perturbation")
         self.last_perturbation = None if last is None else int(last)
         self.last_std = float(state_dict.get("last_std", 0.0))
-
-
-class _Generators:
-    """One generator per device, all seeded alike (``torch.randn`` needs a generator on the tensor's device)."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self._by_device: dict[torch.device, torch.Generator] = {}
-
-    def __call__(self, device: torch.device) -> torch.Generator:
-        if device not in self._by_device:
-            self._by_device[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._by_device[device]

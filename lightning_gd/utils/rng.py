@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from lightning_gd.utils.ranks import gather_from_ranks
 
 __all__ = ["gather_rng_states", "rng_states", "seeded_rngs", "set_rng_states"]
 
@@ -47,11 +48,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
 def gather_rng_states(world_size: int) -> list[dict[str, Any]]:
     """Every rank's :func:`rng_states`, indexed by rank (a collective when ``world_size > 1``)."""
     local = rng_states()
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        out: list[Any] = [None] * world_size
-        dist.all_gather_object(out, local)
-        return out
-    return [local]
+    return gather_from_ranks(local) if world_size > 1 else [local]
 
 
 @contextlib.contextmanager
