@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -26,11 +26,12 @@ from lightning_gd.callbacks._curvature import (
     _MemoryPlan,
 )
 from lightning_gd.curvature import HvpMethod, LossSpec, OperatorMode, OutputLoss, ReducedOperator, hutchinson_trace
+from lightning_gd.curvature.trace import TraceMethod
 
 __all__ = ["HessianTraceMonitor"]
 
-TraceMethod = Literal["hutchinson", "hutch++"]
 _METHODS: tuple[str, ...] = get_args(TraceMethod)
+_MIN_PROBES = {"hutchinson": 1, "hutch++": 3, "xtrace": 4}  # products one estimate needs at least
 _PROBES_PER_MATMAT = 10  # probes per product call when the memory budget allows (hutchinson_trace's default)
 
 
@@ -134,8 +135,10 @@ class HessianTraceMonitor(_CurvatureCallback):
         )  # fmt: skip
         _check_positive("num_probes", num_probes)
         _check_choice("method", method, _METHODS)
-        if method == "hutch++" and num_probes < 3:
-            raise MisconfigurationException(f"`num_probes` must be >= 3 for method='hutch++', got {num_probes}")
+        if num_probes < _MIN_PROBES.get(method, 1):
+            raise MisconfigurationException(
+                f"`num_probes` must be >= {_MIN_PROBES[method]} for method={method!r}, got {num_probes}"
+            )
         self.num_probes = num_probes
         self.method = method
         self.per_layer = per_layer
@@ -146,28 +149,37 @@ class HessianTraceMonitor(_CurvatureCallback):
 
     def _fit_budget(self, plan: _MemoryPlan, trainer: Trainer) -> None:
         owner = f"HessianTraceMonitor(method={self.method!r}, num_probes={self.num_probes})"
+        m = self._local_probes(trainer.world_size)
         if self.method == "hutchinson":
             fixed = 2 if self._per_param else 0  # the running per-parameter sum and one chunk's
-            probes = min(
-                _PROBES_PER_MATMAT, math.ceil(self.num_probes / trainer.world_size), (plan.vectors - fixed) // 2
-            )
+            probes = min(_PROBES_PER_MATMAT, m, (plan.vectors - fixed) // 2)
             if probes < 1:
                 raise plan.too_small(owner, fixed + 2, "one Hessian-vector product (a probe and its product)")
-        else:
-            sketch = 3 * (self.num_probes // 3) + 2  # Q, A Q and the QR's copy, plus the sketch product's chunk
-            probes = min(_PROBES_PER_MATMAT, self.num_probes, (plan.vectors - sketch) // 4)
+        elif self.method == "hutch++":
+            sketch = 3 * (m // 3) + 2  # Q, A Q and the QR's copy, plus the sketch product's chunk
+            probes = min(_PROBES_PER_MATMAT, m, (plan.vectors - sketch) // 4)
             if probes < 1:
                 raise plan.too_small(owner, sketch + 4, "Hutch++ (its sketch and one probe)")
+        else:
+            sketch = 4 * (m // 2) + 2 + (4 if self._per_param else 0)  # probes, products, Q, A Q; diagonal
+            probes = min(_PROBES_PER_MATMAT, m, plan.vectors - sketch)
+            if probes < 1:
+                raise plan.too_small(owner, sketch + 1, "XTrace (its probes, products, Q and A Q)")
         self._probes_per_matmat = probes
+
+    def _local_probes(self, world_size: int) -> int:
+        """Products each rank spends: the total split over ranks, at least what one estimate needs."""
+        return max(math.ceil(self.num_probes / world_size), _MIN_PROBES[self.method])
 
     def _measure(
         self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator, batches: list[Any]
     ) -> dict[str, float]:
         P, rank = trainer.world_size, trainer.global_rank
-        if self.method == "hutchinson" and P > 1:
-            # Split the probes: rank r estimates tr(H_r) with its own probes; tr(mean H_r) is the mean.
+        if P > 1:
+            # Split the products: rank r estimates tr(H_r) of its own batch with its own probes (Hutchinson's, or
+            # Hutch++'s / XTrace's sketch and residual probes); tr(mean H_r) is the mean of the unbiased estimates.
             local = hutchinson_trace(
-                op.base, math.ceil(self.num_probes / P), generator=self._generator(trainer, rank),
+                op.base, self._local_probes(P), method=self.method, generator=self._generator(trainer, rank),
                 per_param=self._per_param, probes_per_matmat=self._probes_per_matmat,
             )  # fmt: skip
             stats = torch.tensor([local.value, local.stderr**2], dtype=torch.float64, device=pl_module.device)

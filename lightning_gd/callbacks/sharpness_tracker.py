@@ -535,10 +535,17 @@ class SharpnessTracker(_CurvatureCallback):
         self.density_paths.append(path)
 
     def _plot_sharpness(self, trainer: Trainer) -> None:
-        key = self._key
         log_dir = run_dir(trainer)  # on every rank: a collective under DDP
-        if not self.plot or not trainer.is_global_zero or not self.history.get(key):
+        if not self.plot or not trainer.is_global_zero or not self.history.get(self._key):
             return
+        fig = self._sharpness_figure()
+        name = "sharpness.png" if self.curvature == "hessian" else f"sharpness_{self.curvature}.png"
+        self.plot_path = save_figure(trainer, fig, log_dir, name, tag=f"{self._name}/vs_threshold")
+        rank_zero_info(f"SharpnessTracker: wrote {self.plot_path}")
+
+    def _sharpness_figure(self) -> Any:
+        """lambda_max (and the groups', lambda_min) against the threshold over the checks so far."""
+        key = self._key
         steps, lam = zip(*self.history[key], strict=True)
         t_steps, thresholds = zip(*self.history[self._metric(_ALL, "threshold")], strict=True)
         fig, ax = new_figure()
@@ -562,7 +569,7 @@ class SharpnessTracker(_CurvatureCallback):
         if len(steps) == 1:
             ax.annotate(
                 f"{lam[0]:.4g}: {lam[0] / thresholds[-1]:.3g} of the threshold",
-                (steps[0], lam[0]), textcoords="offset points", xytext=(8, -12),
+                (steps[0], lam[0]), textcoords="offset points", xytext=(8, 6),
             )  # fmt: skip
         _wide_range_scale(ax, values)
         ax.set_xlabel("step")
@@ -570,9 +577,7 @@ class SharpnessTracker(_CurvatureCallback):
         ax.set_title("Sharpness against the stability threshold")
         ax.grid(alpha=0.3)
         ax.legend()
-        name = "sharpness.png" if self.curvature == "hessian" else f"sharpness_{self.curvature}.png"
-        self.plot_path = save_figure(trainer, fig, log_dir, name, tag=f"{self._name}/vs_threshold")
-        rank_zero_info(f"SharpnessTracker: wrote {self.plot_path}")
+        return fig
 
     # ---------------------------------------------------------------- checkpointing
     @override

@@ -398,3 +398,18 @@ def test_top_k_of_lightnings_boring_model_finds_both_copies_of_each_eigenvalue(t
     got = [m["sharpness/lambda_max"], m["sharpness/eig_2"], m["sharpness/eig_3"]]
     assert got == pytest.approx(eig[:3].tolist(), rel=1e-3)  # tol=1e-2 (default): Ritz errors ~ tol^2
     assert sharp._init["max"].shape == (66, 3)  # the next check starts from all three eigenvectors
+
+
+def test_the_threshold_is_visible_with_a_single_check(tmp_path):
+    # One check gave one point and an invisible one-point threshold "line": now a full-width line, a marker and the
+    # value in the legend, and the point's ratio printed beside it.
+    sharp = SharpnessTracker(every_n_steps=4, max_overhead=None)
+    _trainer(tmp_path, [sharp], max_steps=4).fit(TinyClassifier(), classification_loader())
+    assert sharp.plot_path == str(tmp_path / "sharpness.png") and os.path.isfile(sharp.plot_path)
+    ax = sharp._sharpness_figure().axes[0]
+    threshold = sharp.last_metrics["sharpness/threshold"]
+    full_width = [ln for ln in ax.lines if list(ln.get_ydata()) == [threshold, threshold]]
+    assert full_width and list(full_width[0].get_xdata()) == [0, 1]  # axhline: axes coordinates, edge to edge
+    marked = [ln for ln in ax.lines if ln.get_marker() == "_" and list(ln.get_ydata()) == [threshold]]
+    assert marked and f"last: {threshold:.4g}" in marked[0].get_label()
+    assert any("of the threshold" in t.get_text() for t in ax.texts)
