@@ -1,9 +1,9 @@
 """Gradient compression for data-parallel training (pure PyTorch, no Lightning import).
 
 Compressors (:class:`TopK`, :class:`RandomK`, :class:`Sign`, :class:`QSGD`), error-feedback memory
-(:class:`ErrorFeedback`), DGC momentum correction (:class:`MomentumCorrection`), and the DDP hook states
-behind one protocol (:class:`HookState`): :class:`CompressionHookState` runs any compressor with error
-feedback, :class:`PowerSGDHookState` runs torch's PowerSGD. :data:`COMPRESSORS` names them.
+(:class:`ErrorFeedback`, or the null :class:`NoMemory`), DGC momentum correction (:class:`MomentumCorrection`),
+and the DDP hook states behind one protocol (:class:`HookState`): :class:`CompressionHookState` runs any
+compressor with error feedback, :class:`PowerSGDHookState` runs torch's PowerSGD. :data:`COMPRESSORS` names them.
 
 Example::
 
@@ -18,6 +18,7 @@ from lightning_gd.compression.hook import CompressionHookState, compressed_allre
 from lightning_gd.compression.hook_state import HookState
 from lightning_gd.compression.layout import BucketLayouts
 from lightning_gd.compression.momentum import MomentumCorrection
+from lightning_gd.compression.no_memory import NoMemory
 from lightning_gd.compression.powersgd import PowerSGDHookState, load_powersgd_state_dict, powersgd_state_dict
 from lightning_gd.compression.qsgd import QSGD
 from lightning_gd.compression.randomk import RandomK
@@ -37,6 +38,7 @@ __all__ = [
     "ErrorFeedback",
     "HookState",
     "MomentumCorrection",
+    "NoMemory",
     "PowerSGDHookState",
     "RandomK",
     "Sign",
