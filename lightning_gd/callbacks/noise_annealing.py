@@ -18,7 +18,6 @@ decides when and where they apply, keeps ranks in step, logs and checkpoints.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, get_args
 
 import torch
@@ -29,9 +28,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gd._compat import ddp_comm_state, model_averager
+from lightning_gd.callbacks._nonfinite import NonFiniteGuard
 from lightning_gd.dynamics.noise import DeviceGenerators, NoiseSchedule, add_gaussian_, noise_std, uniform_ball_
-from lightning_gd.utils.checks import check_choice, check_positive_int
+from lightning_gd.utils.checks import check_choice, check_number, check_positive_int
 from lightning_gd.utils.logging import log_to_loggers
+from lightning_gd.utils.rng import tuple_hash_seed
 
 __all__ = ["NoiseAnnealing"]
 
@@ -39,11 +40,7 @@ Target = Literal["gradient", "weights"]
 
 
 def _check_nonnegative(name: str, value: Any, positive: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        need = "a positive finite number" if positive else "a non-negative finite number"
-        raise MisconfigurationException(f"`{name}` must be {need}, got {value!r}")
-    return float(value)
+    return check_number(name, value, 0, low_open=positive, error=MisconfigurationException)
 
 
 def _averages_models(trainer: Trainer) -> bool:
@@ -63,10 +60,6 @@ def _local_sgd_start(trainer: Trainer) -> int:
         return int(state.start_localSGD_iter)
     averagers = [getattr(opt, "averager", None) for opt in trainer.optimizers]
     return min((int(getattr(a, "warmup_steps", 0)) for a in averagers if a is not None), default=0)
-
-
-def _seed(*parts: int) -> int:
-    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class NoiseAnnealing(Callback):
@@ -177,7 +170,7 @@ class NoiseAnnealing(Callback):
         self.last_perturbation: int | None = None  # step of the latest perturbed-GD perturbation
         self.last_std = 0.0
         self._start = 0  # first step of local SGD (per-rank noise before it would split plain-DDP replicas)
-        self._warned_nonfinite = False
+        self._nonfinite = NonFiniteGuard("NoiseAnnealing", "gradient norm", "no perturbation decided")
 
     @property
     @override
@@ -234,9 +227,11 @@ class NoiseAnnealing(Callback):
                 perturb = self._perturb_due(trainer, params, step)
                 if std > 0:
                     noisy = [p.grad for p in params] if self.target == "gradient" else params
-                    add_gaussian_(noisy, std, DeviceGenerators(_seed(self.seed, step, opt_idx, rank, 0)))
+                    add_gaussian_(noisy, std, DeviceGenerators(tuple_hash_seed(self.seed, step, opt_idx, rank, 0)))
                 if perturb:
-                    uniform_ball_(params, self.radius, DeviceGenerators(_seed(self.seed, step, opt_idx, rank, 1)))
+                    uniform_ball_(
+                        params, self.radius, DeviceGenerators(tuple_hash_seed(self.seed, step, opt_idx, rank, 1))
+                    )
                     self.perturbations += 1
                     self.last_perturbation = step
         metrics = {"noise/std": std, "noise/perturbations": float(self.perturbations)}
@@ -257,11 +252,8 @@ class NoiseAnnealing(Callback):
         if trainer.world_size > 1 and not self.per_rank:  # one decision, or replicas drift apart
             due = bool(trainer.strategy.broadcast(due, src=0))
             finite = bool(trainer.strategy.broadcast(finite, src=0))
-        if not finite and not self._warned_nonfinite:
-            rank_zero_warn(
-                f"NoiseAnnealing: non-finite gradient norm at step {step}; no perturbation decided. Warning once."
-            )
-            self._warned_nonfinite = True
+        if not finite:
+            self._nonfinite.warn(step)
         return due
 
     # ---------------------------------------------------------------- checkpointing

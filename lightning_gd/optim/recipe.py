@@ -55,6 +55,7 @@ from lightning_gd.optim.specs import (
     check_keys,
 )
 from lightning_gd.optim.warmup_decay import WarmupDecayLR
+from lightning_gd.utils.checks import check_number
 
 __all__ = ["OptimizerRecipe", "decay_groups"]
 
@@ -217,16 +218,15 @@ class OptimizerRecipe:
             if values[key] not in (choices := get_args(kind)):
                 raise ValueError(f"Unknown `{key}`={values[key]!r}; valid names: {', '.join(choices)}")
         for key in ("lr", "weight_decay", "min_lr_ratio", "gradient_clip_val"):
-            if values[key] < 0:
-                raise ValueError(f"`{key}` must be >= 0, got {values[key]!r}")
+            check_number(key, values[key], 0)
         if values["batch_size"] is not None and values["batch_size"] < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {values['batch_size']!r}")
         self.weight_decay: float = float(values["weight_decay"])
         self.optimizer_kwargs: dict[str, Any] = dict(values["optimizer_kwargs"])
         self.batch_size: int | None = values["batch_size"]
         self.reference_batch_size: int | None = values["reference_batch_size"]
-        self.lr_scaling: str = values["lr_scaling"]
-        self.schedule: str = values["schedule"]
+        self.lr_scaling: LRScaling = values["lr_scaling"]
+        self.schedule: Decay = values["schedule"]
         self.warmup_steps: int | float = values["warmup_steps"]
         self.warmup_epochs: float | None = values["warmup_epochs"]
         self.dataset_size: int | None = values["dataset_size"]
@@ -235,7 +235,7 @@ class OptimizerRecipe:
         self.power: float = float(values["power"])
         self.decay_fraction: float = float(values["decay_fraction"])
         self.gradient_clip_val: float = float(values["gradient_clip_val"])
-        self.gradient_clip_algorithm: str = values["gradient_clip_algorithm"]
+        self.gradient_clip_algorithm: ClipAlgorithm = values["gradient_clip_algorithm"]
         self.fallback_patterns: tuple[str, ...] = tuple(values["fallback_patterns"])
         self.lr: float = float(values["lr"])
         if recipe.lr_table is not None and "lr" not in explicit:
@@ -308,7 +308,7 @@ class OptimizerRecipe:
             warmup_steps=self.warmup_steps,
             total_steps=total,
             min_lr_ratio=self.min_lr_ratio,
-            decay=self.schedule,  # type: ignore[arg-type]
+            decay=self.schedule,
             power=self.power,
             decay_fraction=self.decay_fraction,
         )

@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_gd.optim.specs import DECAYS, Decay
+from lightning_gd.utils.checks import check_number
 
 __all__ = ["WarmupCosineLR", "WarmupDecayLR"]
 
@@ -64,20 +65,16 @@ class WarmupDecayLR(LRScheduler):
         power: float = 1.0,
         decay_fraction: float = 0.2,
     ) -> None:
-        if isinstance(warmup_steps, float) and not 0.0 <= warmup_steps < 1.0:
-            raise ValueError(f"`warmup_steps` as a fraction must be in [0, 1), got {warmup_steps}")
-        if warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
-        if total_steps is not None and total_steps < 1:
-            raise ValueError(f"`total_steps` must be >= 1, got {total_steps}")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio}")
+        if isinstance(warmup_steps, float):
+            check_number("warmup_steps` as a fraction of `total_steps", warmup_steps, 0, 1, high_open=True)
+        check_number("warmup_steps", warmup_steps, 0)
+        if total_steps is not None:
+            check_number("total_steps", total_steps, 1)
+        check_number("min_lr_ratio", min_lr_ratio, 0, 1)
         if decay not in DECAYS:
             raise ValueError(f"Unknown schedule `decay`={decay!r}; valid names: {', '.join(DECAYS)}")
-        if not power > 0:
-            raise ValueError(f"`power` must be > 0, got {power}")
-        if not 0.0 < decay_fraction <= 1.0:
-            raise ValueError(f"`decay_fraction` must be in (0, 1], got {decay_fraction}")
+        check_number("power", power, 0, low_open=True)
+        check_number("decay_fraction", decay_fraction, 0, 1, low_open=True)
         self.decay = decay
         self.power = power
         self.decay_fraction = decay_fraction
@@ -88,8 +85,7 @@ class WarmupDecayLR(LRScheduler):
 
     def set_total_steps(self, total_steps: int) -> None:
         """Set S after construction and re-apply the current lr (the first step's lr depends on S)."""
-        if total_steps < 1:
-            raise ValueError(f"`total_steps` must be >= 1, got {total_steps}")
+        check_number("total_steps", total_steps, 1)
         self.total_steps = int(total_steps)
         lrs = self.get_lr()
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
@@ -122,7 +118,7 @@ class WarmupCosineLR(WarmupDecayLR):
     (``class_path: WarmupCosineLR``), scripts and checkpoints written with it keep working."""
 
 
-def _shape(decay: str, p: float, power: float, decay_fraction: float) -> float:
+def _shape(decay: Decay, p: float, power: float, decay_fraction: float) -> float:
     """f(p) of the decay after warm-up, for progress p in [0, 1]."""
     if decay == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * p))

@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_gd.optim.recipe import OptimizerRecipe
 from lightning_gd.recipes._optim import module_recipe
+from lightning_gd.utils.checks import check_number
 
 __all__ = ["ImageClassifierModule"]
 
@@ -70,8 +71,7 @@ class ImageClassifierModule(LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise MisconfigurationException(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}")
+        check_number("label_smoothing", label_smoothing, 0, 1, high_open=True, error=MisconfigurationException)
         if num_classes < 2:
             raise MisconfigurationException(f"`num_classes` must be >= 2, got {num_classes!r}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "optimizer_recipe"])

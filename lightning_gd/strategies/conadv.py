@@ -36,7 +36,7 @@ from typing_extensions import override
 from lightning_gd._compat import layer_sync
 from lightning_gd.adversarial import Normalization, add_auxiliary_bn, auxiliary_bn, sign_attack
 from lightning_gd.strategies.lookahead import LookaheadLoader
-from lightning_gd.utils.checks import check_positive_int
+from lightning_gd.utils.checks import check_number, check_positive_int
 from lightning_gd.utils.logging import log_to_loggers
 from lightning_gd.utils.ranks import gather_from_ranks
 
@@ -149,13 +149,11 @@ class ConAdvStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> None:
         for name, value in (("epsilon", epsilon), ("step_size", step_size), ("adv_weight", adv_weight)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-                raise MisconfigurationException(f"`{name}` must be a number >= 0, got {value!r}")
+            if value is not None:
+                check_number(name, value, 0, error=MisconfigurationException)
         check_positive_int("tau", tau, error=MisconfigurationException)
-        if not 0.0 <= random_start <= 1.0:
-            raise MisconfigurationException(f"`random_start` must be in [0, 1], got {random_start!r}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise MisconfigurationException(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}")
+        check_number("random_start", random_start, 0, 1, error=MisconfigurationException)
+        check_number("label_smoothing", label_smoothing, 0, 1, high_open=True, error=MisconfigurationException)
         try:
             self.normalization = Normalization(mean=mean, std=std, pixel_range=pixel_range)
         except ValueError as err:

@@ -126,7 +126,7 @@ def test_imagenet_tables():
         ({"optimizer": "adamq"}, r"Unknown `optimizer`='adamq'; valid names: .*conda.*diffgrad.*kron.*lamb.*mfac"),
         ({"schedule": "cosin"}, r"Unknown `schedule`='cosin'; valid names: cosine, linear, polynomial, wsd, constant"),
         ({"lr_scaling": "log"}, r"valid names: linear, sqrt, none"),
-        ({"lr": -1.0}, "`lr` must be >= 0"),
+        ({"lr": -1.0}, "`lr` must be a finite number >= 0"),
         ({"batch_size": 0}, "`batch_size`"),
     ],
 )

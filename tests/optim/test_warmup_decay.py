@@ -60,9 +60,9 @@ def test_resume_from_state_dict_continues_the_schedule():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"warmup_steps": -1}, "`warmup_steps` must be >= 0, got -1"),
-        ({"warmup_steps": 1.5}, "`warmup_steps` as a fraction must be in [0, 1), got 1.5"),
-        ({"total_steps": 0}, "`total_steps` must be >= 1, got 0"),
+        ({"warmup_steps": -1}, "`warmup_steps` must be a finite number >= 0, got -1"),
+        ({"warmup_steps": 1.5}, "`warmup_steps` as a fraction of `total_steps` must be in [0, 1), got 1.5"),
+        ({"total_steps": 0}, "`total_steps` must be a finite number >= 1, got 0"),
         ({"min_lr_ratio": 2.0}, "`min_lr_ratio` must be in [0, 1], got 2.0"),
     ],
 )
@@ -74,7 +74,7 @@ def test_bad_arguments_name_the_argument_and_the_value(kwargs, match):
 
 def test_set_total_steps_names_the_bad_value():
     sched = WarmupDecayLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
-    with pytest.raises(ValueError, match=re.escape("`total_steps` must be >= 1, got -5")):
+    with pytest.raises(ValueError, match=re.escape("`total_steps` must be a finite number >= 1, got -5")):
         sched.set_total_steps(-5)
 
 

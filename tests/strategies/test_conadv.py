@@ -175,8 +175,8 @@ def test_unknown_batch_format_names_the_expected_one():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(epsilon=-1.0), "`epsilon` must be a number >= 0"),
-        (dict(step_size=-0.1), "`step_size` must be a number >= 0"),
+        (dict(epsilon=-1.0), "`epsilon` must be a finite number >= 0"),
+        (dict(step_size=-0.1), "`step_size` must be a finite number >= 0"),
         (dict(tau=0), "`tau` must be a positive integer"),
         (dict(tau=1.5), "`tau` must be a positive integer"),
         (dict(random_start=1.2), "`random_start` must be in"),
