@@ -13,7 +13,8 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_gd.recipes.registry import RecipeTag, recipes
+from lightning_gd.recipes.recipe_tag import RecipeTag
+from lightning_gd.recipes.registry import recipes
 from tests.helpers.resume import _working_dir, first_run, resume_and_compare, run_fit
 
 STEPS = 5  # see tests/helpers/resume.py: the step-5 checkpoint is mid-epoch in epoch 1 or 2

@@ -11,6 +11,9 @@ and puts every rank's state into the checkpoint.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lightning.fabric.utilities.types import _PATH
@@ -33,10 +36,21 @@ _CHECKPOINT_KEY = "compressed_ddp"
 _LOGGED = ("bytes_sent", "dense_bytes", "ratio", "density", "error_norm")
 
 
+@contextmanager
+def _on_rank_zero() -> Iterator[None]:
+    """Re-issue the block's warnings on rank zero only: the pure compression layer warns on every rank, and its
+    argument and optimizer checks say the same on each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        rank_zero_warn(str(w.message), category=w.category)
+
+
 class CompressedDDPStrategy(DDPStrategy):
     """DDP whose gradient allreduce is replaced by a compressed exchange with error-feedback memory.
 
-    Registered names (usable once ``lightning_gd`` is imported): ``ddp_<name>`` for every compressor of
+    Registered names (usable once ``lightning_gd.strategies`` is imported): ``ddp_<name>`` for every compressor of
     :data:`~lightning_gd.compression.COMPRESSORS` (``ddp_topk``, ``ddp_randomk``, ``ddp_sign``, ``ddp_qsgd``,
     ``ddp_powersgd``; ``lightning-gd compressors`` lists them), e.g. ``Trainer(strategy="ddp_topk", devices=4)``.
 
@@ -132,7 +146,8 @@ class CompressedDDPStrategy(DDPStrategy):
 
     def _new_hook_state(self) -> HookState:
         try:
-            return make_hook_state(self.compressor, **self.options)
+            with _on_rank_zero():
+                return make_hook_state(self.compressor, **self.options)
         except ValueError as err:
             raise MisconfigurationException(f"CompressedDDPStrategy({self.compressor!r}): {err}") from err
 
@@ -161,7 +176,8 @@ class CompressedDDPStrategy(DDPStrategy):
             )
         for opt in trainer.optimizers:
             try:
-                self.hook_state.check_optimizer(opt.param_groups)
+                with _on_rank_zero():
+                    self.hook_state.check_optimizer(opt.param_groups)
             except ValueError as err:
                 raise MisconfigurationException(f"CompressedDDPStrategy({self.compressor!r}): {err}") from err
 

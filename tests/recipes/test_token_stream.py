@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -12,6 +10,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_gd.cli import main as cli_main
 from lightning_gd.recipes import CausalLMModule, TokenStreamDataModule
 from lightning_gd.recipes.prepare_text import prepare_text
 
@@ -91,18 +90,17 @@ def test_hf_tokenizer_and_a_bad_tokenizer_file(corpus, tmp_path):
     assert not (tmp_path / "never").exists()  # refused before any work
 
 
-def test_cli_prepare_text_refuses_a_bad_tokenizer_and_a_missing_input(tmp_path):
+def test_cli_prepare_text_refuses_a_bad_tokenizer_and_a_missing_input(tmp_path, capsys):
     bad = tmp_path / "tok.json"
     bad.write_text("[]")
     for args, message in [
         (["--tokenizer", str(bad)], f"--tokenizer '{bad}' is not a Hugging Face tokenizer.json"),
         ([str(tmp_path / "missing")], "does not exist"),
     ]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "lightning_gd", "prepare-text", *args, "--output", str(tmp_path / "o")],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["prepare-text", *args, "--output", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err, err
 
 
 def test_not_an_optimized_dataset_names_the_command(tmp_path):
