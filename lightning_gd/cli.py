@@ -201,6 +201,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[:1] == ["optimizers"]:
         _print_optimizers()
         return
+    if args[:1] == ["analyze"]:
+        from lightning_gd.analysis import main as analyze_main
+
+        analyze_main(args[1:])
+        return
     # The arguments are passed explicitly (recipe names resolved); LightningCLI warns when it also sees them in
     # sys.argv, so hide them from it while it parses.
     saved, sys.argv = sys.argv, sys.argv[:1]
