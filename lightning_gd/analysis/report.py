@@ -19,7 +19,7 @@ from lightning_gd.utils.plotting import new_figure, save_figure
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
-__all__ = ["write_comparison", "write_report"]
+__all__ = ["report_files", "summary_lines", "write_comparison", "write_report"]
 
 _MAX_BARS = 40  # per-parameter trace bars drawn; the rest are summed into one "other" bar
 _TOP_LAYERS_IN_MD = 10
@@ -45,12 +45,22 @@ def write_report(trainer: Trainer, report: dict[str, Any], out_dir: Path, step: 
         written.append(_save_eigenvectors(report, out_dir / "eigenvectors.safetensors"))
     for logger in trainer.loggers:
         logger.log_metrics(_scalars(report), step=step)
-    report["files"] = [os.path.basename(p) for p in written] + ["report.json", "report.md"]
+    assert [os.path.basename(p) for p in written] == report_files(report)[:-2], "report_files() is out of date"
     json_path = out_dir / "report.json"
     json_path.write_text(json.dumps(_public(report), indent=1, allow_nan=True) + "\n", encoding="utf-8")
     md_path = out_dir / "report.md"
     md_path.write_text(_markdown(report), encoding="utf-8")
     return [*written, str(json_path), str(md_path)]
+
+
+def report_files(report: dict[str, Any]) -> list[str]:
+    """The names of the files :func:`write_report` writes for ``report`` (the same on every rank)."""
+    names = ["spectral_density.png", "per_layer_trace.png"]
+    if report.get("landscape"):
+        names += ["landscape_1d.png", "landscape_2d.png"]
+    if report["settings"]["save_eigenvectors"]:
+        names.append("eigenvectors.safetensors")
+    return [*names, "report.json", "report.md"]
 
 
 def write_comparison(reports: list[dict[str, Any]], out_dir: Path) -> list[str]:
@@ -107,7 +117,9 @@ def _density_figure(reports: list[dict[str, Any]], labels: list[str], tag: str) 
     axes = fig.subplots(1, n, sharex=True, sharey=True, squeeze=False)[0]
     for ax, report, label in zip(axes, reports, labels, strict=True):
         d = report["density"]
-        ax.semilogy(d["grid"], np.clip(np.asarray(d["density"]), 1e-12, None), lw=1.2)
+        values = np.asarray(d["density"])
+        floor = max(values.max(), 1e-300) * 1e-10  # the Gaussian tails far from every node: not drawn
+        ax.semilogy(d["grid"], np.where(values > floor, values, np.nan), lw=1.2)
         for i, lam in enumerate(report["top"]["eigenvalues"]):
             ax.axvline(lam, color="C3", lw=0.7, alpha=0.6, label="top eigenvalues (Lanczos)" if i == 0 else None)
         ax.set_xlabel("eigenvalue")

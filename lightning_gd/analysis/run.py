@@ -43,7 +43,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
-from lightning_gd.analysis.report import summary_lines, write_comparison, write_report
+from lightning_gd.analysis.report import report_files, summary_lines, write_comparison, write_report
 from lightning_gd.callbacks._curvature import _check_strategy, _memory_plan, _MemoryPlan, _reduce_fn, _reduced_operator
 from lightning_gd.callbacks.sharpness_tracker import _adam_preconditioner, _has_adam_moments
 from lightning_gd.cli import LightningGDCLI, _resolve_config_names
@@ -118,11 +118,11 @@ class AnalysisSettings:
     max_iter: int = 100
     trace_probes: int = 30
     density_runs: int = 1
-    density_steps: int = 60
+    density_steps: int = 40
     preconditioned: bool | Literal["auto"] = "auto"
     landscape: bool = True
     grid_1d: int = 21
-    grid_2d: int = 11
+    grid_2d: int = 9
     span: float = 1.0
     eigen_span: float | None = None
     save_eigenvectors: bool = False
@@ -225,6 +225,8 @@ def analyze(argv: Sequence[str]) -> dict[str, Any]:
         model.configure_model()
     for target in targets:
         _check_matches(model, target)
+    # Into parameters of the measured dtype ("*-true" precisions, as in training): no rounding through float32.
+    trainer.strategy.precision_plugin.convert_module(model)
     _load_weights(model, targets[0])
     batches = _draw_batches(datamodule, model, settings)
     has_tensorboard = any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers)
@@ -316,10 +318,12 @@ def _batch_hook(name: str, datamodule: LightningDataModule | None, model: Lightn
     return getattr(model, name)
 
 
-def _to_device(batch: Any, device: torch.device, datamodule: LightningDataModule | None, model: LightningModule) -> Any:
+def _to_device(batch: Any, trainer: Trainer, datamodule: LightningDataModule | None, model: LightningModule) -> Any:
+    """The batch as the training step sees it: the transfer hooks, the device, the precision's input dtype."""
     batch = _batch_hook("on_before_batch_transfer", datamodule, model)(batch, 0)
-    batch = move_data_to_device(batch, device)
-    return _batch_hook("on_after_batch_transfer", datamodule, model)(batch, 0)
+    batch = move_data_to_device(batch, trainer.strategy.root_device)
+    batch = _batch_hook("on_after_batch_transfer", datamodule, model)(batch, 0)
+    return trainer.strategy.precision_plugin.convert_input(batch)  # e.g. float64 inputs under 64-true
 
 
 def _restore_optimizer(model: LightningModule, checkpoint: dict[str, Any]) -> tuple[Any, str | None]:
@@ -366,12 +370,11 @@ def _run(
 ) -> dict[str, Any]:
     strategy = trainer.strategy
     strategy.setup_environment()  # the process group under DDP; the device
-    strategy.precision_plugin.convert_module(model)  # "*-true" precisions measure in their dtype, as in training
     model.to(strategy.root_device)
     world, rank = trainer.world_size, trainer.global_rank
     per_rank = len(batches) // world
     mine = batches[rank * per_rank : (rank + 1) * per_rank]
-    mine = [_to_device(b, strategy.root_device, datamodule, model) for b in mine]
+    mine = [_to_device(b, trainer, datamodule, model) for b in mine]
     plan = _memory_plan(trainer, model, settings.memory_budget)
     if plan is None:
         raise MisconfigurationException("lightning-gd analyze: the model has no trainable parameters")
@@ -388,6 +391,7 @@ def _run(
         if i:
             _load_weights(model, target)
         target.report = _measure(trainer, model, mine, settings, budget, target, described)
+        target.report["files"] = report_files(target.report)
         if trainer.is_global_zero:
             _write_report(trainer, target, has_tensorboard)
     if len(targets) == 2 and trainer.is_global_zero:
@@ -530,7 +534,9 @@ def _measure(
         raise MisconfigurationException(
             f"the loss of {target.path} on {described['tag']} is not finite ({loss.item()}): nothing to analyse"
         )
-    optimizer, why_not = _restore_optimizer(model, target.checkpoint) if s.preconditioned is not False else (None, "")
+    optimizer, why_not = (
+        _restore_optimizer(model, target.checkpoint) if s.preconditioned is not False else (None, "not asked for")
+    )
     adam = optimizer is not None and _has_adam_moments(optimizer)
     if s.preconditioned is True and not adam:
         raise MisconfigurationException(
