@@ -71,6 +71,10 @@ def _files(root: Path) -> dict[str, str]:
     }
 
 
+def _f64(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
 def test_report_matches_the_dense_hessian_of_a_float64_model(tiny_run, capsys):
     work, config, ckpts = tiny_run
     ckpt = ckpts / "step=3.ckpt"
