@@ -538,10 +538,20 @@ def _measure(
         _restore_optimizer(model, target.checkpoint) if s.preconditioned is not False else (None, "not asked for")
     )
     adam = optimizer is not None and _has_adam_moments(optimizer)
+    preconditioner = None
+    if adam:
+        try:
+            preconditioner = _adam_preconditioner(optimizer, op.base.params)
+        except (KeyError, TypeError, ValueError) as err:  # e.g. a per-group step count (timm's Lamb)
+            why_not = f"{type(optimizer).__name__}'s state is not Adam's ({type(err).__name__}: {err})"
+        if preconditioner is None:
+            adam = False
+            why_not = why_not or f"{type(optimizer).__name__} holds no second moment for every parameter"
+    if not adam and not why_not:
+        why_not = f"{type(optimizer).__name__} has no Adam moments (betas, eps, exp_avg_sq)"
     if s.preconditioned is True and not adam:
         raise MisconfigurationException(
-            f"`analysis.preconditioned`=True needs Adam moments in the checkpoint's optimizer state: {why_not or ''}"
-            f"{'' if why_not else type(optimizer).__name__ + ' has none'}"
+            f"`analysis.preconditioned`=True needs Adam moments in the checkpoint's optimizer state: {why_not}"
         )
     grid_points = 2 * s.grid_1d + 2 * s.grid_2d**2 if s.landscape else 0
     total = (s.max_iter + s.k) + (s.max_iter + s.bottom_k if s.bottom_k else 0) + s.trace_probes
@@ -604,11 +614,11 @@ def _measure(
     report["trace"] = {"method": "hutch++", "value": est.value, "stderr": est.stderr, "products": est.num_matvecs,
                        "per_parameter": est.per_param}  # fmt: skip
     # ----- preconditioned sharpness
-    report["preconditioned"] = None if adam else {"skipped": why_not or "no Adam moments in the optimizer state"}
+    report["preconditioned"] = None if adam else {"skipped": why_not}
     if adam:
         with timer("preconditioned"):
             bar.phase("preconditioned sharpness")
-            diag, beta1 = _adam_preconditioner(optimizer, op.base.params)
+            diag, beta1 = preconditioner
             lr = float(optimizer.param_groups[0]["lr"])
             pre_op = PreconditionedOperator(pop, diag.to(op.device))
             before = pop.num_matvecs
@@ -624,8 +634,8 @@ def _measure(
                 "beta1": beta1, "optimizer": type(optimizer).__name__, "optimizer_step": _optimizer_step(optimizer),
                 "lanczos_products": pre_res["lanczos"], "residual_products": 1, "converged": pre_res["converged"],
             }  # fmt: skip
-            del pre_op, diag, pre
-        del optimizer
+            del pre_op, diag, pre, preconditioner
+    del optimizer
     # ----- spectral density
     with timer("density"):
         bar.phase("spectral density")
