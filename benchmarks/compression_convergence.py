@@ -126,7 +126,7 @@ def run_worker(spec: dict[str, Any], out: Path, args: argparse.Namespace) -> Non
 
     from lightning.pytorch import Callback, Trainer, seed_everything
 
-    import lightning_gd  # noqa: F401  (registers ddp_topk, ...)
+    import lightning_gd.strategies  # noqa: F401  (registers the ddp_<compressor> strategy names)
     from lightning_gd.strategies import CompressedDDPStrategy
 
     for name in ("lightning.pytorch", "lightning.fabric", "torch.distributed"):

@@ -148,7 +148,7 @@ def _worker(cfg: dict[str, Any]) -> None:
     from torch import nn
     from torch.utils.data import DataLoader, IterableDataset
 
-    import lightning_gd  # noqa: F401
+    import lightning_gd.strategies  # noqa: F401  (registers the ddp_<compressor> strategy names)
 
     torch.set_num_threads(1)
     rank = int(os.environ["GLOBAL_RANK"])

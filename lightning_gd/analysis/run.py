@@ -28,6 +28,7 @@ batches and writes ``<run>/analysis/<stem>_vs_<other stem>/`` (the two full repo
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,10 +44,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
+from lightning_gd._lightning_cli import LightningGDCLI, StartError
 from lightning_gd.analysis.report import report_files, summary_lines, write_comparison, write_report
 from lightning_gd.callbacks._curvature import _check_strategy, _memory_plan, _MemoryPlan, _reduce_fn, _reduced_operator
-from lightning_gd.callbacks.sharpness_tracker import _adam_preconditioner, _has_adam_moments
-from lightning_gd.cli import LightningGDCLI, _resolve_config_names
+from lightning_gd.callbacks.sharpness_tracker import _lr_floor
+from lightning_gd.cli import _DEBUG, _resolve_config_names
 from lightning_gd.curvature import (
     EigResult,
     HvpMethod,
@@ -60,7 +62,9 @@ from lightning_gd.curvature import (
 from lightning_gd.curvature._wrapper import _OperatorWrapper
 from lightning_gd.curvature.landscape import loss_line, loss_plane, random_direction
 from lightning_gd.curvature.operator import _unflatten
+from lightning_gd.curvature.preconditioned import adam_preconditioner, adam_threshold, combine_preconditioners
 from lightning_gd.utils.checks import check_positive_int
+from lightning_gd.utils.optim_state import adam_moments
 from lightning_gd.utils.ranks import finite_on_every_rank
 from lightning_gd.utils.rng import seeded_rngs
 
@@ -118,7 +122,7 @@ class AnalysisSettings:
     max_iter: int = 100
     trace_probes: int = 30
     density_runs: int = 1
-    density_steps: int = 40
+    density_steps: int = 30
     preconditioned: bool | Literal["auto"] = "auto"
     landscape: bool = True
     grid_1d: int = 21
@@ -178,15 +182,21 @@ class _AnalyzeCLI(LightningGDCLI):
 
 # ---------------------------------------------------------------------------------------------------- entry points
 def main(argv: Sequence[str]) -> None:
-    """``lightning-gd analyze ARGS``: errors of the input (paths, settings, a mismatched checkpoint) in one line."""
+    """``lightning-gd analyze ARGS``: a mistake in the input (a path, a setting, a mismatched checkpoint) is one line
+    (``--debug`` or ``LIGHTNING_GD_DEBUG=1``: the traceback)."""
+    args = list(argv)
+    debug = "--debug" in args or os.environ.get(_DEBUG, "0").strip().lower() not in ("", "0", "false", "no", "off")
+    args = [a for a in args if a != "--debug"]
     try:
-        analyze(argv)
-    except (FileNotFoundError, MisconfigurationException) as err:
+        analyze(args, short_errors=not debug)
+    except (FileNotFoundError, MisconfigurationException, StartError) as err:
+        if debug:
+            raise
         print(f"lightning-gd analyze: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def analyze(argv: Sequence[str]) -> dict[str, Any]:
+def analyze(argv: Sequence[str], short_errors: bool = False) -> dict[str, Any]:
     """Run ``lightning-gd analyze`` with the command-line arguments ``argv``; return the report (on every rank).
 
     Under ``--trainer.devices N`` (N > 1) the script is re-run for the other ranks by Lightning's launcher, as
@@ -196,10 +206,17 @@ def analyze(argv: Sequence[str]) -> dict[str, Any]:
         FileNotFoundError: naming a checkpoint path that does not exist.
         MisconfigurationException: for a bad setting, a checkpoint that does not match the config's model (naming
             the first mismatched parameter), a sharded strategy, or a memory budget too small for the analysis.
+        StartError: with ``short_errors``, a configuration mistake the parser found, in one line.
     """
+    argv = list(argv)
+    for path in _flag_values(argv, ("--ckpt_path", "--compare")):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"checkpoint not found: {path} (resolved: {Path(path).resolve()})")
     saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it also sees the arguments in sys.argv
     try:
-        cli = _AnalyzeCLI(args=_resolve_config_names(list(argv)), run=False, save_config_callback=None)
+        cli = _AnalyzeCLI(
+            args=_resolve_config_names(argv), run=False, save_config_callback=None, short_errors=short_errors
+        )
     finally:
         sys.argv = saved  # the DDP launcher re-runs the command from sys.argv
     config = cli.config
@@ -239,6 +256,17 @@ def analyze(argv: Sequence[str]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
+def _flag_values(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """The values given on the command line to ``flags`` (``--flag VALUE`` and ``--flag=VALUE``)."""
+    values = []
+    for i, arg in enumerate(argv):
+        if arg in flags and i + 1 < len(argv):
+            values.append(argv[i + 1])
+        elif "=" in arg and arg.split("=", 1)[0] in flags:
+            values.append(arg.split("=", 1)[1])
+    return [v for v in values if v not in ("null", "None", "")]
+
+
 def _load(path: str) -> _Target:
     p = Path(path)
     if not p.exists():
@@ -326,36 +354,36 @@ def _to_device(batch: Any, trainer: Trainer, datamodule: LightningDataModule | N
     return trainer.strategy.precision_plugin.convert_input(batch)  # e.g. float64 inputs under 64-true
 
 
-def _restore_optimizer(model: LightningModule, checkpoint: dict[str, Any]) -> tuple[Any, str | None]:
-    """The module's first optimizer with the checkpoint's state, or ``(None, why not)``."""
+def _restore_optimizers(model: LightningModule, checkpoint: dict[str, Any]) -> tuple[list[Any], str | None]:
+    """The module's optimizers with the checkpoint's states, or ``([], why not)``."""
     states = checkpoint.get("optimizer_states") or []
     if not states:
-        return None, "the checkpoint holds no optimizer state"
+        return [], "the checkpoint holds no optimizer state"
     trainer = model.trainer
     if trainer.max_steps != -1 and trainer.max_epochs is None:
         trainer.fit_loop.max_epochs = -1  # as fit does, so estimated_stepping_batches needs no data
     try:
-        optimizer = _first_optimizer(model.configure_optimizers())
-        if optimizer is None:
-            return None, "configure_optimizers returned no torch optimizer"
-        optimizer.load_state_dict(states[0])
+        optimizers = _optimizers(model.configure_optimizers())
+        if len(optimizers) != len(states):
+            return [], f"configure_optimizers returned {len(optimizers)} optimizers, the checkpoint holds {len(states)}"
+        for optimizer, state in zip(optimizers, states, strict=True):
+            optimizer.load_state_dict(state)
     except Exception as err:  # noqa: BLE001 - any failure only means "no preconditioned sharpness", said in the report
-        return None, f"could not rebuild the optimizer ({type(err).__name__}: {err})"
-    return optimizer, None
+        return [], f"could not rebuild the optimizer ({type(err).__name__}: {err})"
+    return optimizers, None
 
 
-def _first_optimizer(conf: Any) -> torch.optim.Optimizer | None:
-    """The first optimizer in any of ``configure_optimizers``' return forms."""
+def _optimizers(conf: Any) -> list[torch.optim.Optimizer]:
+    """The optimizers in any of ``configure_optimizers``' return forms, in order."""
     if isinstance(conf, torch.optim.Optimizer):
-        return conf
+        return [conf]
     if isinstance(conf, dict):
-        return _first_optimizer(conf.get("optimizer"))
+        return _optimizers(conf.get("optimizer"))
     if isinstance(conf, list | tuple):
-        for item in conf:
-            found = _first_optimizer(item)
-            if found is not None:
-                return found
-    return None
+        if len(conf) == 2 and isinstance(conf[0], list | tuple) and not isinstance(conf[1], torch.optim.Optimizer):
+            return _optimizers(conf[0])  # ([optimizers], [schedulers])
+        return [o for item in conf for o in _optimizers(item)]
+    return []
 
 
 # ---------------------------------------------------------------------------------------------------- the run
@@ -419,25 +447,25 @@ class _Budget:
 
 
 def _fit_budget(plan: _MemoryPlan, s: AnalysisSettings, with_preconditioner: bool) -> _Budget:
-    """Size each phase to the budget, as the callbacks do; raise the callbacks' error when one cannot fit."""
+    """Size each phase to the budget as ``SharpnessTracker`` and ``HessianTraceMonitor`` do; raise their error when
+    one phase cannot fit."""
     owner = f"lightning-gd analyze (k={s.k}, bottom_k={s.bottom_k}, trace_probes={s.trace_probes})"
     k = max(s.k, s.bottom_k)
     sketch = 3 * (s.trace_probes // 3) + 2
     needs = [
-        (2 * k + 3, f"Lanczos (k={k}: a basis of k + 2, the residual and k Ritz vectors)"),
+        (4 * k + 1, f"block Lanczos (k={k}: a basis of 2k + 1, the block's k products and k Ritz vectors)"),
         (sketch + 4, "Hutch++ (its sketch and one probe)"),
         (4, "the loss landscape (the parameters' copy, two directions and one point)"),
     ]
     if with_preconditioner:
-        needs.append((9, "the preconditioned Lanczos (a basis of 3, the residual, a Ritz vector and 4 for Adam's P)"))
+        needs.append((9, "the preconditioned Lanczos (a basis of 3, its product, a Ritz vector and 4 for Adam's P)"))
     for needed, what in needs:
         if plan.vectors < needed:
             raise plan.too_small(owner, needed, what)
-    basis = plan.vectors - 1 - k
+    basis = plan.vectors - 2 * k  # the block's k products (one is the residual) and the k Ritz vectors
     pre_basis = plan.vectors - 2 - 4
-    limit = max(s.max_iter, s.density_steps)
     return _Budget(
-        max_basis=None if basis >= limit else basis,
+        max_basis=None if basis >= max(s.max_iter + k - 1, s.density_steps) else basis,
         pre_basis=None if pre_basis >= s.max_iter else pre_basis,
         probes_per_matmat=min(_PROBES_PER_MATMAT, s.trace_probes, (plan.vectors - sketch) // 4),
     )
@@ -534,22 +562,8 @@ def _measure(
         raise MisconfigurationException(
             f"the loss of {target.path} on {described['tag']} is not finite ({loss.item()}): nothing to analyse"
         )
-    optimizer, why_not = (
-        _restore_optimizer(model, target.checkpoint) if s.preconditioned is not False else (None, "not asked for")
-    )
-    adam = optimizer is not None and _has_adam_moments(optimizer)
-    preconditioner = None
-    if adam:
-        try:
-            preconditioner = _adam_preconditioner(optimizer, op.base.params)
-        except (KeyError, TypeError, ValueError) as err:  # e.g. a per-group step count (timm's Lamb)
-            why_not = f"{type(optimizer).__name__}'s state is not Adam's ({type(err).__name__}: {err})"
-        if preconditioner is None:
-            adam = False
-            why_not = why_not or f"{type(optimizer).__name__} holds no second moment for every parameter"
-    if not adam and not why_not:
-        why_not = f"{type(optimizer).__name__} has no Adam moments (betas, eps, exp_avg_sq)"
-    if s.preconditioned is True and not adam:
+    adam, why_not = _preconditioner(model, target, op, s) if s.preconditioned is not False else (None, "not asked for")
+    if s.preconditioned is True and adam is None:
         raise MisconfigurationException(
             f"`analysis.preconditioned`=True needs Adam moments in the checkpoint's optimizer state: {why_not}"
         )
@@ -582,7 +596,7 @@ def _measure(
         bar.phase(f"top {s.k} eigenvalues")
         before = pop.num_matvecs
         top = lanczos(pop, k=s.k, which="largest", tol=s.tol, max_iter=s.max_iter, generator=gen(_SEED_TOP),
-                      max_basis=_basis(budget.max_basis, s.max_iter))  # fmt: skip
+                      max_basis=_basis(budget.max_basis, s.max_iter + s.k - 1))  # fmt: skip
         bar.unused(s.max_iter - top.num_matvecs)
         top_vectors = top.eigenvectors.detach().cpu()  # host memory: the device keeps room for the next phases
         residuals = _residual_norms(pop, top)
@@ -596,7 +610,8 @@ def _measure(
             bar.phase(f"bottom {s.bottom_k} eigenvalue{'s' if s.bottom_k > 1 else ''}")
             before = pop.num_matvecs
             bottom = lanczos(pop, k=s.bottom_k, which="smallest", tol=s.tol, max_iter=s.max_iter,
-                             generator=gen(_SEED_BOTTOM), max_basis=_basis(budget.max_basis, s.max_iter))  # fmt: skip
+                             generator=gen(_SEED_BOTTOM),
+                             max_basis=_basis(budget.max_basis, s.max_iter + s.bottom_k - 1))  # fmt: skip
             bar.unused(s.max_iter - bottom.num_matvecs)
             bottom_res = _residual_norms(pop, bottom)
             report["products"]["bottom_eigenvalues"] = pop.num_matvecs - before
@@ -618,24 +633,23 @@ def _measure(
     if adam:
         with timer("preconditioned"):
             bar.phase("preconditioned sharpness")
-            diag, beta1 = preconditioner
-            lr = float(optimizer.param_groups[0]["lr"])
-            pre_op = PreconditionedOperator(pop, diag.to(op.device))
+            pre_op = PreconditionedOperator(pop, adam["diag"].to(op.device))
             before = pop.num_matvecs
             pre = lanczos(pre_op, k=1, which="largest", tol=s.tol, max_iter=s.max_iter, generator=gen(_SEED_PRE),
                           max_basis=_basis(budget.pre_basis, s.max_iter))  # fmt: skip
             bar.unused(s.max_iter - pre.num_matvecs)
             pre_res = _residual_norms(pre_op, pre)
             report["products"]["preconditioned"] = pop.num_matvecs - before
-            threshold = (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)
+            threshold = adam["threshold"]
             report["preconditioned"] = {
                 "lambda_max": pre_res["values"][0], "residual_norm": pre_res["norms"][0],
-                "threshold": threshold, "edge_of_stability": pre_res["values"][0] / threshold, "lr": lr,
-                "beta1": beta1, "optimizer": type(optimizer).__name__, "optimizer_step": _optimizer_step(optimizer),
+                "threshold": threshold, "edge_of_stability": pre_res["values"][0] / threshold, "lr": adam["lr"],
+                "beta1": adam["beta1"], "optimizer": adam["optimizer"], "optimizer_step": adam["step"],
                 "lanczos_products": pre_res["lanczos"], "residual_products": 1, "converged": pre_res["converged"],
+                "clip_factor": 1.0,
             }  # fmt: skip
-            del pre_op, diag, pre, preconditioner
-    del optimizer
+            del pre_op, pre
+        del adam
     # ----- spectral density
     with timer("density"):
         bar.phase("spectral density")
@@ -660,8 +674,31 @@ def _measure(
     return report
 
 
-def _basis(max_basis: int | None, max_iter: int) -> int | None:
-    return None if max_basis is None else min(max_basis, max_iter)
+def _preconditioner(
+    model: LightningModule, target: _Target, op: ReducedOperator, s: AnalysisSettings
+) -> tuple[dict[str, Any] | None, str]:
+    """Adam's preconditioner from the checkpoint's optimizer state, as ``SharpnessTracker`` builds it (Cohen et al.
+    2022), or ``(None, why not)``. The gradient-clipping factor of the last step is not in a checkpoint: c = 1."""
+    optimizers, why_not = _restore_optimizers(model, target.checkpoint)
+    if not optimizers:
+        return None, why_not or "no optimizer"
+    moments = adam_moments(optimizers, op.base.params)
+    missing = [name for name, m in zip(op.base.param_names, moments, strict=True) if m is None]
+    if missing:
+        names = ", ".join(type(o).__name__ for o in optimizers)
+        shown = ", ".join(repr(n) for n in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        return None, f"{len(missing)} of {len(moments)} parameters have no Adam moments in {names}'s state ({shown})"
+    diags = [adam_preconditioner(m.exp_avg_sq, m.step, m.beta1, m.beta2, m.eps) for m in moments]
+    thresholds = [adam_threshold(m.beta1, _lr_floor(m.lr)) for m in moments]
+    diag, threshold = combine_preconditioners(diags, thresholds)
+    first = moments[0]
+    used = sorted({type(optimizers[m.optimizer_index]).__name__ for m in moments})
+    return {"diag": diag, "threshold": threshold, "lr": first.lr, "beta1": first.beta1, "step": first.step,
+            "optimizer": ", ".join(used)}, ""  # fmt: skip
+
+
+def _basis(max_basis: int | None, limit: int) -> int | None:
+    return None if max_basis is None else min(max_basis, limit)
 
 
 def _residual_norms(op: Any, result: EigResult) -> dict[str, Any]:
@@ -674,13 +711,6 @@ def _residual_norms(op: Any, result: EigResult) -> dict[str, Any]:
         norms.append(torch.linalg.vector_norm(r.double()).item())
     return {"values": result.eigenvalues.tolist(), "norms": norms, "lanczos": lanczos_products,
             "converged": bool(result.converged)}  # fmt: skip
-
-
-def _optimizer_step(optimizer: torch.optim.Optimizer) -> float | None:
-    for state in optimizer.state.values():
-        if "step" in state:
-            return float(state["step"])
-    return None
 
 
 def _landscapes(

@@ -4,6 +4,7 @@ from lightning_gd.callbacks.gradient_flossing import GradientFlossing
 from lightning_gd.callbacks.hessian_trace_monitor import HessianTraceMonitor
 from lightning_gd.callbacks.metric_plotter import MetricPlotter
 from lightning_gd.callbacks.noise_annealing import NoiseAnnealing
+from lightning_gd.callbacks.progress_bar import ResumeProgressBar
 from lightning_gd.callbacks.sharpness_tracker import SharpnessTracker
 from lightning_gd.callbacks.text_sampler import TextSampler
 
@@ -12,6 +13,7 @@ __all__ = [
     "HessianTraceMonitor",
     "MetricPlotter",
     "NoiseAnnealing",
+    "ResumeProgressBar",
     "SharpnessTracker",
     "TextSampler",
 ]

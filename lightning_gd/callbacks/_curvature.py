@@ -8,10 +8,11 @@ consistently on every rank, logs and checkpoints.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -81,6 +82,55 @@ def _mean_loss(loss_fn: LossFn) -> LossFn:
         return sum(loss_fn(module, b) for b in batches) / len(batches)
 
     return loss
+
+
+def _check_groups(groups: Any) -> dict[str, tuple[str, ...]]:
+    """Validate ``groups`` (``{name: pattern or [patterns]}``); return it with every value a tuple of patterns."""
+    if groups is None:
+        return {}
+    if not isinstance(groups, Mapping) or not groups:
+        raise MisconfigurationException(
+            f"`groups` must be a non-empty mapping of group name to parameter-name pattern(s), got {groups!r}"
+        )
+    out = {}
+    for name, patterns in groups.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise MisconfigurationException(
+                f"`groups`: a group name must be a non-empty string without '/', got {name!r}"
+            )
+        pats = (patterns,) if isinstance(patterns, str) else tuple(patterns) if isinstance(patterns, Sequence) else ()
+        if not pats or not all(isinstance(p, str) and p for p in pats):
+            raise MisconfigurationException(
+                f"`groups[{name!r}]` must be a pattern or a non-empty list of patterns (fnmatch, e.g. '*.attn.*'),"
+                f" got {patterns!r}"
+            )
+        out[name] = pats
+    return out
+
+
+def _resolve_groups(
+    module: LightningModule, groups: Mapping[str, tuple[str, ...]], owner: str
+) -> dict[str, tuple[str, ...]]:
+    """Names of the trainable parameters each group's patterns match (``fnmatch`` on ``named_parameters()`` names).
+
+    Raises:
+        MisconfigurationException: when a pattern matches no trainable parameter, naming it and a few names.
+    """
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    out = {}
+    for group, patterns in groups.items():
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                shown = ", ".join(repr(n) for n in names[:6]) + (
+                    f", ... ({len(names)} in all)" if len(names) > 6 else ""
+                )
+                raise MisconfigurationException(
+                    f"{owner}: the pattern {pattern!r} of group {group!r} matches no trainable parameter of"
+                    f" {type(module).__name__}; its parameters are named like {shown}. Patterns are fnmatch patterns"
+                    " on these names, e.g. '*.attn.*'."
+                )
+        out[group] = tuple(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+    return out
 
 
 def _check_strategy(strategy: Any, owner: str) -> None:
@@ -165,10 +215,13 @@ def _reduced_operator(
     loss_fn: LossFn | None,
     hvp: HvpMethod,
     mode: OperatorMode,
+    params: list[Tensor] | None = None,
 ) -> ReducedOperator:
-    """The Hessian of the mean loss over ``batches`` (default: the module's ``training_step``, logging silenced),
-    averaged over the data-parallel ranks: the operator of the curvature callbacks and of ``lightning-gd analyze``."""
-    op = HessianOperator(pl_module, _mean_loss(loss_fn or _training_step_loss), batches, hvp=hvp, mode=mode)
+    """The Hessian of the mean loss over ``batches`` (default: the module's ``training_step``, logging silenced) with
+    respect to ``params`` (default: every trainable parameter), averaged over the data-parallel ranks: the operator
+    of the curvature callbacks and of ``lightning-gd analyze``."""
+    loss = _mean_loss(loss_fn or _training_step_loss)
+    op = HessianOperator(pl_module, loss, batches, params=params, hvp=hvp, mode=mode)
     return ReducedOperator(op, _reduce_fn(trainer))
 
 
@@ -188,8 +241,10 @@ class _CurvatureCallback(Callback):
         seed: int,
         max_overhead: float | None,
         memory_budget: int | None = None,
+        groups: Mapping[str, str | Sequence[str]] | None = None,
     ) -> None:
         _check_positive("every_n_steps", every_n_steps)
+        self.groups = _check_groups(groups)
         if memory_budget is not None:
             _check_positive("memory_budget", memory_budget)
         if max_overhead is not None and (
@@ -223,6 +278,7 @@ class _CurvatureCallback(Callback):
         self._last_cost_s = 0.0  # duration of the latest check: the estimate of the next one's
         self._elapsed_before_s = 0.0  # training wall time of the run before it was resumed
         self._fit_start: float | None = None
+        self._group_names: dict[str, tuple[str, ...]] = {}  # group -> names of its parameters (resolved in setup)
 
     @property
     @override
@@ -247,6 +303,7 @@ class _CurvatureCallback(Callback):
                 f"{type(self).__name__}: with manual optimization the module's training_step is no loss;"
                 " pass `loss_fn(module, batch) -> Tensor`"
             )
+        self._group_names = _resolve_groups(pl_module, self.groups, type(self).__name__)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -298,7 +355,7 @@ class _CurvatureCallback(Callback):
         op = self._operator(trainer, pl_module, batches)
         if not self._finite_everywhere(trainer, op.base.loss()):
             return
-        metrics = self._measure(trainer, pl_module, op)
+        metrics = self._measure(trainer, pl_module, op, batches)
         if metrics is None:
             return
         if not self._finite_everywhere(trainer, torch.tensor(list(metrics.values()), dtype=torch.float64)):
@@ -339,7 +396,9 @@ class _CurvatureCallback(Callback):
         )
 
     # ---------------------------------------------------------------- to implement
-    def _measure(self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator) -> dict[str, float] | None:
+    def _measure(
+        self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator, batches: list[Any]
+    ) -> dict[str, float] | None:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- helpers
@@ -350,8 +409,17 @@ class _CurvatureCallback(Callback):
             return None
         return [move_data_to_device(b, pl_module.device) for b in self._fixed]
 
-    def _operator(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any]) -> ReducedOperator:
-        return _reduced_operator(trainer, pl_module, batches, self.loss_fn, self._hvp_in_use or self.hvp, self.mode)
+    def _operator(
+        self, trainer: Trainer, pl_module: LightningModule, batches: list[Any], group: str | None = None
+    ) -> ReducedOperator:
+        """The rank-averaged curvature operator on ``batches``, over every trainable parameter or one group's."""
+        params = None if group is None else self._group_params(pl_module, group)
+        hvp = self._hvp_in_use or self.hvp
+        return _reduced_operator(trainer, pl_module, batches, self.loss_fn, hvp, self.mode, params=params)
+
+    def _group_params(self, pl_module: LightningModule, group: str) -> list[Tensor]:
+        named = dict(pl_module.named_parameters())
+        return [named[name] for name in self._group_names[group]]
 
     @staticmethod
     def _reduce_fn(trainer: Trainer) -> Callable[[Tensor], Tensor]:

@@ -136,7 +136,9 @@ class HessianTraceMonitor(_CurvatureCallback):
                 raise plan.too_small(owner, sketch + 4, "Hutch++ (its sketch and one probe)")
         self._probes_per_matmat = probes
 
-    def _measure(self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator) -> dict[str, float]:
+    def _measure(
+        self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator, batches: list[Any]
+    ) -> dict[str, float]:
         P, rank = trainer.world_size, trainer.global_rank
         if self.method == "hutchinson" and P > 1:
             # Split the probes: rank r estimates tr(H_r) with its own probes; tr(mean H_r) is the mean.

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gd._compat import ddp_comm_state, model_averager
 from lightning_gd.utils.checks import check_choice, check_positive_int
 from lightning_gd.utils.logging import log_to_loggers
 
@@ -47,14 +48,14 @@ def _averages_models(trainer: Trainer) -> bool:
     ``PostLocalSGDOptimizer``."""
     from torch.distributed.optim import PostLocalSGDOptimizer
 
-    if getattr(trainer.strategy, "_model_averager", None) is not None:
+    if model_averager(trainer.strategy) is not None:
         return True
     return any(isinstance(opt, PostLocalSGDOptimizer) for opt in trainer.optimizers)
 
 
 def _local_sgd_start(trainer: Trainer) -> int:
     """The optimizer step at which local SGD starts (before it, replicas are kept equal by gradient all-reduce)."""
-    state = getattr(trainer.strategy, "_ddp_comm_state", None)
+    state = ddp_comm_state(trainer.strategy)
     if state is not None and hasattr(state, "start_localSGD_iter"):
         return int(state.start_localSGD_iter)
     averagers = [getattr(opt, "averager", None) for opt in trainer.optimizers]

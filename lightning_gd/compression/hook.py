@@ -32,6 +32,7 @@ from lightning_gd.compression.hook_state import _gather, _pick_rank, _rank_and_w
 from lightning_gd.compression.layout import BucketLayouts, Layout
 from lightning_gd.compression.momentum import MomentumCorrection
 from lightning_gd.utils.checks import check_choice, check_positive_int
+from lightning_gd.utils.optim_state import is_adam_family
 
 __all__ = ["CompressionHookState", "compressed_allreduce_hook"]
 
@@ -190,7 +191,7 @@ class CompressionHookState:
         """DGC applies the momentum itself: refuse an optimizer with its own; warn when a sparse compressor's
         error memory meets an optimizer momentum (the two fight)."""
         if self.momentum_correction is not None:
-            if any(g.get("momentum", 0) or g.get("betas") for g in param_groups):
+            if any(g.get("momentum", 0) or is_adam_family(g) for g in param_groups):
                 raise ValueError(
                     f"momentum_correction={self.momentum_correction.momentum} applies the momentum itself: use"
                     " torch.optim.SGD(momentum=0), not an optimizer with its own momentum"

@@ -141,7 +141,7 @@ def _pick_rank(
             f"the checkpoint holds compression state of {sd['compressor']!r}, this run uses {compressor!r}"
         )
     ranks = {int(r): v for r, v in sd["ranks"].items()}
-    if int(sd["world_size"]) != world:
+    if int(sd["world_size"]) != world and rank == 0:  # the same on every rank: said once
         dropped = sorted(r for r in ranks if r >= world)
         warnings.warn(
             f"compression state saved with world size {sd['world_size']}, now {world}: every rank keeps the memory"

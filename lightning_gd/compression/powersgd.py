@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
 
+from lightning_gd._compat import powersgd_should_compress
 from lightning_gd.compression.hook import _DGC_START_DENSITY, _WARMUP_DTYPES, WarmupDtype
 from lightning_gd.compression.hook_state import _gather, _pick_rank, _rank_and_world
 from lightning_gd.compression.layout import BucketLayouts, Layout
@@ -274,8 +275,7 @@ def _compressed_named(layout: Layout, state: PowerSGDState) -> tuple[list[Any], 
         n = shape[0] if shape else 1
         m = math.prod(shape) // n if n else 0
         r = min(n, m, state.matrix_approximation_rank)
-        # torch's test (powerSGD_hook._should_compress): (n + m) r * rate < n m
-        if (n + m) * r * state.min_compression_rate < n * m:
+        if powersgd_should_compress(n, m, r, state.min_compression_rate):  # torch's own test, as its hook runs it
             groups.setdefault((n, m), []).append((name, (n, m, r)))
     items = [item for group in groups.values() for item in group]
     return [name for name, _ in items], [nmr for _, nmr in items]

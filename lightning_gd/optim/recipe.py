@@ -382,7 +382,7 @@ class OptimizerRecipe:
         """
         optimizer = self.build_optimizer(module)
         total = total_steps if total_steps is not None else self.total_steps
-        trainer = getattr(module, "_trainer", None)
+        trainer = _attached_trainer(module)
         if total is None and trainer is not None:
             total = max(1, int(trainer.estimated_stepping_batches))
         scheduler = self.build_scheduler(optimizer, total)
@@ -406,3 +406,13 @@ class OptimizerRecipe:
         if gradient_clip_val is None and self.gradient_clip_val > 0:
             gradient_clip_val, gradient_clip_algorithm = self.gradient_clip_val, self.gradient_clip_algorithm
         module.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def _attached_trainer(module: nn.Module) -> Any:
+    """The Trainer a LightningModule is attached to; ``None`` for a plain module or a detached LightningModule."""
+    if not hasattr(type(module), "trainer"):  # a plain nn.Module (duck-typed: no Lightning import here)
+        return None
+    try:
+        return module.trainer
+    except RuntimeError:  # LightningModule.trainer raises when no Trainer is attached
+        return None

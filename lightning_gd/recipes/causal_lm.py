@@ -113,16 +113,33 @@ class CausalLMModule(LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity()
-        self._last_shape: tuple[int, int] | None = None  # (B, T) of the latest training batch
+        # (B, T) of the latest batch, and whether it was trained on (forward + backward) or only evaluated.
+        self._last_shape: tuple[int, int] | None = None
+        self._last_trained = True
 
     @property
     def flops_per_batch(self) -> int | None:
-        """Training FLOPs (forward + backward) of the latest batch, (6N + 12 L C T) per token, for
-        Lightning's ``ThroughputMonitor`` (it reports MFU against the device's peak from this)."""
+        """FLOPs of the latest batch for Lightning's ``ThroughputMonitor`` (it reports MFU against the device's peak
+        from this): (6N + 12 L C T) per token for a training batch (forward + backward), a third of it for a
+        validation, test or predict batch (forward only; PaLM, appendix B)."""
         if self._last_shape is None:
             return None
         B, T = self._last_shape
-        return self.config.flops_per_token(T) * B * T
+        flops = self.config.flops_per_token(T) * B * T
+        return flops if self._last_trained else flops // 3  # 6N + 12LCT = 3 x (2N + 4LCT): exact
+
+    def _record_batch(self, batch: Any, trained: bool) -> None:
+        inputs = batch[0] if isinstance(batch, list | tuple) else batch
+        if isinstance(inputs, Tensor) and inputs.ndim == 2:
+            self._last_shape, self._last_trained = (int(inputs.shape[0]), int(inputs.shape[1])), trained
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._record_batch(batch, trained=True)
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._record_batch(batch, trained=False)
+
+    on_test_batch_start = on_predict_batch_start = on_validation_batch_start
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)
@@ -133,7 +150,6 @@ class CausalLMModule(LightningModule):
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        self._last_shape = tuple(batch[0].shape)
         loss, _ = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss

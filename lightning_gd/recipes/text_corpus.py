@@ -142,7 +142,10 @@ class TextCorpusDataModule(ResumableDataModule):
         else:
             root = Path(data_dir).expanduser()
             if not root.exists():
-                raise MisconfigurationException(f"`data_dir`={data_dir!r} does not exist")
+                raise MisconfigurationException(
+                    f"`data_dir`={data_dir!r} does not exist: give a directory or a file, or leave `data_dir` out to"
+                    " read the Python standard library's sources"
+                )
             if root.is_file():
                 return root.parent, [root]
         pattern = glob or "**/*.txt"
@@ -150,7 +153,10 @@ class TextCorpusDataModule(ResumableDataModule):
             f for f in root.glob(pattern) if f.is_file() and not _EXCLUDED_DIRS & set(f.relative_to(root).parts)
         )
         if not files:
-            raise MisconfigurationException(f"No files match `glob`={pattern!r} under `data_dir`={str(root)!r}")
+            raise MisconfigurationException(
+                f"No files match `glob`={pattern!r} under `data_dir`={str(root)!r}: give the pattern of your files"
+                " (e.g. '**/*.md')"
+            )
         return root, files
 
     @property

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gd._compat import layer_sync
 from lightning_gd.adversarial import Normalization, add_auxiliary_bn, auxiliary_bn, sign_attack
 from lightning_gd.utils.checks import check_positive_int
 from lightning_gd.utils.logging import log_to_loggers
@@ -272,7 +273,7 @@ class ConAdvStrategy(DDPStrategy):
 
     @override
     def setup(self, trainer: Trainer) -> None:
-        if self._layer_sync is not None:
+        if layer_sync(self) is not None:
             raise MisconfigurationException(
                 "ConAdvStrategy does not support `sync_batchnorm=True`: the SyncBatchNorm conversion drops the"
                 " auxiliary BatchNorm statistics. Use per-device BatchNorm (large per-device batches need no sync)."

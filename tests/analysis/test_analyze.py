@@ -198,7 +198,7 @@ def test_bad_input_is_refused_with_one_clear_line(tiny_run, capsys):
     with _working_dir(work), pytest.raises(SystemExit) as exit_info:
         main(["analyze", "--config", str(config), "--ckpt_path", "runs/nowhere/last.ckpt"])
     assert exit_info.value.code == 2
-    assert "checkpoint not found: runs/nowhere/last.ckpt" in capsys.readouterr().err
+    assert "lightning-gd analyze: error: checkpoint not found: runs/nowhere/last.ckpt" in capsys.readouterr().err
     # Another model: the first mismatched parameter is named, with both shapes.
     with _working_dir(work), pytest.raises(MisconfigurationException, match=r"'net\.0\.weight', has shape \(16, 8\)"
                                            r" in the checkpoint and \(32, 8\) in the model"):  # fmt: skip

@@ -6,10 +6,8 @@ parameter names, and the hook statistics; ``OUT_DIR/rank{RANK}.pt`` receives the
 test process checks them against hand computations.
 """
 
-import importlib.util
 import os
 import sys
-import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -19,20 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-
-def _stub_parent_package() -> None:
-    """Import ``lightning_gd.compression`` without running ``lightning_gd/__init__`` (which loads
-    Lightning, ~10 s): faster start-up and proof that the compression layer needs no Lightning."""
-    spec = importlib.util.find_spec("lightning_gd")
-    assert spec is not None and spec.submodule_search_locations is not None
-    pkg = types.ModuleType("lightning_gd")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules.setdefault("lightning_gd", pkg)
-
-
-_stub_parent_package()
-
-from lightning_gd.compression import (  # noqa: E402
+from lightning_gd.compression import (
     QSGD,
     CompressionHookState,
     Compressor,

@@ -219,6 +219,8 @@ def test_resume_never_applies_another_ranks_memory() -> None:
     state, msgs = _loaded(_v1_local_sd(0, 2, 1.0), rank=1, world=2)  # one rank's v1 state of rank 0
     assert not state.layouts.pieces and any("no compression memory saved for rank 1" in m for m in msgs)
     state, msgs = _loaded(_v1_local_sd(1, 2, 1.0), rank=1, world=4)  # same rank, new world: kept
+    assert "w" in state.layouts.pieces and not any("world size" in m for m in msgs)  # rank zero says it, once
+    state, msgs = _loaded(_v1_local_sd(0, 2, 1.0), rank=0, world=4)
     assert "w" in state.layouts.pieces and any("world size 2, now 4" in m for m in msgs)
 
 

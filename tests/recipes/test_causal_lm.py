@@ -2,7 +2,10 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_gd.optim import WarmupCosineLR
 from lightning_gd.recipes import CausalLMModule, TextCorpusDataModule
@@ -83,3 +86,49 @@ def test_resume_continues_step_and_schedule(tmp_path, corpus):
     assert resumed.global_step == 10
     sched = resumed.lr_scheduler_configs[0].scheduler
     assert sched.last_epoch == 10 and sched.total_steps == 5  # the schedule saved with the run continues
+
+
+class _FlopsSeen(Callback):
+    """What ``flops_per_batch`` says at each batch end, where ``ThroughputMonitor`` reads it."""
+
+    def __init__(self) -> None:
+        self.train: list[int] = []
+        self.val: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.train.append(pl_module.flops_per_batch)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.val.append(pl_module.flops_per_batch)
+
+
+def _counted(module, batch, backward):
+    """FLOPs of the module's loss on ``batch`` as torch's counter sees them (math attention: plain matmuls)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        if backward:
+            module._loss(batch)[0].backward()
+        else:
+            with torch.no_grad():
+                module._loss(batch)
+    module.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def test_flops_per_batch_match_the_counter_for_training_and_validation(tmp_path):
+    # Training batches of 2 x 16 tokens and validation batches of 3 x 8: the validation figure must be a forward
+    # pass of the validation batch, not the training batch's forward + backward (3.0x too high before).
+    gen = torch.Generator().manual_seed(0)
+    tokens = {
+        "train": torch.randint(0, 256, (4, 16), generator=gen),
+        "val": torch.randint(0, 256, (3, 8), generator=gen),
+    }
+    loaders = {
+        k: DataLoader(TensorDataset(x, x.roll(-1, 1)), batch_size=2 if k == "train" else 3) for k, x in tokens.items()
+    }
+    module = CausalLMModule(overrides={"block_size": 16, "n_layer": 2})
+    seen = _FlopsSeen()
+    trainer = _trainer(tmp_path, max_steps=2, val_check_interval=2, limit_val_batches=1, callbacks=[seen])
+    trainer.fit(module, train_dataloaders=loaders["train"], val_dataloaders=loaders["val"])
+    assert seen.train == [_counted(module, next(iter(loaders["train"])), backward=True)] * 2
+    assert seen.val == [_counted(module, next(iter(loaders["val"])), backward=False)]
+    assert seen.val[0] < seen.train[0] // 3  # fewer tokens, and forward only

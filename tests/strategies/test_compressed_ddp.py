@@ -367,10 +367,15 @@ def test_checkpoint_of_the_old_format_resumes_exactly(name, single_process_group
     saved = torch.load(old, weights_only=False)
     assert "kind" in saved["compressed_ddp"] and "format_version" not in saved["compressed_ddp"]  # the old layout
     full = _resumable_fit(_OLD[name])
-    assert torch.equal(_resumable_fit(_OLD[name], ckpt_path=old), full)
+    # The fixtures' first 4 steps ran on another torch build, whose float kernels differ in the last bit (measured:
+    # 3e-8 after 8 steps with torch 2.14.1); a lost or mis-mapped memory moves the weights by 2e-2 to 5e-2. So the
+    # old checkpoints are held to 1e-6 here; bit-for-bit resume of today's format is tested with checkpoints that
+    # the same torch writes (test_compressed_ddp_multiprocess.py, tests/test_resume*.py).
+    resumed = _resumable_fit(_OLD[name], ckpt_path=old)
+    assert (resumed - full).abs().max().item() < 1e-6
     forgetful = tmp_path / "no_memory.ckpt"
     torch.save({k: v for k, v in saved.items() if k != "compressed_ddp"}, forgetful)
-    assert not torch.equal(_resumable_fit(_OLD[name], ckpt_path=forgetful), full)  # the memories mattered
+    assert (_resumable_fit(_OLD[name], ckpt_path=forgetful) - full).abs().max().item() > 1e-3  # the memories mattered
 
 
 def test_checkpoint_of_another_compressor_fails_naming_both(single_process_group):
