@@ -20,6 +20,7 @@ Commands (2-core CPU)::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -145,6 +146,8 @@ def main() -> None:
     step = time_training_step(model, batch)
     result["training_step_s"] = step
     print(f"training step {step:.3f} s (load {load})", flush=True)
+    del model, batch  # one copy of the model at a time (llama-125m: the analysis holds its own and its vectors)
+    gc.collect()
 
     start = time.perf_counter()
     report = analyze(["--config", args.config, "--ckpt_path", args.ckpt, "--trainer.enable_progress_bar", "false",
