@@ -7,7 +7,7 @@ number of optimizer steps, and is much more robust to a one-step attack. ConAdv'
 plus the adversarial pass, in sequence (about 2.5x a plain step here); on a GPU the attack overlaps the main pass.
 
 Setup: DigitsDataModule(image_size=8, batch_size=512), timm resnet10t narrowed to channels (16, 32, 64, 128)
-(318K parameters), SGD (lr 0.2, momentum 0.9, Nesterov, wd 5e-4), WarmupCosineLR (5 warm-up steps, cosine to 0),
+(318K parameters), SGD (lr 0.2, momentum 0.9, Nesterov, wd 5e-4), WarmupDecayLR (5 warm-up steps, cosine to 0),
 label smoothing 0.1, ``--steps`` optimizer steps. ``plain``: the default single-device strategy. ``conadv``:
 ConAdvStrategy(epsilon=0.1, tau=1, targeted random labels, random start 0.8; one process). Evaluation at the end
 on the 359 held-out digits in eval mode: clean top-1, and top-1 under an untargeted one-step sign attack (FGSM,
@@ -37,7 +37,7 @@ from lightning.pytorch import Trainer, seed_everything
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gd.adversarial import Normalization, sign_attack  # noqa: E402
-from lightning_gd.optim import WarmupCosineLR  # noqa: E402
+from lightning_gd.optim import WarmupDecayLR  # noqa: E402
 from lightning_gd.recipes.digits import DIGITS_MEAN, DIGITS_STD, DigitsDataModule  # noqa: E402
 from lightning_gd.recipes.image_classifier import ImageClassifierModule  # noqa: E402
 from lightning_gd.strategies import ConAdvStrategy  # noqa: E402
@@ -49,7 +49,7 @@ def _model() -> ImageClassifierModule:
     return ImageClassifierModule(
         "resnet10t", num_classes=10, in_chans=1, model_kwargs={"channels": (16, 32, 64, 128), "stem_width": 16},
         optimizer=lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4),
-        lr_scheduler=lambda o: WarmupCosineLR(o, warmup_steps=5, min_lr_ratio=0.0),
+        lr_scheduler=lambda o: WarmupDecayLR(o, warmup_steps=5, min_lr_ratio=0.0),
     )  # fmt: skip
 
 

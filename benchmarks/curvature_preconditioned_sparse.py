@@ -7,6 +7,7 @@ own state (clipping factor included):
 
 * ``P`` as is (what the tracker reported before: near-zero second moments of the coordinates top-k rarely sends);
 * ``P`` with the second moment floored at a fraction of its mean (``v >= f * mean(v)``);
+* ``P`` over the coordinates Adam moves: those whose ``sqrt(v_hat)`` is below ``eps`` (no gradient yet) left out;
 * the raw ``lambda_max(H)`` against 2/lr;
 
 and statistics of the second moment: the share of coordinates whose ``sqrt(v_hat)`` is below Adam's ``eps`` (no
@@ -74,6 +75,12 @@ class Probe(Callback):
                           generator=gen)  # fmt: skip
             rows[f"v floored at {f:g} x mean(v)"] = (res.eigenvalues[0].item(), res.eigenvalues[0].item() / thr,
                                                      res.num_matvecs)  # fmt: skip
+        # Coordinates with no gradient in the second moment (sqrt(v_hat) < eps) left out: Adam does not move them.
+        masked = torch.where(tiny_eps.to(P.device), torch.full_like(P, 1e30), P)
+        res = lanczos(PreconditionedOperator(op, masked), tol=1e-3, max_iter=40, generator=gen)
+        rows["P, coordinates with sqrt(v_hat) < eps left out"] = (
+            res.eigenvalues[0].item(), res.eigenvalues[0].item() / thr, res.num_matvecs,
+        )  # fmt: skip
         raw = lanczos(op, tol=1e-3, max_iter=40, generator=gen)
         rows["raw lambda_max(H) vs 2/lr"] = (raw.eigenvalues[0].item(), raw.eigenvalues[0].item() / gd_threshold(m0.lr),
                                              raw.num_matvecs)  # fmt: skip
@@ -92,8 +99,7 @@ def job(strategy: str, steps: int, out: Path, data_dir: str) -> None:
     seed_everything(0)
     module = CausalLMModule(
         preset="tiny", overrides={"block_size": 64},
-        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-3, "betas": [0.9, 0.95],
-                                                                    "weight_decay": 0.1}},
+        optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1),
     )  # fmt: skip
     dm = TextCorpusDataModule(data_dir=data_dir, glob="**/*.py", seq_len=64, batch_size=8, seed=0)
     tracker = SharpnessTracker(every_n_steps=steps, batch="fixed", preconditioned=True, max_overhead=None, plot=False,

@@ -38,7 +38,7 @@ _EXPORTS: dict[str, str] = {
         ],
         ".callbacks",
     ),
-    **dict.fromkeys(["MFAC", "Conda", "DiffGrad", "OptimizerRecipe", "WarmupCosineLR"], ".optim"),
+    **dict.fromkeys(["MFAC", "Conda", "DiffGrad", "OptimizerRecipe", "WarmupCosineLR", "WarmupDecayLR"], ".optim"),
     **dict.fromkeys(["CompressedDDPStrategy", "ConAdvStrategy"], ".strategies"),
     **dict.fromkeys(
         ["CausalLMModule", "Llama", "LlamaConfig", "TextCorpusDataModule", "TokenStreamDataModule"], ".recipes"

@@ -140,9 +140,9 @@ def _prepare_text(argv: Sequence[str]) -> None:
 
 
 def _print_optimizers() -> None:
-    from lightning_gd.optim import OptimizerRecipe
+    from lightning_gd.optim.specs import RECIPES  # the table alone: no torch, no timm
 
-    entries = OptimizerRecipe.catalog()
+    entries = {name: spec.description for name, spec in RECIPES.items()}
     width = max(len(n) for n in entries)
     print("Optimizer recipes (`OptimizerRecipe.from_name(NAME)`, or `--model.optimizer_recipe NAME`):")
     for name, description in entries.items():

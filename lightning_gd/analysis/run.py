@@ -47,7 +47,7 @@ from torch import Tensor
 from lightning_gd._lightning_cli import LightningGDCLI, StartError
 from lightning_gd.analysis.report import report_files, summary_lines, write_comparison, write_report
 from lightning_gd.callbacks._curvature import _check_strategy, _memory_plan, _MemoryPlan, _reduce_fn, _reduced_operator
-from lightning_gd.callbacks.sharpness_tracker import _lr_floor
+from lightning_gd.callbacks.sharpness_tracker import _adam_update_preconditioner
 from lightning_gd.cli import _DEBUG, _resolve_config_names
 from lightning_gd.curvature import (
     EigResult,
@@ -62,7 +62,6 @@ from lightning_gd.curvature import (
 from lightning_gd.curvature._wrapper import _OperatorWrapper
 from lightning_gd.curvature.landscape import loss_line, loss_plane, random_direction
 from lightning_gd.curvature.operator import _unflatten
-from lightning_gd.curvature.preconditioned import adam_preconditioner, adam_threshold, combine_preconditioners
 from lightning_gd.utils.checks import check_positive_int
 from lightning_gd.utils.optim_state import adam_moments
 from lightning_gd.utils.ranks import finite_on_every_rank
@@ -650,7 +649,7 @@ def _measure(
                 "threshold": threshold, "edge_of_stability": pre_res["values"][0] / threshold, "lr": adam["lr"],
                 "beta1": adam["beta1"], "optimizer": adam["optimizer"], "optimizer_step": adam["step"],
                 "lanczos_products": pre_res["lanczos"], "residual_products": 1, "converged": pre_res["converged"],
-                "clip_factor": 1.0,
+                "clip_factor": 1.0, "unmoved_fraction": adam["unmoved_fraction"],
             }  # fmt: skip
             del pre_op, pre
         del adam
@@ -682,7 +681,8 @@ def _preconditioner(
     model: LightningModule, target: _Target, op: ReducedOperator, s: AnalysisSettings
 ) -> tuple[dict[str, Any] | None, str]:
     """Adam's preconditioner from the checkpoint's optimizer state, as ``SharpnessTracker`` builds it (Cohen et al.
-    2022), or ``(None, why not)``. The gradient-clipping factor of the last step is not in a checkpoint: c = 1."""
+    2022; coordinates Adam never moved left out), or ``(None, why not)``. The gradient-clipping factor of the last
+    step is not in a checkpoint: c = 1."""
     optimizers, why_not = _restore_optimizers(model, target.checkpoint)
     if not optimizers:
         return None, why_not or "no optimizer"
@@ -692,13 +692,11 @@ def _preconditioner(
         names = ", ".join(type(o).__name__ for o in optimizers)
         shown = ", ".join(repr(n) for n in missing[:3]) + (", ..." if len(missing) > 3 else "")
         return None, f"{len(missing)} of {len(moments)} parameters have no Adam moments in {names}'s state ({shown})"
-    diags = [adam_preconditioner(m.exp_avg_sq, m.step, m.beta1, m.beta2, m.eps) for m in moments]
-    thresholds = [adam_threshold(m.beta1, _lr_floor(m.lr)) for m in moments]
-    diag, threshold = combine_preconditioners(diags, thresholds)
+    diag, threshold, unmoved = _adam_update_preconditioner(moments, clip={})  # no clipping factor in a checkpoint
     first = moments[0]
     used = sorted({type(optimizers[m.optimizer_index]).__name__ for m in moments})
     return {"diag": diag, "threshold": threshold, "lr": first.lr, "beta1": first.beta1, "step": first.step,
-            "optimizer": ", ".join(used)}, ""  # fmt: skip
+            "optimizer": ", ".join(used), "unmoved_fraction": unmoved}, ""  # fmt: skip
 
 
 def _basis(max_basis: int | None, limit: int) -> int | None:

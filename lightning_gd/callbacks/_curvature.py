@@ -26,13 +26,28 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gd.curvature import CurvatureOperator, HessianOperator, HvpMethod, OperatorMode, ReducedOperator
+from lightning_gd.curvature import (
+    CurvatureOperator,
+    EmpiricalFisherOperator,
+    GGNOperator,
+    HessianOperator,
+    HvpMethod,
+    LossSpec,
+    OperatorMode,
+    OutputLoss,
+    ReducedOperator,
+    loss_spec,
+)
 from lightning_gd.curvature._utils import _work_dtype
 from lightning_gd.utils.checks import check_choice, check_positive_int
 from lightning_gd.utils.logging import log_to_loggers
 from lightning_gd.utils.ranks import finite_on_every_rank
 
 LossFn = Callable[[LightningModule, Any], Tensor]
+OutputFn = Callable[[LightningModule, Any], tuple[Tensor, Tensor]]
+
+Curvature = Literal["hessian", "ggn", "fisher"]
+_CURVATURES: tuple[str, ...] = get_args(Curvature)
 
 BatchMode = Literal["current", "fixed"]
 _BATCH_MODES: tuple[str, ...] = get_args(BatchMode)
@@ -82,6 +97,50 @@ def _mean_loss(loss_fn: LossFn) -> LossFn:
         return sum(loss_fn(module, b) for b in batches) / len(batches)
 
     return loss
+
+
+def _check_curvature(curvature: Any, output_fn: Any, loss: Any, loss_fn: Any) -> LossSpec | None:
+    """Validate the curvature choice and what it needs; return the loss of the outputs (``None`` for the Hessian)."""
+    _check_choice("curvature", curvature, _CURVATURES)
+    if curvature == "hessian":
+        if output_fn is not None or loss is not None:
+            raise MisconfigurationException(
+                "`output_fn` and `loss` are for curvature='ggn' or 'fisher'; the Hessian's loss is `loss_fn` (default:"
+                " the module's training_step)"
+            )
+        return None
+    if loss_fn is not None:
+        raise MisconfigurationException(
+            f"curvature={curvature!r} is built from the model's outputs and `loss`, not `loss_fn`: pass `output_fn`"
+            " and `loss` instead"
+        )
+    if output_fn is not None and not callable(output_fn):
+        raise MisconfigurationException(f"`output_fn` must be callable, got {output_fn!r}")
+    if loss is None:
+        raise MisconfigurationException(
+            f"curvature={curvature!r} needs `loss`, the loss of the outputs: one of {get_args(OutputLoss)} or the"
+            " matching torch.nn loss module"
+        )
+    try:
+        return loss_spec(loss)
+    except ValueError as err:
+        raise MisconfigurationException(f"curvature={curvature!r}: {err}") from err
+
+
+def _module_outputs(module: LightningModule, batch: Any) -> tuple[Tensor, Tensor]:
+    return module.curvature_outputs(batch)  # type: ignore[operator]
+
+
+def _concatenated(output_fn: OutputFn) -> OutputFn:
+    """Outputs and targets of a list of batches, concatenated (the loss's mean over all their terms)."""
+
+    def outputs(module: LightningModule, batches: list[Any]) -> tuple[Tensor, Tensor]:
+        pairs = [output_fn(module, b) for b in batches]
+        if len(pairs) == 1:
+            return pairs[0]
+        return torch.cat([o for o, _ in pairs]), torch.cat([t for _, t in pairs])
+
+    return outputs
 
 
 def _check_groups(groups: Any) -> dict[str, tuple[str, ...]]:
@@ -216,12 +275,22 @@ def _reduced_operator(
     hvp: HvpMethod,
     mode: OperatorMode,
     params: list[Tensor] | None = None,
+    curvature: Curvature = "hessian",
+    output_fn: OutputFn | None = None,
+    spec: LossSpec | None = None,
 ) -> ReducedOperator:
-    """The Hessian of the mean loss over ``batches`` (default: the module's ``training_step``, logging silenced) with
-    respect to ``params`` (default: every trainable parameter), averaged over the data-parallel ranks: the operator
-    of the curvature callbacks and of ``lightning-gd analyze``."""
-    loss = _mean_loss(loss_fn or _training_step_loss)
-    op = HessianOperator(pl_module, loss, batches, params=params, hvp=hvp, mode=mode)
+    """The curvature of the mean loss over ``batches`` with respect to ``params`` (default: every trainable
+    parameter), averaged over the data-parallel ranks: the operator of the curvature callbacks and of ``lightning-gd
+    analyze``. The Hessian of ``loss_fn`` (default: the module's ``training_step``, logging silenced), or the GGN /
+    empirical Fisher of ``output_fn``'s outputs (default: the module's ``curvature_outputs``) under ``spec``."""
+    op: CurvatureOperator
+    if curvature == "hessian":
+        loss = _mean_loss(loss_fn or _training_step_loss)
+        op = HessianOperator(pl_module, loss, batches, params=params, hvp=hvp, mode=mode)
+    else:
+        cls = GGNOperator if curvature == "ggn" else EmpiricalFisherOperator
+        outputs = _concatenated(output_fn or _module_outputs)
+        op = cls(pl_module, outputs, spec, batches, params=params, hvp=hvp, mode=mode)
     return ReducedOperator(op, _reduce_fn(trainer))
 
 
@@ -229,6 +298,7 @@ class _CurvatureCallback(Callback):
     """Base of :class:`HessianTraceMonitor` and :class:`SharpnessTracker` (see their docs for arguments)."""
 
     _name = "curvature"
+    _prefixes: tuple[str, str, str] = ("curvature", "curvature_ggn", "curvature_fisher")  # metric prefix per curvature
 
     def __init__(
         self,
@@ -242,9 +312,17 @@ class _CurvatureCallback(Callback):
         max_overhead: float | None,
         memory_budget: int | None = None,
         groups: Mapping[str, str | Sequence[str]] | None = None,
+        curvature: Curvature = "hessian",
+        output_fn: OutputFn | None = None,
+        loss: OutputLoss | LossSpec | torch.nn.Module | None = None,
     ) -> None:
         _check_positive("every_n_steps", every_n_steps)
         self.groups = _check_groups(groups)
+        self._spec = _check_curvature(curvature, output_fn, loss, loss_fn)
+        self.curvature = curvature
+        self.output_fn = output_fn
+        self.loss = loss
+        self._name = self._prefixes[_CURVATURES.index(curvature)]
         if memory_budget is not None:
             _check_positive("memory_budget", memory_budget)
         if max_overhead is not None and (
@@ -287,8 +365,13 @@ class _CurvatureCallback(Callback):
         return self._generate_state_key(**self._key_args())
 
     def _key_args(self) -> dict[str, Any]:
-        return {"every_n_steps": self.every_n_steps, "batch": self.batch, "num_batches": self.num_batches,
+        args = {"every_n_steps": self.every_n_steps, "batch": self.batch, "num_batches": self.num_batches,
                 "mode": self.mode}  # fmt: skip
+        if self.curvature != "hessian":  # only when set: checkpoints written before keep their key
+            args["curvature"] = self.curvature
+        if self.groups:
+            args["groups"] = tuple(self.groups)
+        return args
 
     # ---------------------------------------------------------------- Lightning hooks
     @override
@@ -304,6 +387,16 @@ class _CurvatureCallback(Callback):
                 " pass `loss_fn(module, batch) -> Tensor`"
             )
         self._group_names = _resolve_groups(pl_module, self.groups, type(self).__name__)
+        if (
+            self.curvature != "hessian"
+            and self.output_fn is None
+            and not callable(getattr(pl_module, "curvature_outputs", None))
+        ):
+            raise MisconfigurationException(
+                f"{type(self).__name__}(curvature={self.curvature!r}) needs the model's outputs and targets: pass"
+                " `output_fn(module, batch) -> (outputs, targets)`, or define"
+                f" `{type(pl_module).__name__}.curvature_outputs(batch) -> (outputs, targets)`"
+            )
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -415,7 +508,10 @@ class _CurvatureCallback(Callback):
         """The rank-averaged curvature operator on ``batches``, over every trainable parameter or one group's."""
         params = None if group is None else self._group_params(pl_module, group)
         hvp = self._hvp_in_use or self.hvp
-        return _reduced_operator(trainer, pl_module, batches, self.loss_fn, hvp, self.mode, params=params)
+        return _reduced_operator(
+            trainer, pl_module, batches, self.loss_fn, hvp, self.mode, params=params, curvature=self.curvature,
+            output_fn=self.output_fn, spec=self._spec,
+        )  # fmt: skip
 
     def _group_params(self, pl_module: LightningModule, group: str) -> list[Tensor]:
         named = dict(pl_module.named_parameters())

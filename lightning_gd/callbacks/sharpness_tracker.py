@@ -22,10 +22,20 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gd.callbacks._curvature import BatchMode, LossFn, _check_positive, _CurvatureCallback, _MemoryPlan
+from lightning_gd.callbacks._curvature import (
+    BatchMode,
+    Curvature,
+    LossFn,
+    OutputFn,
+    _check_positive,
+    _CurvatureCallback,
+    _MemoryPlan,
+)
 from lightning_gd.curvature import (
     HvpMethod,
+    LossSpec,
     OperatorMode,
+    OutputLoss,
     PreconditionedOperator,
     ReducedOperator,
     lanczos,
@@ -34,6 +44,7 @@ from lightning_gd.curvature import (
 from lightning_gd.curvature.preconditioned import (
     adam_preconditioner,
     adam_threshold,
+    adam_unmoved,
     combine_preconditioners,
     gd_threshold,
 )
@@ -60,19 +71,20 @@ def _wide_range_scale(ax: Any, values: list[float]) -> None:
 class _ClipFactors:
     """The factor gradient clipping multiplied each optimizer's latest gradient by, measured, not assumed.
 
-    ``||g||`` is recorded after every backward (``on_after_backward``: after DDP's averaging, and divided by the
-    ``GradScaler``'s scale under ``16-mixed``), ``||g_used||`` when the optimizer has stepped (a step post-hook: the
-    gradient it consumed, after every clipping, Lightning's ``gradient_clip_val``, a ``configure_gradient_clipping``
-    override or the user's own ``clip_grad_norm_`` in a manual-optimization ``training_step``; a pre-hook would not
-    do: in automatic optimization the backward runs inside ``optimizer.step(closure)``, after it). ``c = ||g_used||
-    / ||g||`` when that shrank the gradient, else 1 (anything that grows it, e.g. gradient noise, is no clipping).
-    Norm clipping makes ``g_used = c g`` exactly; value clipping is not a scalar, and the ratio of norms is then its
-    average effect. Only reads gradients; recorded only over the optimizer steps just before a due check.
+    Each parameter's gradient norm is recorded after every backward (``on_after_backward``: after DDP's averaging,
+    and divided by the ``GradScaler``'s scale under ``16-mixed``) and again when the optimizer has stepped (a step
+    post-hook: the gradient it consumed, after every clipping, Lightning's ``gradient_clip_val``, a
+    ``configure_gradient_clipping`` override or the user's own ``clip_grad_norm_`` in a manual-optimization
+    ``training_step``; a pre-hook would not do: in automatic optimization the backward runs inside
+    ``optimizer.step(closure)``, after it). Norm clipping multiplies every parameter's gradient by the same ``c``;
+    ``c`` is the median of the per-parameter ratios, so that zeroing some gradients (a mask) is not read as
+    clipping, and value clipping gets its typical factor. A ratio above 1 (gradient noise) counts as 1. Only
+    reads gradients; recorded only over the optimizer steps just before a due check.
     """
 
     def __init__(self) -> None:
         self.factors: dict[int, float] = {}  # optimizer index -> c of its latest recorded step
-        self._raw_sq: dict[int, float] = {}
+        self._raw: dict[int, Tensor] = {}  # optimizer index -> per-parameter gradient norms after backward
         self._handles: list[Any] = []
         self._optimizers: list[Any] = []
         self.active = False
@@ -91,21 +103,32 @@ class _ClipFactors:
         self._handles = []
 
     @staticmethod
-    def _grad_sq(optimizer: Any) -> float:
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return 0.0
-        return float(sum(torch.linalg.vector_norm(g.detach(), dtype=torch.float64) ** 2 for g in grads))
+    def _norms(optimizer: Any) -> Tensor:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"]]
+        live = [g for g in grads if g is not None]
+        if not live:
+            return torch.zeros(len(grads), dtype=torch.float64)
+        device = live[0].device
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        norms = [
+            zero if g is None else torch.linalg.vector_norm(g.detach(), dtype=torch.float64).to(device) for g in grads
+        ]
+        return torch.stack(norms).cpu()  # one transfer for all parameters
 
     def after_backward(self, scale: float) -> None:
         if self.active:
             for index, optimizer in enumerate(self._optimizers):
-                self._raw_sq[index] = self._grad_sq(optimizer) / scale**2
+                self._raw[index] = self._norms(optimizer) / scale
 
     def _used(self, index: int, optimizer: Any) -> None:
-        if not self.active or not self._raw_sq.get(index):
+        raw = self._raw.pop(index, None)
+        if not self.active or raw is None:
             return
-        ratio = math.sqrt(self._grad_sq(optimizer) / self._raw_sq[index])
+        used = self._norms(optimizer)
+        live = raw > 0
+        if used.shape != raw.shape or not bool(live.any()):
+            return
+        ratio = float((used[live] / raw[live]).median())
         self.factors[index] = ratio if 0 < ratio < 1 else 1.0
 
 
@@ -129,6 +152,11 @@ class SharpnessTracker(_CurvatureCallback):
       gradient norm of each optimizer's latest step: Lightning's ``gradient_clip_val``, a
       ``configure_gradient_clipping`` override or your own ``clip_grad_norm_``) and reports
       ``lambda_max(c P_c^-1 H)``, logging ``sharpness/clip_factor``;
+    * **sparse or compressed gradients** (``ddp_topk``, random-k, parameters the loss does not reach): coordinates
+      with ``sqrt(v_hat) < eps`` have had no gradient, Adam does not move them, and their ``P`` would put ``1/eps``
+      on the diagonal (9.5e8 instead of 525 on GPT-2 under ``ddp_topk``); they are left out, said once, and
+      ``sharpness/unmoved_fraction`` logs their share (chosen by measurement over a floor on ``v`` and the raw
+      lambda_max: :mod:`lightning_gd.curvature.preconditioned`);
     * **when some measured parameter has no Adam moments** (an SGD-trained part, a parameter no optimizer updates,
       an optimizer whose state cannot be read such as DeepSpeed's), the raw lambda_max(H) is tracked against 2/lr
       instead, and the first check says so, naming the parameters. No check is skipped in silence.
@@ -140,7 +168,8 @@ class SharpnessTracker(_CurvatureCallback):
       repeated eigenvalue is returned);
     * with ``smallest=True``, ``sharpness/lambda_min`` (negative: a direction of negative curvature, a saddle);
     * preconditioned: ``sharpness/preconditioned_lambda_max`` and ``sharpness/edge_of_stability`` against
-      (2 + 2 beta1) / ((1 - beta1) lr), i.e. 38/lr at beta1 = 0.9, and ``sharpness/clip_factor``;
+      (2 + 2 beta1) / ((1 - beta1) lr), i.e. 38/lr at beta1 = 0.9, ``sharpness/clip_factor`` and
+      ``sharpness/unmoved_fraction`` (coordinates left out: see below);
     * ``sharpness/threshold``, ``sharpness/num_hvps`` (products spent in this check) and
       ``sharpness/skipped_checks`` (due checks skipped so far by the ``max_overhead`` budget);
     * with ``groups``, per group ``sharpness/<group>/lambda_max`` (or ``.../preconditioned_lambda_max``),
@@ -191,6 +220,12 @@ class SharpnessTracker(_CurvatureCallback):
         groups: ``{name: pattern or [patterns]}``: also track each group's sharpness (fnmatch patterns on
             ``named_parameters()`` names, e.g. ``{"attn": "*.attn.*", "mlp": "*.mlp.*"}``). A pattern that matches
             no trainable parameter is refused at setup, naming it and a few parameter names.
+        curvature: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"`` (see :class:`HessianTraceMonitor`): the
+            metrics are then ``sharpness_ggn/...`` or ``sharpness_fisher/...`` and the plot ``sharpness_ggn.png``.
+            The GGN is PSD, so its ``lambda_min`` is 0 up to rounding, and its density is best read on a log scale.
+        output_fn: ``output_fn(module, batch) -> (outputs, targets)`` for ``"ggn"``/``"fisher"``; default: the
+            module's ``curvature_outputs(batch)`` method.
+        loss: The loss of the outputs for ``"ggn"``/``"fisher"`` (see :class:`HessianTraceMonitor`).
 
     Precision: products in the parameters' dtype (float32 under ``bf16-mixed``), basis and Gram-Schmidt in float32
     (float64 for float64 models), Ritz values from a float64 projected matrix.
@@ -206,6 +241,7 @@ class SharpnessTracker(_CurvatureCallback):
     """
 
     _name = "sharpness"
+    _prefixes = ("sharpness", "sharpness_ggn", "sharpness_fisher")
 
     def __init__(
         self,
@@ -229,10 +265,14 @@ class SharpnessTracker(_CurvatureCallback):
         max_overhead: float | None = 0.025,
         memory_budget: int | None = None,
         groups: Mapping[str, str | Sequence[str]] | None = None,
+        curvature: Curvature = "hessian",
+        output_fn: OutputFn | None = None,
+        loss: OutputLoss | LossSpec | torch.nn.Module | None = None,
     ) -> None:
         super().__init__(
-            every_n_steps, batch, num_batches, loss_fn, mode, hvp, seed, max_overhead, memory_budget, groups=groups
-        )
+            every_n_steps, batch, num_batches, loss_fn, mode, hvp, seed, max_overhead, memory_budget, groups=groups,
+            curvature=curvature, output_fn=output_fn, loss=loss,
+        )  # fmt: skip
         _check_positive("k", k)
         _check_positive("max_iter", max_iter)
         _check_positive("density_num_runs", density_num_runs)
@@ -259,6 +299,7 @@ class SharpnessTracker(_CurvatureCallback):
         self._max_basis: int | None = None  # Lanczos vectors stored at once, from memory_budget (None: max_iter)
         self._modes: dict[str, bool] = {}  # target -> preconditioned or not, decided at the first check, then fixed
         self._clip = _ClipFactors()
+        self._said_unmoved = False
         self._last_density_step = 0
         self.density_paths: list[str] = []
         self.plot_path: str | None = None
@@ -278,9 +319,14 @@ class SharpnessTracker(_CurvatureCallback):
         else:
             self._modes[_ALL] = bool(value)
 
+    def _metric(self, target: str, name: str) -> str:
+        """``sharpness/<name>`` for the whole model, ``sharpness/<group>/<name>`` for a group (``sharpness_ggn``,
+        ``sharpness_fisher`` for the other curvatures)."""
+        return f"{self._name}/{target}/{name}" if target else f"{self._name}/{name}"
+
     @property
     def _key(self) -> str:
-        return _metric(_ALL, "preconditioned_lambda_max" if self._preconditioned else "lambda_max")
+        return self._metric(_ALL, "preconditioned_lambda_max" if self._preconditioned else "lambda_max")
 
     # ---------------------------------------------------------------- set-up
     def _fit_budget(self, plan: _MemoryPlan, trainer: Trainer) -> None:
@@ -350,17 +396,17 @@ class SharpnessTracker(_CurvatureCallback):
                 return {self._key: math.nan}
             num_hvps += top.num_matvecs + (bottom.num_matvecs if bottom is not None else 0)
             lam = top.eigenvalues.tolist()
-            metrics[_metric(name, "preconditioned_lambda_max" if preconditioned else "lambda_max")] = lam[0]
-            metrics[_metric(name, "edge_of_stability")] = lam[0] / threshold
-            metrics[_metric(name, "threshold")] = threshold
+            metrics[self._metric(name, "preconditioned_lambda_max" if preconditioned else "lambda_max")] = lam[0]
+            metrics[self._metric(name, "edge_of_stability")] = lam[0] / threshold
+            metrics[self._metric(name, "threshold")] = threshold
             if name == _ALL:
                 for i, value in enumerate(lam[1:], start=2):
-                    metrics[f"sharpness/eig_{i}"] = value
+                    metrics[self._metric(_ALL, f"eig_{i}")] = value
                 if bottom is not None:
-                    metrics["sharpness/lambda_min"] = bottom.eigenvalues[0].item()
+                    metrics[self._metric(_ALL, "lambda_min")] = bottom.eigenvalues[0].item()
                 if preconditioned:
                     metrics.update(clip)
-        metrics["sharpness/num_hvps"] = float(num_hvps)
+        metrics[self._metric(_ALL, "num_hvps")] = float(num_hvps)
         if notes:  # choices are made once per target (at its first check): so is this warning
             rank_zero_warn("SharpnessTracker: " + " ".join(notes) + " Said once.")
         self._remember_hvp(op)
@@ -398,15 +444,23 @@ class SharpnessTracker(_CurvatureCallback):
             lr = _lr_floor(max(lrs))
             return op, gd_threshold(lr) if lr == lr else math.nan, False, {}
         clip = {i: self._clip.factors.get(i, 1.0) for i in sorted({m.optimizer_index for m in moments})}
-        diags = [
-            adam_preconditioner(m.exp_avg_sq, m.step, m.beta1, m.beta2, m.eps, clip_factor=clip[m.optimizer_index])
-            for m in moments
-        ]
-        thresholds = [adam_threshold(m.beta1, _lr_floor(m.lr)) for m in moments]
-        diag, threshold = combine_preconditioners(diags, thresholds)
-        logged = {"sharpness/clip_factor": clip[moments[0].optimizer_index]}
+        diag, threshold, share = _adam_update_preconditioner(moments, clip)
+        if share > 0:
+            if not self._said_unmoved and name == _ALL:
+                self._said_unmoved = True
+                notes.append(
+                    f"{share:.1%} of the measured coordinates have no gradient in Adam's second moment (sqrt(v_hat) <"
+                    " eps: sparse or compressed gradients such as ddp_topk, or parameters the loss does not reach)."
+                    " Adam does not move them, and their P = (1 - beta1^t) eps would put 1/eps on the diagonal of"
+                    " P^-1 H (a sharpness up to 1e8 times too large), so they are left out: the number is the"
+                    " preconditioned sharpness of the coordinates Adam moves (with compressed gradients, of the"
+                    f" update a coordinate gets when it is sent). `{self._metric(_ALL, 'unmoved_fraction')}` logs"
+                    " the share left out."
+                )
+        logged = {self._metric(_ALL, "clip_factor"): clip[moments[0].optimizer_index]}
+        logged[self._metric(_ALL, "unmoved_fraction")] = share
         if len(clip) > 1:
-            logged.update({f"sharpness/clip_factor_{i}": c for i, c in clip.items()})
+            logged.update({self._metric(_ALL, f"clip_factor_{i}"): c for i, c in clip.items()})
         return PreconditionedOperator(op, diag), threshold, True, logged
 
     def _note_choice(
@@ -465,23 +519,32 @@ class SharpnessTracker(_CurvatureCallback):
         ax.set_ylabel("density")
         ax.set_title(f"Hessian spectral density, step {step}")
         ax.grid(alpha=0.3)
-        path = save_figure(trainer, fig, log_dir, f"spectral_density_step{step}.png", tag="sharpness/spectral_density")
+        path = save_figure(
+            trainer, fig, log_dir, f"spectral_density_step{step}.png", tag=f"{self._name}/spectral_density"
+        )
         self.density_paths.append(path)
 
     def _plot_sharpness(self, trainer: Trainer) -> None:
-        key = self._key
         log_dir = run_dir(trainer)  # on every rank: a collective under DDP
-        if not self.plot or not trainer.is_global_zero or not self.history.get(key):
+        if not self.plot or not trainer.is_global_zero or not self.history.get(self._key):
             return
+        fig = self._sharpness_figure()
+        name = "sharpness.png" if self.curvature == "hessian" else f"sharpness_{self.curvature}.png"
+        self.plot_path = save_figure(trainer, fig, log_dir, name, tag=f"{self._name}/vs_threshold")
+        rank_zero_info(f"SharpnessTracker: wrote {self.plot_path}")
+
+    def _sharpness_figure(self) -> Any:
+        """lambda_max (and the groups', lambda_min) against the threshold over the checks so far."""
+        key = self._key
         steps, lam = zip(*self.history[key], strict=True)
-        t_steps, thresholds = zip(*self.history["sharpness/threshold"], strict=True)
+        t_steps, thresholds = zip(*self.history[self._metric(_ALL, "threshold")], strict=True)
         fig, ax = new_figure()
         ax.plot(steps, lam, marker="o", markersize=4, label=key.split("/")[1])
         values = [*lam, *thresholds]
         for group in self._group_names:
             for suffix in ("preconditioned_lambda_max", "lambda_max"):
-                if _metric(group, suffix) in self.history:
-                    g_steps, g_lam = zip(*self.history[_metric(group, suffix)], strict=True)
+                if self._metric(group, suffix) in self.history:
+                    g_steps, g_lam = zip(*self.history[self._metric(group, suffix)], strict=True)
                     ax.plot(g_steps, g_lam, marker=".", markersize=4, linewidth=1, label=f"{group}: {suffix}")
                     values += g_lam
         bound = "(2 + 2 beta1) / ((1 - beta1) lr)" if self._preconditioned else "2/lr"
@@ -489,14 +552,14 @@ class SharpnessTracker(_CurvatureCallback):
         label = f"{bound} (last: {thresholds[-1]:.4g})"
         ax.plot(t_steps, thresholds, linestyle="--", marker="_", markersize=14, color="black", label=label)
         ax.axhline(thresholds[-1], linestyle=":", linewidth=1, color="black")
-        if "sharpness/lambda_min" in self.history:
-            s_min, l_min = zip(*self.history["sharpness/lambda_min"], strict=True)
+        if self._metric(_ALL, "lambda_min") in self.history:
+            s_min, l_min = zip(*self.history[self._metric(_ALL, "lambda_min")], strict=True)
             ax.plot(s_min, l_min, marker="v", markersize=4, label="lambda_min")
             values += l_min
         if len(steps) == 1:
             ax.annotate(
                 f"{lam[0]:.4g}: {lam[0] / thresholds[-1]:.3g} of the threshold",
-                (steps[0], lam[0]), textcoords="offset points", xytext=(8, -12),
+                (steps[0], lam[0]), textcoords="offset points", xytext=(8, 6),
             )  # fmt: skip
         _wide_range_scale(ax, values)
         ax.set_xlabel("step")
@@ -504,8 +567,7 @@ class SharpnessTracker(_CurvatureCallback):
         ax.set_title("Sharpness against the stability threshold")
         ax.grid(alpha=0.3)
         ax.legend()
-        self.plot_path = save_figure(trainer, fig, log_dir, "sharpness.png", tag="sharpness/vs_threshold")
-        rank_zero_info(f"SharpnessTracker: wrote {self.plot_path}")
+        return fig
 
     # ---------------------------------------------------------------- checkpointing
     @override
@@ -527,12 +589,26 @@ class SharpnessTracker(_CurvatureCallback):
         self._preconditioned = None if in_use is None else bool(in_use)
 
 
+def _adam_update_preconditioner(moments: Sequence[Any], clip: Mapping[int, float]) -> tuple[Tensor, float, float]:
+    """Cohen et al.'s ``P`` over the measured coordinates (combined over the optimizers and groups that own them,
+    each divided by its optimizer's clipping factor), its threshold, and the share of coordinates Adam never moved,
+    left out with an infinite ``P`` (curvature/preconditioned.py, "Sparse or compressed gradients"). Used by
+    ``SharpnessTracker`` and ``lightning-gd analyze``; ``moments`` from ``utils.optim_state.adam_moments``.
+    """
+    diags = [
+        adam_preconditioner(m.exp_avg_sq, m.step, m.beta1, m.beta2, m.eps, clip_factor=clip.get(m.optimizer_index, 1.0))
+        for m in moments
+    ]
+    thresholds = [adam_threshold(m.beta1, _lr_floor(m.lr)) for m in moments]
+    diag, threshold = combine_preconditioners(diags, thresholds)
+    unmoved = torch.cat([adam_unmoved(m.exp_avg_sq, m.step, m.beta2, m.eps).flatten() for m in moments])
+    share = float(unmoved.double().mean())
+    if share > 0:
+        diag = diag.masked_fill(unmoved.to(diag.device), math.inf)
+    return diag, threshold, share
+
+
 def _lr_floor(lr: float) -> float:
     """A learning rate of 0 (a frozen group, the first warm-up step) updates nothing: an all but infinite, finite
     threshold, so that its block never sets the edge; NaN (no optimizer) stays NaN and the check is skipped."""
     return lr if not lr <= 0 else 1e-300
-
-
-def _metric(target: str, name: str) -> str:
-    """``sharpness/<name>`` for the whole model, ``sharpness/<group>/<name>`` for a group."""
-    return f"sharpness/{target}/{name}" if target else f"sharpness/{name}"

@@ -1,9 +1,9 @@
 """Gradient compression for data-parallel training (pure PyTorch, no Lightning import).
 
 Compressors (:class:`TopK`, :class:`RandomK`, :class:`Sign`, :class:`QSGD`), error-feedback memory
-(:class:`ErrorFeedback`), DGC momentum correction (:class:`MomentumCorrection`), and the DDP hook states
-behind one protocol (:class:`HookState`): :class:`CompressionHookState` runs any compressor with error
-feedback, :class:`PowerSGDHookState` runs torch's PowerSGD. :data:`COMPRESSORS` names them.
+(:class:`ErrorFeedback`, or the null :class:`NoMemory`), DGC momentum correction (:class:`MomentumCorrection`),
+and the DDP hook states behind one protocol (:class:`HookState`): :class:`CompressionHookState` runs any
+compressor with error feedback, :class:`PowerSGDHookState` runs torch's PowerSGD. :data:`COMPRESSORS` names them.
 
 Example::
 
@@ -27,6 +27,7 @@ _EXPORTS = {
     "ErrorFeedback": ".error_feedback",
     "HookState": ".hook_state",
     "MomentumCorrection": ".momentum",
+    "NoMemory": ".no_memory",
     "PowerSGDHookState": ".powersgd",
     "RandomK": ".randomk",
     "Sign": ".sign",

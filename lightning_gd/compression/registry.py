@@ -34,6 +34,9 @@ class CompressorEntry:
             implementing :class:`~lightning_gd.compression.HookState` itself (PowerSGD); :attr:`cls` imports it.
         options: The compressor's own options and their defaults (keyword arguments of ``cls``).
         description: One line, shown by ``lightning-gd compressors`` and in the strategy registry.
+        hook_options: The hook options it accepts (``None``: all of
+            :class:`~lightning_gd.compression.CompressionHookState`'s). Another hook option given at its default
+            is left out; at any other value it is refused, naming the compressors it applies to.
 
     Example::
 
@@ -44,6 +47,7 @@ class CompressorEntry:
     class_path: str
     options: Mapping[str, Any]
     description: str
+    hook_options: tuple[str, ...] | None = None
 
     @property
     def cls(self) -> type:
@@ -73,6 +77,7 @@ COMPRESSORS: dict[str, CompressorEntry] = {
         f"{_PACKAGE}.powersgd.PowerSGDHookState",
         {"powersgd_rank": 1, "seed": 0},
         "PowerSGD low-rank (torch's hook), its own memory",
+        hook_options=("error_feedback", "warmup_steps", "warmup_dtype", "min_compression_rate", "process_group"),
     ),
 }
 
@@ -112,8 +117,25 @@ def make_hook_state(name: str, **options: Any) -> HookState:
             raise ValueError(f"{key}={value!r} applies to {', '.join(users)}, not to {name!r}")
     own = {k: options[k] if options.get(k) is not None else default for k, default in entry.options.items()}
     hook_cls = CompressionHookState if issubclass(entry.cls, Compressor) else entry.cls  # PowerSGD: its own
+    if entry.hook_options is not None:
+        hook_options = _accepted(name, entry.hook_options, hook_options)
     if unknown := sorted(set(hook_options) - set(inspect.signature(hook_cls).parameters)):
         raise ValueError(f"unknown option {unknown[0]}={hook_options[unknown[0]]!r} for {name!r}")
     if hook_cls is CompressionHookState:
         return CompressionHookState(entry.cls(**own), **hook_options)
     return hook_cls(**own, **hook_options)
+
+
+def _accepted(name: str, accepted: tuple[str, ...], hook_options: dict[str, Any]) -> dict[str, Any]:
+    """``hook_options`` that compressor ``name`` accepts; another hook option must be at its default."""
+    from lightning_gd.compression.hook import CompressionHookState
+
+    shared = inspect.signature(CompressionHookState).parameters
+    out = {}
+    for key, value in hook_options.items():
+        if key in accepted or key not in shared:  # ours, or unknown (refused by the hook's signature)
+            out[key] = value
+        elif value is not None and value != shared[key].default:
+            users = [n for n, e in COMPRESSORS.items() if e.hook_options is None or key in e.hook_options]
+            raise ValueError(f"{key}={value!r} is not supported by {name!r}: it applies to {', '.join(users)}")
+    return out

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gd.optim._validation import _check_betas, _check_nonnegative, _check_positive
-from lightning_gd.utils.checks import check_positive_int
+from lightning_gd.optim._validation import _check_betas
+from lightning_gd.utils.checks import check_number, check_positive_int
 
 __all__ = ["Conda"]
 
@@ -86,12 +86,12 @@ class Conda(Optimizer):
         scale: float = 1.0,
     ) -> None:
         defaults = dict(
-            lr=_check_nonnegative("lr", lr),
+            lr=check_number("lr", lr, 0),
             betas=_check_betas(betas),
-            eps=_check_nonnegative("eps", eps),
-            weight_decay=_check_nonnegative("weight_decay", weight_decay),
+            eps=check_number("eps", eps, 0),
+            weight_decay=check_number("weight_decay", weight_decay, 0),
             update_proj_gap=check_positive_int("update_proj_gap", update_proj_gap),
-            scale=_check_positive("scale", scale),
+            scale=check_number("scale", scale, 0, low_open=True),
             conda=True,
         )
         super().__init__(params, defaults)

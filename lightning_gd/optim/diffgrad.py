@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gd.optim._validation import _check_betas, _check_nonnegative
+from lightning_gd.optim._validation import _check_betas
+from lightning_gd.utils.checks import check_number
 
 __all__ = ["DiffGrad"]
 
@@ -56,10 +57,10 @@ class DiffGrad(Optimizer):
         weight_decay: float = 0.0,
     ) -> None:
         defaults = dict(
-            lr=_check_nonnegative("lr", lr),
+            lr=check_number("lr", lr, 0),
             betas=_check_betas(betas),
-            eps=_check_nonnegative("eps", eps),
-            weight_decay=_check_nonnegative("weight_decay", weight_decay),
+            eps=check_number("eps", eps, 0),
+            weight_decay=check_number("weight_decay", weight_decay, 0),
         )
         super().__init__(params, defaults)
 

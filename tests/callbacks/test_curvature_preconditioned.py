@@ -12,6 +12,7 @@ from torch.func import functional_call
 
 from lightning_gd.callbacks import SharpnessTracker
 from lightning_gd.curvature.preconditioned import adam_preconditioner, adam_threshold, combine_preconditioners
+from tests.callbacks.test_curvature_callbacks import _exact_hessian
 from tests.helpers.models import classification_loader
 
 
@@ -272,3 +273,43 @@ def test_no_optimizer_lr_zero_and_an_optimizer_without_moments(tmp_path):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3)), batch_size=4)
     _trainer(tmp_path, [sharp], max_steps=2).fit(_M(), loader)
     assert sharp._clip._handles == [] and sharp.last_metrics["sharpness/edge_of_stability"] < 1e-200
+
+
+def test_coordinates_adam_never_moved_are_left_out_and_a_gradient_mask_is_no_clipping(tmp_path):
+    # A hook zeroes the first layer's bias gradient before every step (as top-k compression zeroes most
+    # coordinates): Adam's v = 0 there, and P = (1 - beta1^t) eps would put 1/eps on the diagonal. The coordinates
+    # are left out, said once, their share logged; the mask is not read as gradient clipping.
+    from tests.helpers.models import TinyClassifier
+
+    class _Masked(TinyClassifier):
+        def on_before_optimizer_step(self, optimizer):
+            self.net[0].bias.grad.zero_()
+
+    seed_everything(0)
+    model = _Masked(batchnorm=False, dropout=0.0, optimizer="adam", lr=0.01)
+    sharp = SharpnessTracker(every_n_steps=3, batch="fixed", preconditioned=True, tol=1e-9, max_iter=200,
+                             max_overhead=None, plot=False)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _trainer(tmp_path, [sharp], max_steps=6, precision="64-true")
+        trainer.fit(model, classification_loader())
+    notes = [str(w.message) for w in caught if "no gradient in Adam's second moment" in str(w.message)]
+    n = sum(p.numel() for p in model.parameters())
+    assert len(notes) == 1 and f"{16 / n:.1%}" in notes[0]
+    m = sharp.last_metrics
+    assert m["sharpness/unmoved_fraction"] == pytest.approx(16 / n)
+    assert m["sharpness/clip_factor"] == 1.0  # the masked gradient is not clipping
+    opt = trainer.optimizers[0]
+    (beta1, beta2), eps = opt.param_groups[0]["betas"], opt.param_groups[0]["eps"]
+    P = torch.cat([adam_preconditioner(opt.state[p]["exp_avg_sq"], float(opt.state[p]["step"]), beta1, beta2,
+                                       eps).flatten() for p in model.parameters()])  # fmt: skip
+    keep = torch.ones(n, dtype=torch.bool)  # net.0.bias (16 entries) comes right after net.0.weight
+    offset = model.net[0].weight.numel()
+    keep[offset : offset + 16] = False
+    H = _exact_hessian(model, sharp._fixed[0])
+    s = P[keep].rsqrt()
+    exact = torch.linalg.eigvalsh(s[:, None] * H[keep][:, keep] * s[None, :])[-1].item()
+    assert m["sharpness/preconditioned_lambda_max"] == pytest.approx(exact, rel=1e-6)
+    s_all = P.rsqrt()
+    kept_in = torch.linalg.eigvalsh(s_all[:, None] * H * s_all[None, :])[-1].item()
+    assert kept_in > 1e4 * exact  # what the tracker reported before: dominated by the 1/eps entries

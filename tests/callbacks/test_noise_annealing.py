@@ -199,14 +199,14 @@ def test_resumed_run_draws_the_same_noise(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"eta": -0.1}, "`eta` must be a non-negative finite number, got -0.1"),
-        ({"gamma": -1}, "`gamma` must be a non-negative finite number, got -1"),
+        ({"eta": -0.1}, "`eta` must be a finite number >= 0, got -0.1"),
+        ({"gamma": -1}, "`gamma` must be a finite number >= 0, got -1"),
         ({"target": "activations"}, r"`target` must be one of \('gradient', 'weights'\), got 'activations'"),
         ({"schedule": "cosine"}, r"`schedule` must be one of \('polynomial', 'step'\), got 'cosine'"),
         ({"schedule": "step", "gamma": 1.5}, "`gamma` must be at most 1 with schedule='step', got 1.5"),
-        ({"radius": 0.0}, "`radius` must be a positive finite number, got 0.0"),
+        ({"radius": 0.0}, "`radius` must be a finite number > 0, got 0.0"),
         ({"perturb_interval": 0}, "`perturb_interval` must be a positive integer, got 0"),
-        ({"grad_norm_threshold": float("inf")}, "`grad_norm_threshold` must be a non-negative finite number"),
+        ({"grad_norm_threshold": float("inf")}, "`grad_norm_threshold` must be a finite number >= 0"),
         ({"per_rank": "yes"}, "`per_rank` must be a bool, got 'yes'"),
     ],
 )

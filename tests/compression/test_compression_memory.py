@@ -21,6 +21,7 @@ from lightning_gd.compression import (
     ErrorFeedback,
     HookState,
     MomentumCorrection,
+    NoMemory,
     PowerSGDHookState,
     RandomK,
     Sign,
@@ -117,7 +118,7 @@ def test_hook_state_validates_its_arguments() -> None:
         CompressionHookState(Sign(), momentum_correction=0.9)
     with pytest.raises(ValueError, match="momentum_correction=0.9 needs error_feedback=True"):
         CompressionHookState(TopK(0.1), momentum_correction=0.9, error_feedback=False)
-    with pytest.raises(ValueError, match=r"momentum_correction must be in \[0, 1\), got momentum_correction=1.0"):
+    with pytest.raises(ValueError, match=r"`momentum_correction` must be in \[0, 1\), got 1.0"):
         CompressionHookState(TopK(0.1), momentum_correction=1.0)
     with pytest.raises(ValueError, match="`warmup_steps` must be an integer >= 0, got -1"):
         CompressionHookState(TopK(0.1), warmup_steps=-1)
@@ -127,15 +128,15 @@ def test_hook_state_validates_its_arguments() -> None:
         CompressionHookState(Sign(), density_warmup_steps=3)
     with pytest.raises(TypeError, match="compressor"):
         CompressionHookState("topk")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="momentum_correction=0.9 is not supported by PowerSGD"):
-        PowerSGDHookState(momentum_correction=0.9)
+    with pytest.raises(ValueError, match="momentum_correction=0.9 is not supported by 'powersgd': it applies to topk"):
+        make_hook_state("powersgd", momentum_correction=0.9)  # the registry entry declares what PowerSGD accepts
     assert CompressionHookState(TopK(0.1)).stats() == {}
 
 
 def test_error_feedback_defaults_to_on_for_contractive_compressors_only() -> None:
-    assert CompressionHookState(TopK(0.1), error_feedback=None).memory is not None
-    assert CompressionHookState(Sign(), error_feedback=None).memory is not None
-    assert CompressionHookState(QSGD(4), error_feedback=None).memory is None
+    assert CompressionHookState(TopK(0.1), error_feedback=None).memory.enabled
+    assert CompressionHookState(Sign(), error_feedback=None).memory.enabled
+    assert isinstance(CompressionHookState(QSGD(4), error_feedback=None).memory, NoMemory)  # the null memory
     with pytest.warns(UserWarning, match="no contraction"):
         CompressionHookState(QSGD(4), error_feedback=True)
 
@@ -310,7 +311,7 @@ def test_registry_entries_build_hook_states_with_their_defaults() -> None:
         assert set(entry.options) <= set(inspect.signature(entry.cls).parameters), name
         assert isinstance(make_hook_state(name), HookState) and entry.description
     state = make_hook_state("qsgd")
-    assert state.compressor.levels == 16 and state.memory is None  # QSGD: no memory by default
+    assert state.compressor.levels == 16 and not state.memory.enabled  # QSGD: no memory by default
     assert make_hook_state("randomk", density=0.1, seed=3).compressor.seed == 3
     assert make_hook_state("powersgd", powersgd_rank=2).state.matrix_approximation_rank == 2
     assert make_hook_state("topk", density=None).compressor.density == 0.01
@@ -328,7 +329,7 @@ def test_registry_rejects_unknown_names_and_foreign_options() -> None:
         make_hook_state("sign", density=0.5)
     with pytest.raises(ValueError, match="unknown option denisty=0.5 for 'topk'"):
         make_hook_state("topk", denisty=0.5)
-    with pytest.raises(ValueError, match="unknown option nesterov=True for 'powersgd'"):
+    with pytest.raises(ValueError, match="nesterov=True is not supported by 'powersgd'"):
         make_hook_state("powersgd", nesterov=True)
 
 

@@ -7,9 +7,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_gd.optim import WarmupCosineLR
+from lightning_gd.optim import WarmupDecayLR
+from lightning_gd.optim.recipe import decay_groups
 from lightning_gd.recipes import CausalLMModule, TextCorpusDataModule
-from lightning_gd.recipes.causal_lm import _param_groups
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def _trainer(tmp_path, **kw):
 
 def test_param_groups_exclude_norms_and_embeddings_from_decay():
     module = CausalLMModule(overrides={"n_layer": 1})
-    decay, no_decay = _param_groups(module.model)
+    decay, no_decay = decay_groups(module.model)
     names = {id(p): n for n, p in module.model.named_parameters()}
     assert all(p.ndim == 2 for p in decay["params"])
     assert {names[id(p)] for p in no_decay["params"]} == {
@@ -55,7 +55,7 @@ def test_default_optimizer_and_schedule_train_the_model(tmp_path, corpus):
     opt = trainer.optimizers[0]
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
     sched = trainer.lr_scheduler_configs[0].scheduler
-    assert isinstance(sched, WarmupCosineLR) and sched.total_steps == 30
+    assert isinstance(sched, WarmupDecayLR) and sched.total_steps == 30
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * sched.lr_factor(30))
 
 

@@ -11,7 +11,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_gd.recipes import DigitsDataModule, ImageFolderDataModule
 from lightning_gd.recipes.resumable import ResumableDataModule
-from lightning_gd.strategies.conadv import _LookaheadLoader
+from lightning_gd.strategies.lookahead import LookaheadLoader
 from lightning_gd.utils.rng import seeded_rngs
 
 
@@ -125,7 +125,7 @@ def test_conadv_lookahead_seeks_a_resumable_loader_without_reading_the_skipped_b
     dm = _Counting()
     full = [int(i) for batch in dm.train_dataloader() for i in batch]
     dm.dataset.reads = 0
-    lookahead = _LookaheadLoader(dm.train_dataloader(), lambda: 0)
+    lookahead = LookaheadLoader(dm.train_dataloader(), lambda: 0)
     lookahead.load_state_dict({"epoch": 0, "consumed": 3})
     iter(lookahead)
     assert lookahead.consumed == 3 and lookahead.peek(2) is None  # batch indices continue from the saved position
