@@ -50,7 +50,6 @@ from lightning_gd.callbacks._curvature import _check_strategy, _memory_plan, _Me
 from lightning_gd.callbacks.sharpness_tracker import _adam_update_preconditioner
 from lightning_gd.cli import _DEBUG, _resolve_config_names
 from lightning_gd.curvature import (
-    EigResult,
     HvpMethod,
     OperatorMode,
     PreconditionedOperator,
@@ -598,30 +597,14 @@ def _measure(
     with timer("top_eigenvalues"):
         bar.phase(f"top {s.k} eigenvalues")
         before = pop.num_matvecs
-        top = lanczos(pop, k=s.k, which="largest", tol=s.tol, max_iter=s.max_iter, generator=gen(_SEED_TOP),
-                      max_basis=_basis(budget.max_basis, s.max_iter + s.k - 1))  # fmt: skip
-        bar.unused(s.max_iter - top.num_matvecs)
-        top_vectors = top.eigenvectors.detach().cpu()  # host memory: the device keeps room for the next phases
-        residuals = _residual_norms(pop, top)
+        report["top"], top_vectors = _extreme(pop, s.k, "largest", s, budget.max_basis, gen(_SEED_TOP), bar)
         report["products"]["top_eigenvalues"] = pop.num_matvecs - before
-        del top
-    report["top"] = {"eigenvalues": _floats(residuals["values"]),
-                     "residual_norms": _floats(residuals["norms"]), "lanczos_products": residuals["lanczos"],
-                     "residual_products": s.k, "converged": residuals["converged"]}  # fmt: skip
     if s.bottom_k:
         with timer("bottom_eigenvalues"):
             bar.phase(f"bottom {s.bottom_k} eigenvalue{'s' if s.bottom_k > 1 else ''}")
             before = pop.num_matvecs
-            bottom = lanczos(pop, k=s.bottom_k, which="smallest", tol=s.tol, max_iter=s.max_iter,
-                             generator=gen(_SEED_BOTTOM),
-                             max_basis=_basis(budget.max_basis, s.max_iter + s.bottom_k - 1))  # fmt: skip
-            bar.unused(s.max_iter - bottom.num_matvecs)
-            bottom_res = _residual_norms(pop, bottom)
+            report["bottom"], _ = _extreme(pop, s.bottom_k, "smallest", s, budget.max_basis, gen(_SEED_BOTTOM), bar)
             report["products"]["bottom_eigenvalues"] = pop.num_matvecs - before
-            del bottom
-        report["bottom"] = {"eigenvalues": _floats(bottom_res["values"]),
-                            "residual_norms": _floats(bottom_res["norms"]), "lanczos_products": bottom_res["lanczos"],
-                            "residual_products": s.bottom_k, "converged": bottom_res["converged"]}  # fmt: skip
     # ----- trace
     with timer("trace"):
         bar.phase("Hutch++ trace")
@@ -638,20 +621,18 @@ def _measure(
             bar.phase("preconditioned sharpness")
             pre_op = PreconditionedOperator(pop, adam["diag"].to(op.device))
             before = pop.num_matvecs
-            pre = lanczos(pre_op, k=1, which="largest", tol=s.tol, max_iter=s.max_iter, generator=gen(_SEED_PRE),
-                          max_basis=_basis(budget.pre_basis, s.max_iter))  # fmt: skip
-            bar.unused(s.max_iter - pre.num_matvecs)
-            pre_res = _residual_norms(pre_op, pre)
+            pre, _ = _extreme(pre_op, 1, "largest", s, budget.pre_basis, gen(_SEED_PRE), bar)
             report["products"]["preconditioned"] = pop.num_matvecs - before
             threshold = adam["threshold"]
+            lam = pre["eigenvalues"][0]
             report["preconditioned"] = {
-                "lambda_max": pre_res["values"][0], "residual_norm": pre_res["norms"][0],
-                "threshold": threshold, "edge_of_stability": pre_res["values"][0] / threshold, "lr": adam["lr"],
-                "beta1": adam["beta1"], "optimizer": adam["optimizer"], "optimizer_step": adam["step"],
-                "lanczos_products": pre_res["lanczos"], "residual_products": 1, "converged": pre_res["converged"],
+                "lambda_max": lam, "residual_norm": pre["residual_norms"][0], "threshold": threshold,
+                "edge_of_stability": lam / threshold, "lr": adam["lr"], "beta1": adam["beta1"],
+                "optimizer": adam["optimizer"], "optimizer_step": adam["step"],
+                "lanczos_products": pre["lanczos_products"], "residual_products": 1, "converged": pre["converged"],
                 "clip_factor": 1.0, "unmoved_fraction": adam["unmoved_fraction"],
             }  # fmt: skip
-            del pre_op, pre
+            del pre_op
         del adam
     # ----- spectral density
     with timer("density"):
@@ -703,16 +684,27 @@ def _basis(max_basis: int | None, limit: int) -> int | None:
     return None if max_basis is None else min(max_basis, limit)
 
 
-def _residual_norms(op: Any, result: EigResult) -> dict[str, Any]:
-    """True residual norms ``||A y - theta y||`` of the Ritz pairs, one product each (all ranks the same)."""
+def _extreme(
+    op: Any, k: int, which: str, s: AnalysisSettings, max_basis: int | None, generator: torch.Generator, bar: _Bar
+) -> tuple[dict[str, Any], Tensor]:
+    """The ``k`` extreme eigenpairs by (block) Lanczos with their true residual norms ``||A y - theta y||`` (one
+    product each), and the eigenvectors in host memory (the device keeps room for the next phases)."""
+    result = lanczos(op, k=k, which=which, tol=s.tol, max_iter=s.max_iter, generator=generator,
+                     max_basis=_basis(max_basis, s.max_iter + k - 1))  # fmt: skip
+    bar.unused(s.max_iter - result.num_matvecs)
     norms = []
-    lanczos_products = result.num_matvecs
-    for j in range(result.eigenvectors.shape[1]):
+    for j in range(k):
         y = result.eigenvectors[:, j]
         r = op.matvec(y).to(y.dtype) - result.eigenvalues[j].item() * y
         norms.append(torch.linalg.vector_norm(r.double()).item())
-    return {"values": result.eigenvalues.tolist(), "norms": norms, "lanczos": lanczos_products,
-            "converged": bool(result.converged)}  # fmt: skip
+    summary = {
+        "eigenvalues": _floats(result.eigenvalues),
+        "residual_norms": norms,
+        "lanczos_products": result.num_matvecs,
+        "residual_products": k,
+        "converged": bool(result.converged),
+    }
+    return summary, result.eigenvectors.detach().cpu()  # fmt: skip
 
 
 def _landscapes(
