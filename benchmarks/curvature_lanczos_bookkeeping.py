@@ -41,11 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 OLD_COMMIT = "95ff168"
 
 
-def load_old() -> types.FunctionType:
-    """``lanczos`` as of ``OLD_COMMIT``, with its own ``_LanczosProcess``."""
+def load_old(commit: str = OLD_COMMIT) -> types.FunctionType:
+    """``lanczos`` as of ``commit``, with its own ``_LanczosProcess``."""
 
     def source(path: str) -> str:
-        return subprocess.run(["git", "show", f"{OLD_COMMIT}:{path}"], cwd=ROOT, check=True, capture_output=True,
+        return subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, check=True, capture_output=True,
                               text=True).stdout  # fmt: skip
 
     krylov = types.ModuleType("old_krylov")
@@ -81,7 +81,7 @@ def corpus(batch: int, seq: int) -> torch.Tensor:
     return torch.tensor([list(data[s : s + seq + 1]) for s in starts], dtype=torch.long)
 
 
-def run(dtype: torch.dtype, batch: int, seq: int, repeats: int, old_lanczos) -> None:
+def run(dtype: torch.dtype, batch: int, seq: int, repeats: int, old_lanczos, before: str = OLD_COMMIT) -> None:
     torch.manual_seed(0)
     model = Llama(LlamaConfig.from_name("tiny")).to(dtype)
     tokens = corpus(batch, seq)
@@ -107,7 +107,7 @@ def run(dtype: torch.dtype, batch: int, seq: int, repeats: int, old_lanczos) -> 
         product = statistics.median(r[1] / r[2] for r in runs) * 1e3
         step = statistics.median(r[0] / r[2] for r in runs) * 1e3
         book = statistics.median((r[0] - r[1]) / r[2] for r in runs) * 1e3
-        print(f"| {name} ({OLD_COMMIT if name == 'before' else 'working tree'}) | {n} | {runs[0][3]:.6g} |"
+        print(f"| {name} ({before if name == 'before' else 'working tree'}) | {n} | {runs[0][3]:.6g} |"
               f" {product:.1f} | {step:.1f} | {book:.1f} | {book / product:.1%} |")  # fmt: skip
 
 
@@ -144,13 +144,14 @@ def main() -> None:
     parser.add_argument("--f64-batch", type=int, nargs=2, default=(4, 64), metavar=("B", "T"))
     parser.add_argument("--only", choices=("float64", "float32", "restarts"), default=None)
     parser.add_argument("--starts", type=int, default=5, help="random starts in the max_basis table")
+    parser.add_argument("--before", default=OLD_COMMIT, help="the commit whose Lanczos is 'before'")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    old = load_old()
+    old = load_old(args.before)
     if args.only in (None, "float64"):
-        run(torch.float64, *args.f64_batch, args.repeats, old)
+        run(torch.float64, *args.f64_batch, args.repeats, old, args.before)
     if args.only in (None, "float32"):
-        run(torch.float32, 16, 128, args.repeats, old)
+        run(torch.float32, 16, 128, args.repeats, old, args.before)
     if args.only in (None, "restarts"):
         restarts(*args.f64_batch, args.starts)
 

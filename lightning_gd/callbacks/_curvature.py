@@ -8,10 +8,11 @@ consistently on every rank, logs and checkpoints.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -25,13 +26,28 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gd.curvature import CurvatureOperator, HessianOperator, HvpMethod, OperatorMode, ReducedOperator
+from lightning_gd.curvature import (
+    CurvatureOperator,
+    EmpiricalFisherOperator,
+    GGNOperator,
+    HessianOperator,
+    HvpMethod,
+    LossSpec,
+    OperatorMode,
+    OutputLoss,
+    ReducedOperator,
+    loss_spec,
+)
 from lightning_gd.curvature._utils import _work_dtype
 from lightning_gd.utils.checks import check_choice, check_positive_int
 from lightning_gd.utils.logging import log_to_loggers
 from lightning_gd.utils.ranks import finite_on_every_rank
 
 LossFn = Callable[[LightningModule, Any], Tensor]
+OutputFn = Callable[[LightningModule, Any], tuple[Tensor, Tensor]]
+
+Curvature = Literal["hessian", "ggn", "fisher"]
+_CURVATURES: tuple[str, ...] = get_args(Curvature)
 
 BatchMode = Literal["current", "fixed"]
 _BATCH_MODES: tuple[str, ...] = get_args(BatchMode)
@@ -81,6 +97,99 @@ def _mean_loss(loss_fn: LossFn) -> LossFn:
         return sum(loss_fn(module, b) for b in batches) / len(batches)
 
     return loss
+
+
+def _check_curvature(curvature: Any, output_fn: Any, loss: Any, loss_fn: Any) -> LossSpec | None:
+    """Validate the curvature choice and what it needs; return the loss of the outputs (``None`` for the Hessian)."""
+    _check_choice("curvature", curvature, _CURVATURES)
+    if curvature == "hessian":
+        if output_fn is not None or loss is not None:
+            raise MisconfigurationException(
+                "`output_fn` and `loss` are for curvature='ggn' or 'fisher'; the Hessian's loss is `loss_fn` (default:"
+                " the module's training_step)"
+            )
+        return None
+    if loss_fn is not None:
+        raise MisconfigurationException(
+            f"curvature={curvature!r} is built from the model's outputs and `loss`, not `loss_fn`: pass `output_fn`"
+            " and `loss` instead"
+        )
+    if output_fn is not None and not callable(output_fn):
+        raise MisconfigurationException(f"`output_fn` must be callable, got {output_fn!r}")
+    if loss is None:
+        raise MisconfigurationException(
+            f"curvature={curvature!r} needs `loss`, the loss of the outputs: one of {get_args(OutputLoss)} or the"
+            " matching torch.nn loss module"
+        )
+    try:
+        return loss_spec(loss)
+    except ValueError as err:
+        raise MisconfigurationException(f"curvature={curvature!r}: {err}") from err
+
+
+def _module_outputs(module: LightningModule, batch: Any) -> tuple[Tensor, Tensor]:
+    return module.curvature_outputs(batch)  # type: ignore[operator]
+
+
+def _concatenated(output_fn: OutputFn) -> OutputFn:
+    """Outputs and targets of a list of batches, concatenated (the loss's mean over all their terms)."""
+
+    def outputs(module: LightningModule, batches: list[Any]) -> tuple[Tensor, Tensor]:
+        pairs = [output_fn(module, b) for b in batches]
+        if len(pairs) == 1:
+            return pairs[0]
+        return torch.cat([o for o, _ in pairs]), torch.cat([t for _, t in pairs])
+
+    return outputs
+
+
+def _check_groups(groups: Any) -> dict[str, tuple[str, ...]]:
+    """Validate ``groups`` (``{name: pattern or [patterns]}``); return it with every value a tuple of patterns."""
+    if groups is None:
+        return {}
+    if not isinstance(groups, Mapping) or not groups:
+        raise MisconfigurationException(
+            f"`groups` must be a non-empty mapping of group name to parameter-name pattern(s), got {groups!r}"
+        )
+    out = {}
+    for name, patterns in groups.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise MisconfigurationException(
+                f"`groups`: a group name must be a non-empty string without '/', got {name!r}"
+            )
+        pats = (patterns,) if isinstance(patterns, str) else tuple(patterns) if isinstance(patterns, Sequence) else ()
+        if not pats or not all(isinstance(p, str) and p for p in pats):
+            raise MisconfigurationException(
+                f"`groups[{name!r}]` must be a pattern or a non-empty list of patterns (fnmatch, e.g. '*.attn.*'),"
+                f" got {patterns!r}"
+            )
+        out[name] = pats
+    return out
+
+
+def _resolve_groups(
+    module: LightningModule, groups: Mapping[str, tuple[str, ...]], owner: str
+) -> dict[str, tuple[str, ...]]:
+    """Names of the trainable parameters each group's patterns match (``fnmatch`` on ``named_parameters()`` names).
+
+    Raises:
+        MisconfigurationException: when a pattern matches no trainable parameter, naming it and a few names.
+    """
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    out = {}
+    for group, patterns in groups.items():
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                shown = ", ".join(repr(n) for n in names[:6]) + (
+                    f", ... ({len(names)} in all)" if len(names) > 6 else ""
+                )
+                raise MisconfigurationException(
+                    f"{owner}: the pattern {pattern!r} of group {group!r} matches no trainable parameter of"
+                    f" {type(module).__name__}; its parameters are named like {shown}. Patterns are fnmatch patterns"
+                    " on these names, e.g. '*.attn.*'."
+                )
+        out[group] = tuple(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+    return out
 
 
 def _check_strategy(strategy: Any, owner: str) -> None:
@@ -135,10 +244,63 @@ class _MemoryPlan:
         )
 
 
+def _memory_plan(trainer: Trainer, pl_module: LightningModule, memory_budget: int | None) -> _MemoryPlan | None:
+    """The budget of a check in parameter-sized vectors (``None``: 25% of the device's memory, the smallest over
+    ranks); ``None`` for a module without trainable parameters. Call on every rank (a collective under DDP)."""
+    params = [p for p in pl_module.parameters() if p.requires_grad]
+    if not params:
+        return None
+    numel = sum(p.numel() for p in params)
+    vector = numel * _work_dtype(params[0].dtype).itemsize
+    device = params[0].device
+    budget = memory_budget
+    if budget is None:
+        budget = int(_AUTO_BUDGET_FRACTION * _device_memory_bytes(device))
+        if trainer.world_size > 1:  # every rank must plan the same products (Lanczos restarts, chunks)
+            smallest = trainer.strategy.reduce(torch.tensor(float(budget), device=device), reduce_op="min")
+            budget = int(smallest.item())
+    return _MemoryPlan(budget=budget, vector_bytes=vector, numel=numel, auto=memory_budget is None)
+
+
+def _reduce_fn(trainer: Trainer) -> Callable[[Tensor], Tensor]:
+    """The mean over the trainer's data-parallel ranks (the identity on one process)."""
+    if trainer.world_size == 1:
+        return lambda t: t
+    return lambda t: trainer.strategy.reduce(t, reduce_op="mean")
+
+
+def _reduced_operator(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    batches: list[Any],
+    loss_fn: LossFn | None,
+    hvp: HvpMethod,
+    mode: OperatorMode,
+    params: list[Tensor] | None = None,
+    curvature: Curvature = "hessian",
+    output_fn: OutputFn | None = None,
+    spec: LossSpec | None = None,
+) -> ReducedOperator:
+    """The curvature of the mean loss over ``batches`` with respect to ``params`` (default: every trainable
+    parameter), averaged over the data-parallel ranks: the operator of the curvature callbacks and of ``lightning-gd
+    analyze``. The Hessian of ``loss_fn`` (default: the module's ``training_step``, logging silenced), or the GGN /
+    empirical Fisher of ``output_fn``'s outputs (default: the module's ``curvature_outputs``) under ``spec``."""
+    op: CurvatureOperator
+    if curvature == "hessian":
+        loss = _mean_loss(loss_fn or _training_step_loss)
+        op = HessianOperator(pl_module, loss, batches, params=params, hvp=hvp, mode=mode)
+    else:
+        cls = GGNOperator if curvature == "ggn" else EmpiricalFisherOperator
+        outputs = _concatenated(output_fn or _module_outputs)
+        op = cls(pl_module, outputs, spec, batches, params=params, hvp=hvp, mode=mode)
+    return ReducedOperator(op, _reduce_fn(trainer))
+
+
 class _CurvatureCallback(Callback):
     """Base of :class:`HessianTraceMonitor` and :class:`SharpnessTracker` (see their docs for arguments)."""
 
     _name = "curvature"
+    _prefixes: tuple[str, str, str] = ("curvature", "curvature_ggn", "curvature_fisher")  # metric prefix per curvature
 
     def __init__(
         self,
@@ -151,8 +313,18 @@ class _CurvatureCallback(Callback):
         seed: int,
         max_overhead: float | None,
         memory_budget: int | None = None,
+        groups: Mapping[str, str | Sequence[str]] | None = None,
+        curvature: Curvature = "hessian",
+        output_fn: OutputFn | None = None,
+        loss: OutputLoss | LossSpec | torch.nn.Module | None = None,
     ) -> None:
         _check_positive("every_n_steps", every_n_steps)
+        self.groups = _check_groups(groups)
+        self._spec = _check_curvature(curvature, output_fn, loss, loss_fn)
+        self.curvature = curvature
+        self.output_fn = output_fn
+        self.loss = loss
+        self._name = self._prefixes[_CURVATURES.index(curvature)]
         if memory_budget is not None:
             _check_positive("memory_budget", memory_budget)
         if max_overhead is not None and (
@@ -186,6 +358,7 @@ class _CurvatureCallback(Callback):
         self._last_cost_s = 0.0  # duration of the latest check: the estimate of the next one's
         self._elapsed_before_s = 0.0  # training wall time of the run before it was resumed
         self._fit_start: float | None = None
+        self._group_names: dict[str, tuple[str, ...]] = {}  # group -> names of its parameters (resolved in setup)
 
     @property
     @override
@@ -194,8 +367,13 @@ class _CurvatureCallback(Callback):
         return self._generate_state_key(**self._key_args())
 
     def _key_args(self) -> dict[str, Any]:
-        return {"every_n_steps": self.every_n_steps, "batch": self.batch, "num_batches": self.num_batches,
+        args = {"every_n_steps": self.every_n_steps, "batch": self.batch, "num_batches": self.num_batches,
                 "mode": self.mode}  # fmt: skip
+        if self.curvature != "hessian":  # only when set: checkpoints written before keep their key
+            args["curvature"] = self.curvature
+        if self.groups:
+            args["groups"] = tuple(self.groups)
+        return args
 
     # ---------------------------------------------------------------- Lightning hooks
     @override
@@ -210,6 +388,17 @@ class _CurvatureCallback(Callback):
                 f"{type(self).__name__}: with manual optimization the module's training_step is no loss;"
                 " pass `loss_fn(module, batch) -> Tensor`"
             )
+        self._group_names = _resolve_groups(pl_module, self.groups, type(self).__name__)
+        if (
+            self.curvature != "hessian"
+            and self.output_fn is None
+            and not callable(getattr(pl_module, "curvature_outputs", None))
+        ):
+            raise MisconfigurationException(
+                f"{type(self).__name__}(curvature={self.curvature!r}) needs the model's outputs and targets: pass"
+                " `output_fn(module, batch) -> (outputs, targets)`, or define"
+                f" `{type(pl_module).__name__}.curvature_outputs(batch) -> (outputs, targets)`"
+            )
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -218,20 +407,9 @@ class _CurvatureCallback(Callback):
 
     def _plan_memory(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Turn ``memory_budget`` into vector counts (``_fit_budget``); raise if it cannot hold one product's."""
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        if not params:
-            return  # refused in setup
-        numel = sum(p.numel() for p in params)
-        vector = numel * _work_dtype(params[0].dtype).itemsize
-        device = params[0].device
-        budget = self.memory_budget
-        if budget is None:
-            budget = int(_AUTO_BUDGET_FRACTION * _device_memory_bytes(device))
-            if trainer.world_size > 1:  # every rank must plan the same products (Lanczos restarts, chunks)
-                smallest = trainer.strategy.reduce(torch.tensor(float(budget), device=device), reduce_op="min")
-                budget = int(smallest.item())
-        plan = _MemoryPlan(budget=budget, vector_bytes=vector, numel=numel, auto=self.memory_budget is None)
-        self._fit_budget(plan, trainer)
+        plan = _memory_plan(trainer, pl_module, self.memory_budget)
+        if plan is not None:  # None: no trainable parameter, refused in setup
+            self._fit_budget(plan, trainer)
 
     def _fit_budget(self, plan: _MemoryPlan, trainer: Trainer) -> None:
         """Set the vector counts of a check from ``plan``; raise ``plan.too_small(...)`` when it cannot fit."""
@@ -272,7 +450,7 @@ class _CurvatureCallback(Callback):
         op = self._operator(trainer, pl_module, batches)
         if not self._finite_everywhere(trainer, op.base.loss()):
             return
-        metrics = self._measure(trainer, pl_module, op)
+        metrics = self._measure(trainer, pl_module, op, batches)
         if metrics is None:
             return
         if not self._finite_everywhere(trainer, torch.tensor(list(metrics.values()), dtype=torch.float64)):
@@ -313,7 +491,9 @@ class _CurvatureCallback(Callback):
         )
 
     # ---------------------------------------------------------------- to implement
-    def _measure(self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator) -> dict[str, float] | None:
+    def _measure(
+        self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator, batches: list[Any]
+    ) -> dict[str, float] | None:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- helpers
@@ -324,16 +504,24 @@ class _CurvatureCallback(Callback):
             return None
         return [move_data_to_device(b, pl_module.device) for b in self._fixed]
 
-    def _operator(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any]) -> ReducedOperator:
-        loss_fn = _mean_loss(self.loss_fn or _training_step_loss)
-        op = HessianOperator(pl_module, loss_fn, batches, hvp=self._hvp_in_use or self.hvp, mode=self.mode)
-        return ReducedOperator(op, self._reduce_fn(trainer))
+    def _operator(
+        self, trainer: Trainer, pl_module: LightningModule, batches: list[Any], group: str | None = None
+    ) -> ReducedOperator:
+        """The rank-averaged curvature operator on ``batches``, over every trainable parameter or one group's."""
+        params = None if group is None else self._group_params(pl_module, group)
+        hvp = self._hvp_in_use or self.hvp
+        return _reduced_operator(
+            trainer, pl_module, batches, self.loss_fn, hvp, self.mode, params=params, curvature=self.curvature,
+            output_fn=self.output_fn, spec=self._spec,
+        )  # fmt: skip
+
+    def _group_params(self, pl_module: LightningModule, group: str) -> list[Tensor]:
+        named = dict(pl_module.named_parameters())
+        return [named[name] for name in self._group_names[group]]
 
     @staticmethod
     def _reduce_fn(trainer: Trainer) -> Callable[[Tensor], Tensor]:
-        if trainer.world_size == 1:
-            return lambda t: t
-        return lambda t: trainer.strategy.reduce(t, reduce_op="mean")
+        return _reduce_fn(trainer)
 
     def _remember_hvp(self, op: CurvatureOperator) -> None:
         base = op.base if isinstance(op, ReducedOperator) else op

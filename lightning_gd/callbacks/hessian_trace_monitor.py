@@ -8,7 +8,8 @@ SGD, tr(H) <= 2 / lr (GD only constrains lambda_max).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, get_args
+from collections.abc import Mapping, Sequence
+from typing import Any, get_args
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -16,18 +17,21 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gd.callbacks._curvature import (
     BatchMode,
+    Curvature,
     LossFn,
+    OutputFn,
     _check_choice,
     _check_positive,
     _CurvatureCallback,
     _MemoryPlan,
 )
-from lightning_gd.curvature import HvpMethod, OperatorMode, ReducedOperator, hutchinson_trace
+from lightning_gd.curvature import HvpMethod, LossSpec, OperatorMode, OutputLoss, ReducedOperator, hutchinson_trace
+from lightning_gd.curvature.trace import TraceMethod
 
 __all__ = ["HessianTraceMonitor"]
 
-TraceMethod = Literal["hutchinson", "hutch++"]
 _METHODS: tuple[str, ...] = get_args(TraceMethod)
+_MIN_PROBES = {"hutchinson": 1, "hutch++": 3, "xtrace": 4}  # products one estimate needs at least
 _PROBES_PER_MATMAT = 10  # probes per product call when the memory budget allows (hutchinson_trace's default)
 
 
@@ -45,7 +49,10 @@ class HessianTraceMonitor(_CurvatureCallback):
       its linear-stability bound tr(H) <= 2/lr;
     * ``hessian/num_hvps``: Hessian-vector products spent (per rank);
     * ``hessian/skipped_checks``: due checks skipped so far by the ``max_overhead`` budget;
-    * with ``per_layer=True``, ``hessian/trace/<parameter name>`` from the same probes (they sum to the total).
+    * with ``per_layer=True``, ``hessian/trace/<parameter name>`` from the same probes (they sum to the total);
+    * with ``groups``, ``hessian/<group>/trace``: the trace of the group's diagonal block, from the same probes;
+    * with ``curvature="ggn"`` or ``"fisher"``, the same under ``ggn/...`` or ``fisher/...``: the trace of the
+      generalised Gauss-Newton or empirical Fisher matrix (see :class:`~lightning_gd.curvature.GGNOperator`).
 
     Measuring never perturbs training: weights, gradients, buffers (BatchNorm statistics), RNG states and
     train/eval modes are left exactly as they were (see :class:`~lightning_gd.curvature.HessianOperator`).
@@ -72,6 +79,16 @@ class HessianTraceMonitor(_CurvatureCallback):
             check (timed like the last one) would exceed it, so with expensive products checks land on fewer
             multiples of ``every_n_steps``. The first check always runs. ``None`` measures at every multiple.
             Rank zero's clock decides for all ranks.
+        groups: ``{name: pattern or [patterns]}`` (fnmatch on ``named_parameters()`` names, e.g. ``{"attn":
+            "*.attn.*"}``): also log each group's trace. A pattern matching no trainable parameter is refused at
+            setup, naming it and a few parameter names.
+        curvature: ``"hessian"`` (default), ``"ggn"`` (generalised Gauss-Newton ``J^T H_L J``: PSD, the Hessian's
+            outlier part on classification losses) or ``"fisher"`` (empirical Fisher ``G^T G / n``). The last two
+            need ``loss`` and the model's outputs.
+        output_fn: ``output_fn(module, batch) -> (outputs, targets)`` for ``"ggn"``/``"fisher"``; default: the
+            module's ``curvature_outputs(batch)`` method.
+        loss: The loss of the outputs for ``"ggn"``/``"fisher"``: ``"cross_entropy"``, ``"mse"``,
+            ``"bce_with_logits"`` or the matching ``torch.nn`` module; any other is refused, naming the supported ones.
         memory_budget: Bytes of extra device memory a check may use beyond autograd's own Hessian-vector-product
             memory, for its parameter-sized vectors (in the working dtype: float32, float64 for float64 models).
             ``"hutchinson"`` needs 2 per probe pushed through one product call (probe and product; + 2 with
@@ -91,6 +108,7 @@ class HessianTraceMonitor(_CurvatureCallback):
     """
 
     _name = "hessian"
+    _prefixes = ("hessian", "ggn", "fisher")
 
     def __init__(
         self,
@@ -106,12 +124,21 @@ class HessianTraceMonitor(_CurvatureCallback):
         seed: int = 0,
         max_overhead: float | None = 0.025,
         memory_budget: int | None = None,
+        groups: Mapping[str, str | Sequence[str]] | None = None,
+        curvature: Curvature = "hessian",
+        output_fn: OutputFn | None = None,
+        loss: OutputLoss | LossSpec | torch.nn.Module | None = None,
     ) -> None:
-        super().__init__(every_n_steps, batch, num_batches, loss_fn, mode, hvp, seed, max_overhead, memory_budget)
+        super().__init__(
+            every_n_steps, batch, num_batches, loss_fn, mode, hvp, seed, max_overhead, memory_budget, groups=groups,
+            curvature=curvature, output_fn=output_fn, loss=loss,
+        )  # fmt: skip
         _check_positive("num_probes", num_probes)
         _check_choice("method", method, _METHODS)
-        if method == "hutch++" and num_probes < 3:
-            raise MisconfigurationException(f"`num_probes` must be >= 3 for method='hutch++', got {num_probes}")
+        if num_probes < _MIN_PROBES.get(method, 1):
+            raise MisconfigurationException(
+                f"`num_probes` must be >= {_MIN_PROBES[method]} for method={method!r}, got {num_probes}"
+            )
         self.num_probes = num_probes
         self.method = method
         self.per_layer = per_layer
@@ -122,27 +149,38 @@ class HessianTraceMonitor(_CurvatureCallback):
 
     def _fit_budget(self, plan: _MemoryPlan, trainer: Trainer) -> None:
         owner = f"HessianTraceMonitor(method={self.method!r}, num_probes={self.num_probes})"
+        m = self._local_probes(trainer.world_size)
         if self.method == "hutchinson":
-            fixed = 2 if self.per_layer else 0  # the running per-parameter sum and one chunk's
-            probes = min(
-                _PROBES_PER_MATMAT, math.ceil(self.num_probes / trainer.world_size), (plan.vectors - fixed) // 2
-            )
+            fixed = 2 if self._per_param else 0  # the running per-parameter sum and one chunk's
+            probes = min(_PROBES_PER_MATMAT, m, (plan.vectors - fixed) // 2)
             if probes < 1:
                 raise plan.too_small(owner, fixed + 2, "one Hessian-vector product (a probe and its product)")
-        else:
-            sketch = 3 * (self.num_probes // 3) + 2  # Q, A Q and the QR's copy, plus the sketch product's chunk
-            probes = min(_PROBES_PER_MATMAT, self.num_probes, (plan.vectors - sketch) // 4)
+        elif self.method == "hutch++":
+            sketch = 3 * (m // 3) + 2  # Q, A Q and the QR's copy, plus the sketch product's chunk
+            probes = min(_PROBES_PER_MATMAT, m, (plan.vectors - sketch) // 4)
             if probes < 1:
                 raise plan.too_small(owner, sketch + 4, "Hutch++ (its sketch and one probe)")
+        else:
+            sketch = 4 * (m // 2) + 2 + (4 if self._per_param else 0)  # probes, products, Q, A Q; diagonal
+            probes = min(_PROBES_PER_MATMAT, m, plan.vectors - sketch)
+            if probes < 1:
+                raise plan.too_small(owner, sketch + 1, "XTrace (its probes, products, Q and A Q)")
         self._probes_per_matmat = probes
 
-    def _measure(self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator) -> dict[str, float]:
+    def _local_probes(self, world_size: int) -> int:
+        """Products each rank spends: the total split over ranks, at least what one estimate needs."""
+        return max(math.ceil(self.num_probes / world_size), _MIN_PROBES[self.method])
+
+    def _measure(
+        self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator, batches: list[Any]
+    ) -> dict[str, float]:
         P, rank = trainer.world_size, trainer.global_rank
-        if self.method == "hutchinson" and P > 1:
-            # Split the probes: rank r estimates tr(H_r) with its own probes; tr(mean H_r) is the mean.
+        if P > 1:
+            # Split the products: rank r estimates tr(H_r) of its own batch with its own probes (Hutchinson's, or
+            # Hutch++'s / XTrace's sketch and residual probes); tr(mean H_r) is the mean of the unbiased estimates.
             local = hutchinson_trace(
-                op.base, math.ceil(self.num_probes / P), generator=self._generator(trainer, rank),
-                per_param=self.per_layer, probes_per_matmat=self._probes_per_matmat,
+                op.base, self._local_probes(P), method=self.method, generator=self._generator(trainer, rank),
+                per_param=self._per_param, probes_per_matmat=self._probes_per_matmat,
             )  # fmt: skip
             stats = torch.tensor([local.value, local.stderr**2], dtype=torch.float64, device=pl_module.device)
             gathered = trainer.strategy.all_gather(stats).reshape(P, 2)
@@ -156,16 +194,22 @@ class HessianTraceMonitor(_CurvatureCallback):
         else:
             est = hutchinson_trace(
                 op, self.num_probes, method=self.method, generator=self._generator(trainer),
-                per_param=self.per_layer, probes_per_matmat=self._probes_per_matmat,
+                per_param=self._per_param, probes_per_matmat=self._probes_per_matmat,
             )  # fmt: skip
             value, stderr, per_param, num_hvps = est.value, est.stderr, est.per_param, est.num_matvecs
         self._remember_hvp(op)
         metrics = {
-            "hessian/trace": value,
-            "hessian/trace_stderr": stderr,
-            "hessian/sgd_stability": self._lr(trainer) * value / 2.0,
-            "hessian/num_hvps": float(num_hvps),
+            f"{self._name}/trace": value,
+            f"{self._name}/trace_stderr": stderr,
+            f"{self._name}/sgd_stability": self._lr(trainer) * value / 2.0,
+            f"{self._name}/num_hvps": float(num_hvps),
         }
-        if per_param:
-            metrics.update({f"hessian/trace/{name}": v for name, v in per_param.items()})
+        if per_param and self.per_layer:
+            metrics.update({f"{self._name}/trace/{name}": v for name, v in per_param.items()})
+        for group, names in self._group_names.items():  # the same probes: group traces sum per-parameter ones
+            metrics[f"{self._name}/{group}/trace"] = sum(per_param[n] for n in names)
         return metrics
+
+    @property
+    def _per_param(self) -> bool:
+        return self.per_layer or bool(self.groups)

@@ -1,4 +1,4 @@
-"""Private Lanczos process with bounded memory, shared by ``lanczos`` and ``density``.
+"""Private (block) Lanczos process with bounded memory, shared by ``lanczos`` and ``density``.
 
 Lanczos tridiagonalisation (Lanczos 1950; Golub & Meurant 2010, "Matrices, Moments and Quadrature with
 Applications"). In floating point the three-term recurrence loses orthogonality as soon as a Ritz value
@@ -9,17 +9,29 @@ what rounding left; its coefficients correct the new column of the projected mat
 cancelled more than ``1 - 1/sqrt(2)`` of the norm (Daniel, Gragg, Kaufman & Stewart 1976; "twice is enough",
 Giraud et al. 2005): rarely after the recurrence, but always on the first step after a thick restart.
 
+Blocks. With a start block of ``b`` orthonormal vectors the process is block Lanczos in Ruhe's band form (Ruhe
+1979, "Implementation aspects of band Lanczos algorithms for computation of eigenvalues of large sparse symmetric
+matrices"; Golub & Underwood 1977): vector ``j``'s product, orthogonalised against every stored vector, gives
+vector ``j + b``, so ``H`` is banded with ``b`` sub-diagonals and the Krylov space is that of the whole block,
+``span{Q_0, A Q_0, A^2 Q_0, ...}``. A single start vector's Krylov space holds one vector of each eigenspace, so
+single-vector Lanczos cannot see the second copy of a repeated eigenvalue; a block of ``b`` finds up to ``b``
+copies. The ``b`` products of a block are computed in one ``matmat`` (a Hessian operator then shares its forward
+and first backward between them), then orthogonalised one after the other, which is the QR of the block's
+residual. The residual of the Ritz pairs is ``A Q_m s - theta Q_m s = E s`` with ``E`` the couplings of the first
+``m`` vectors to the ``b`` vectors ahead (rows of ``H`` below ``m``, and the pending residual). With ``b = 1``
+every formula reduces to the single-vector process, operation for operation.
+
 Memory. The basis is stored row-major in blocks of ``_BLOCK`` rows, one contiguous row per vector, allocated
 once and never copied; Gram-Schmidt streams only the rows in use (one matrix-vector product per block and pass).
 At most ``max_basis`` vectors are stored:
 
 * :func:`~lightning_gd.curvature.lanczos` then *thick-restarts* (Wu & Simon 2000, "Thick-restart Lanczos
   method for large symmetric eigenvalue problems"): the basis is rotated in place onto the best Ritz vectors,
-  the residual becomes the next vector, and the iteration goes on with ``A Q = Q H + w e^T`` intact, so the
-  residual bound and the warm start keep working;
+  the vectors ahead (and the residual) follow them, and the iteration goes on with ``A Q = Q H + (ahead) E``
+  intact, so the residual bound and the warm start keep working;
 * :func:`~lightning_gd.curvature.spectral_density` keeps a window of the latest ``max_basis`` vectors
-  (local reorthogonalisation): its Gauss quadrature stays exact for the probe's measure up to rounding, and a
-  ghost copy of a converged Ritz value only splits that node's weight.
+  (local reorthogonalisation, single vector only): its Gauss quadrature stays exact for the probe's measure up to
+  rounding, and a ghost copy of a converged Ritz value only splits that node's weight.
 
 Precision: the basis, the residual and Gram-Schmidt are in the working dtype, the operator's dtype promoted to at
 least float32 (float32 for bfloat16/float16/float32 operators, float64 for float64 ones); the operator receives
@@ -31,7 +43,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_gd.curvature._utils import _gaussian, _work_dtype
+from lightning_gd.curvature._utils import _gaussian, _matmat, _work_dtype
 from lightning_gd.curvature.base import CurvatureOperator
 
 # Residual norms below this multiple of eps * ||T|| mean the Krylov space is invariant.
@@ -49,46 +61,70 @@ _DGKS = 0.5**0.5
 class _LanczosProcess:
     """Grow an orthonormal Krylov basis ``Q`` and the projected ``H = Q^T A Q`` one vector at a time.
 
-    Usage: ``beta = step()``; then ``advance()`` (next vector ``w / beta``), ``restart(gen)`` (a random
-    direction orthogonal to the basis, after a breakdown) or ``thick_restart(S)`` (keep the Ritz vectors
-    ``Q S`` when the basis is full).
+    Usage: ``beta = step()`` (the product of vector ``size``, orthogonalised: residual ``w`` of norm ``beta``);
+    then ``advance()`` (next vector ``w / beta``), ``restart(gen)`` (a random direction orthogonal to the basis,
+    after a breakdown) or ``thick_restart(S)`` (keep the Ritz vectors ``Q S`` when the basis is full). With a
+    block of ``b`` start vectors, ``b - 1`` vectors ahead of ``size`` are stored besides (see the module docstring).
 
     Extra memory on the operator's device, in the working dtype: the stored rows (at most ``max_basis``,
-    allocated ``_BLOCK`` at a time) and the residual ``w``; besides, the operator's own product output.
+    allocated ``_BLOCK`` at a time) and the block's ``b`` products (the residual ``w`` is one of them); besides,
+    the operator's own product output.
 
     Args:
         op: The symmetric operator.
-        q0: Start vector (any nonzero scale).
+        q0: Start vector (any nonzero scale), or a start block of shape ``(numel, b)``: orthonormalised here, a
+            column that is (numerically) in the span of the previous ones replaced by a random direction.
         capacity: Most products this process will compute.
-        max_basis: Most vectors stored at once (``>= 2``); ``None`` means ``capacity``.
+        max_basis: Most vectors stored at once (``>= b + 1``); ``None`` means ``capacity + b - 1``.
         window: What happens when ``max_basis`` vectors are stored and the caller advances: ``False`` (the caller
             must call :meth:`thick_restart` first), ``True`` (the oldest vector is overwritten: local
-            reorthogonalisation).
+            reorthogonalisation; single vector only).
+        generator: Source of the random columns that replace dependent start columns (block only).
     """
 
     def __init__(
-        self, op: CurvatureOperator, q0: Tensor, capacity: int, max_basis: int | None = None, window: bool = False
+        self,
+        op: CurvatureOperator,
+        q0: Tensor,
+        capacity: int,
+        max_basis: int | None = None,
+        window: bool = False,
+        generator: torch.Generator | None = None,
     ) -> None:
         self.op = op
         self.dtype = _work_dtype(op.dtype)
-        self.max_basis = max(2, min(capacity, max_basis if max_basis is not None else capacity))
+        self.block = 1 if q0.ndim == 1 else q0.shape[1]
+        if window and self.block > 1:
+            raise ValueError("window mode is single-vector only")
+        b = self.block
+        limit = capacity + b - 1 if max_basis is None else max_basis
+        self.max_basis = max(b + 1, min(capacity + b - 1, limit))
         self.window = window
         self._blocks: list[Tensor] = []
         self._index: list[int] = []  # Krylov index of the vector held in each slot
-        self.size = 0  # vectors in the projected matrix H (restarts rebase it)
+        self.size = 0  # vectors whose product is in the projected matrix H (restarts rebase it)
         dim = capacity if window else self.max_basis
         self._H = torch.zeros(dim, dim, dtype=torch.float64)
         self.beta = 0.0  # norm of the current residual w
-        self._coupling = 0.0  # H[j-1, j] of the three-term recurrence (0 after a restart)
+        self._floor = 0  # H[j, i] for i >= floor are recurrence-known couplings (0 after a restart)
         self.w: Tensor | None = None
+        self._pending: list[Tensor] = []  # products of the block computed ahead, in column order
         self.num_matvecs = 0
+        self.capacity = capacity
         self.num_restarts = 0
         self.scale = 0.0  # running estimate of ||H||, for the breakdown threshold
         self._reorth_eta = torch.finfo(self.dtype).eps ** 0.25
-        row = self._slot_row(0)
-        row.copy_(q0)  # converts dtype and device without a temporary (q0 may be a warm start kept on the host)
-        row.div_(torch.linalg.vector_norm(row))
-        self._index.append(0)
+        if b == 1:
+            row = self._slot_row(0)
+            row.copy_(q0)  # converts dtype and device without a temporary (q0 may be a warm start kept on the host)
+            row.div_(torch.linalg.vector_norm(row))
+            self._index.append(0)
+            return
+        for i in range(b):
+            row = self._slot_row(i)
+            row.copy_(q0[:, i])
+            self._orthonormalize_new(row, generator)
+            self._index.append(i)
 
     # ---------------------------------------------------------------- storage
     @property
@@ -104,9 +140,9 @@ class _LanczosProcess:
             self._blocks.append(torch.empty(rows, self.op.numel, dtype=self.dtype, device=self.op.device))
         return self._blocks[b][r]
 
-    def _in_use(self) -> list[Tensor]:
-        """The stored rows, block by block (views, no copy)."""
-        n, out = self.stored, []
+    def _in_use(self, rows: int | None = None) -> list[Tensor]:
+        """The first ``rows`` stored rows (default: all), block by block (views, no copy)."""
+        n, out = self.stored if rows is None else rows, []
         for b, block in enumerate(self._blocks):
             used = min(block.shape[0], n - _BLOCK * b)
             if used <= 0:
@@ -122,20 +158,56 @@ class _LanczosProcess:
             w.addmv_(block.T, c, alpha=-1.0)
         return torch.cat(coeffs)
 
+    def _orthonormalize_new(self, row: Tensor, generator: torch.Generator | None) -> None:
+        """Make ``row`` (not yet counted in ``stored``) a unit vector orthogonal to the stored rows (twice is
+        enough); a row that vanishes under the projection becomes a random direction."""
+        for attempt in range(3):
+            norm0 = torch.linalg.vector_norm(row)
+            if self.stored:
+                for _ in range(2):
+                    self._orthogonalize(row)
+            norm = torch.linalg.vector_norm(row)
+            if norm > self._reorth_eta**2 * norm0 and norm > 0:
+                row.div_(norm)
+                return
+            if attempt == 2:
+                break
+            gen = generator if generator is not None else torch.Generator().manual_seed(self.stored + 1)
+            row.copy_(_gaussian((self.op.numel,), gen, self.op))
+        raise RuntimeError("could not complete the Lanczos start block: the operator's space is exhausted")
+
     # ---------------------------------------------------------------- the recurrence
-    def step(self) -> float:
-        """Apply ``A`` to the newest vector, orthogonalise the result; return the residual norm ``beta``."""
-        j = self.size
-        slot = j % self.max_basis  # vector j lives in slot j mod max_basis
-        q = self._slot_row(slot)
-        w = self.op.matvec(q.to(self.op.dtype)).to(self.dtype)
+    def _product(self, j: int) -> Tensor:
+        """``A q_j`` in the working dtype: computed now, or taken from the block computed ahead."""
+        if self.block > 1 and not self._pending:
+            # One matmat for every stored vector ahead whose product is still missing (at most b, within capacity).
+            count = min(self.block, self.stored - j, self.capacity - self.num_matvecs)
+            rows = torch.stack([self._slot_row(i % self.max_basis) for i in range(j, j + count)], dim=1)
+            out = _matmat(self.op, rows.to(self.op.dtype)).to(self.dtype)
+            del rows
+            self.num_matvecs += count
+            self._pending = list(out.unbind(dim=1))
+        if self._pending:
+            return self._pending.pop(0).clone()  # a contiguous residual; the block's output is freed column by column
+        q = self._slot_row(j % self.max_basis)
         self.num_matvecs += 1
-        # Three-term recurrence first (cheap, and it removes the large components), then one Gram-Schmidt pass
-        # against every stored vector for what rounding left; a second pass only if that one still cancelled.
+        return self.op.matvec(q.to(self.op.dtype)).to(self.dtype)
+
+    def step(self) -> float:
+        """Apply ``A`` to vector ``size``, orthogonalise the result; return the residual norm ``beta``."""
+        j = self.size
+        slot = j % self.max_basis  # vector j lives in slot j mod max_basis (window), slot j otherwise
+        q = self._slot_row(slot)
+        w = self._product(j)
+        # The known part of the band first (cheap, and it removes the large components: for b = 1 the three-term
+        # recurrence), then one Gram-Schmidt pass against every stored vector for what rounding left; a second
+        # pass only if that one still cancelled.
         alpha = torch.dot(q, w)
         w.addcmul_(q, alpha, value=-1.0)
-        if self._coupling:
-            w.add_(self._slot_row((j - 1) % self.max_basis), alpha=-self._coupling)
+        known = [(i, float(self._H[j, i])) for i in range(max(self._floor, j - self.block), j)]
+        known = [(i, h) for i, h in known if h]
+        for i, h in known:
+            w.add_(self._slot_row(i % self.max_basis), alpha=-h)
         c = self._orthogonalize(w)
         beta = torch.linalg.vector_norm(w)
         # ||w before the pass||^2 = beta^2 + ||c||^2 (w just lost its components c along the orthonormal rows).
@@ -144,13 +216,14 @@ class _LanczosProcess:
             beta = torch.linalg.vector_norm(w)
         c64 = c.to(device="cpu", dtype=torch.float64)
         idx = torch.tensor(self._index, dtype=torch.long)  # Krylov index of each slot, in c's order
-        column = torch.zeros(j + 1, dtype=torch.float64)
+        column = torch.zeros(max(j, max(self._index)) + 1, dtype=torch.float64)
         column[idx] = c64
         column[j] += float(alpha)
-        if self._coupling:
-            column[j - 1] += self._coupling
-        self._H[: j + 1, j] = column
-        self._H[j, : j + 1] = column
+        for i, h in known:
+            column[i] += h
+        length = column.numel()
+        self._H[:length, j] = column
+        self._H[j, :length] = column
         self.size = j + 1
         self.w, self.beta = w, float(beta)
         self.scale = max(self.scale, abs(float(column[j])), self.beta)
@@ -167,12 +240,33 @@ class _LanczosProcess:
         """Whether the next vector has no free row (``thick_restart`` needed unless in window mode)."""
         return self.stored >= self.max_basis
 
-    def _next_row(self) -> Tensor:
+    @property
+    def has_pending(self) -> bool:
+        """Whether products of the current block are computed but not yet orthogonalised."""
+        return bool(self._pending)
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether the stored vectors span the whole space (no further vector can be orthogonal to them)."""
+        return not self.window and self.stored >= self.op.numel
+
+    def residual_norms(self, S: Tensor) -> Tensor:
+        """``||A Q_m s - theta Q_m s||`` for the columns ``s`` of ``S`` (eigenvectors of :meth:`projected`)."""
+        m = self.size
+        last = (self.beta * S[-1]).abs()  # the pending residual couples to vector m - 1 only
+        if self.block == 1:
+            return last
+        ahead = self._H[m : max(m, self.stored), :m] @ S
+        return torch.sqrt(ahead.square().sum(dim=0) + last.square())
+
+    def _next_row(self) -> Tensor | None:
         if not self.window:
+            if self.exhausted:
+                return None
             if self.full:
                 raise RuntimeError("the Lanczos basis is full: thick_restart() first")
             slot = self.stored
-            self._index.append(self.size)
+            self._index.append(slot)
         else:
             slot = self.size % self.max_basis
             if slot < self.stored:
@@ -182,10 +276,13 @@ class _LanczosProcess:
         return self._slot_row(slot)
 
     def advance(self) -> None:
-        """Continue the recurrence with ``q = w / beta``."""
+        """Continue the recurrence with the next vector ``w / beta`` (``b`` places ahead for a block)."""
         assert self.w is not None
-        torch.div(self.w, self.beta, out=self._next_row())
-        self._coupling = self.beta
+        new = self.size if self.window else self.stored  # Krylov index of the new vector
+        row = self._next_row()
+        if row is not None:
+            torch.div(self.w, self.beta, out=row)
+            self._H[new, self.size - 1] = self._H[self.size - 1, new] = self.beta  # the recurrence's coupling
         self.w = None
 
     def restart(self, generator: torch.Generator) -> None:
@@ -194,33 +291,45 @@ class _LanczosProcess:
         for _ in range(2):
             self._orthogonalize(q)
         row = self._next_row()
-        torch.div(q, torch.linalg.vector_norm(q), out=row)
-        self._coupling = 0.0
+        if row is not None:
+            torch.div(q, torch.linalg.vector_norm(q), out=row)
         self.w = None
 
     def thick_restart(self, S: Tensor, theta: Tensor) -> None:
-        """Replace the full basis ``Q`` by the Ritz vectors ``Q S`` (in place), then continue with ``w / beta``.
+        """Replace the first ``size`` vectors ``Q`` by the Ritz vectors ``Q S`` (in place), move the vectors ahead
+        after them, then continue with ``w / beta``.
 
         Args:
-            S: Orthonormal eigenvectors of ``H`` to keep, shape ``(size, l)`` with ``l < max_basis``.
+            S: Orthonormal eigenvectors of ``H`` to keep, shape ``(size, l)`` with ``l + b <= max_basis``.
             theta: Their Ritz values, shape ``(l,)``.
         """
         assert self.w is not None and not self.window
-        ell = S.shape[1]
+        m, ell = self.size, S.shape[1]
+        S64 = S.to(torch.float64)
+        ahead = self._H[m : self.stored, :m] @ S64  # couplings of the Ritz vectors to the stored vectors ahead
         self._rotate(S)
-        self._index = list(range(ell))
+        for a in range(self.stored - m):  # the vectors ahead follow the Ritz vectors (forward copy: no overlap)
+            self._slot_row(ell + a).copy_(self._slot_row(m + a))
+        kept = ell + self.stored - m
+        self._index = list(range(kept))
         self._H.zero_()
         self._H[range(ell), range(ell)] = theta.to(torch.float64)
+        self._H[ell:kept, :ell] = ahead
+        self._H[:ell, ell:kept] = ahead.T
         self.size = ell
         self.num_restarts += 1
+        self._floor = ell  # the Ritz vectors' couplings are left to Gram-Schmidt (the arrowhead rows)
+        beta = self.beta
         self.advance()  # the residual is orthogonal to every Ritz vector: the next basis vector
-        self._coupling = 0.0  # it couples to every kept Ritz vector (Gram-Schmidt finds the arrowhead row)
+        self._H[kept, :ell] = beta * S64[-1]  # the arrowhead row of the residual (what the bound needs)
+        self._H[:ell, kept] = beta * S64[-1]
 
     def _rotate(self, S: Tensor) -> None:
-        """Overwrite rows ``0..l-1`` with ``Q S`` (``l`` columns of ``S``), chunk by chunk over the entries."""
+        """Overwrite rows ``0..l-1`` with ``Q S`` (``l`` columns of ``S``, ``Q`` the first ``S.shape[0]`` rows),
+        chunk by chunk over the entries."""
         assert self._index == list(range(self.stored))
         S = S.to(dtype=self.dtype, device=self.op.device)
-        blocks = self._in_use()
+        blocks = self._in_use(S.shape[0])
         n, ell = self.op.numel, S.shape[1]
         for start in range(0, n, _CHUNK):
             stop = min(n, start + _CHUNK)
@@ -235,16 +344,17 @@ class _LanczosProcess:
 
     def ritz_vectors(self, S: Tensor) -> Tensor:
         """``Q S`` as columns, shape ``(numel, l)``, in the working dtype (a new tensor; the basis is unchanged)."""
-        assert self._index == list(range(self.stored))
+        assert self.window or self._index[: S.shape[0]] == list(range(S.shape[0]))
         S = S.to(dtype=self.dtype, device=self.op.device)
         out = torch.zeros(S.shape[1], self.op.numel, dtype=self.dtype, device=self.op.device)
         offset = 0
-        for block in self._in_use():
+        for block in self._in_use(S.shape[0]):
             rows = block.shape[0]
             out.addmm_(S[offset : offset + rows].T, block)
             offset += rows
         return out.T
 
-    def tridiagonal(self) -> Tensor:
-        """The current projected matrix ``H`` (float64, on CPU: it is tiny); tridiagonal up to rounding."""
+    def projected(self) -> Tensor:
+        """The current projected matrix ``H = Q^T A Q`` of the first ``size`` vectors (float64, on CPU: it is tiny);
+        tridiagonal up to rounding for a single vector, banded with ``b`` sub-diagonals for a block."""
         return self._H[: self.size, : self.size].clone()

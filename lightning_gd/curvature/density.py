@@ -119,7 +119,7 @@ def spectral_density(
                 break
             proc.advance()
         num_matvecs += proc.num_matvecs
-        theta, S = torch.linalg.eigh(proc.tridiagonal())
+        theta, S = torch.linalg.eigh(proc.projected())
         m = theta.numel()
         nodes[run, :m] = theta
         nodes[run, m:] = theta[0]  # padding, with zero weight

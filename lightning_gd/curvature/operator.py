@@ -36,7 +36,235 @@ _HVP_METHODS: tuple[str, ...] = get_args(HvpMethod)
 _MODES: tuple[str, ...] = get_args(OperatorMode)
 
 
-class HessianOperator:
+class _ModelOperator:
+    """What every operator on a model's parameters shares: the parameter selection, flat vectors, the measurement
+    context (modes, RNG, buffers, grads restored; see :class:`HessianOperator`) and the ``"auto"`` choice between
+    the two ways a product is computed. Subclasses define ``_products(V, method)``, ``loss()`` and ``gradient()``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: Any,
+        params: Iterable[Tensor] | None,
+        hvp: HvpMethod,
+        mode: OperatorMode,
+        seed: int,
+        chunk_size: int | None,
+    ) -> None:
+        if hvp not in _HVP_METHODS:
+            raise ValueError(f"hvp must be one of {_HVP_METHODS}, got {hvp!r}")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        names, tensors = _select_params(model, params)
+        self._model = model
+        self._batch = batch
+        self._names = names
+        self._params = tensors
+        self._shapes = tuple(p.shape for p in tensors)
+        self._numels = tuple(p.numel() for p in tensors)
+        self._requested_hvp = hvp
+        self._method: str | None = None if hvp == "auto" else hvp
+        self._mode = mode
+        self._seed = int(seed)
+        self._chunk_size = chunk_size
+        self._num_matvecs = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def numel(self) -> int:
+        """Total number of measured parameter entries (the operator's size)."""
+        return sum(self._numels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the flat vectors (that of the first measured parameter)."""
+        return self._params[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the flat vectors (that of the first measured parameter)."""
+        return self._params[0].device
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Names of the measured parameters, in flat-vector order."""
+        return self._names
+
+    @property
+    def param_numels(self) -> tuple[int, ...]:
+        """Number of entries of each measured parameter, in flat-vector order."""
+        return self._numels
+
+    @property
+    def params(self) -> tuple[Tensor, ...]:
+        """The measured parameters, in flat-vector order."""
+        return self._params
+
+    @property
+    def mode(self) -> str:
+        """``"eval"`` or ``"train"``."""
+        return self._mode
+
+    @property
+    def hvp_method(self) -> str | None:
+        """HVP method in use; ``None`` while ``hvp="auto"`` has not run its first product yet."""
+        return self._method
+
+    @property
+    def num_matvecs(self) -> int:
+        """Number of operator products computed (a ``matmat`` with m columns counts m)."""
+        return self._num_matvecs
+
+    # ------------------------------------------------------------------ public products
+    def matvec(self, v: Tensor) -> Tensor:
+        """Return the product ``A @ v`` (the Hessian, Gauss-Newton or Fisher matrix ``A`` of the subclass).
+
+        Args:
+            v: Flat vector of shape ``(numel,)``.
+
+        Returns:
+            ``A @ v`` of shape ``(numel,)``, in :attr:`dtype` on :attr:`device`.
+        """
+        if not isinstance(v, Tensor) or v.shape != (self.numel,):
+            raise ValueError(f"v must be a tensor of shape ({self.numel},), got {_shape_of(v)}")
+        return self.matmat(v.unsqueeze(1)).squeeze(1)
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """Return ``A @ V`` for a batch of vectors.
+
+        Args:
+            V: Matrix of shape ``(numel, m)`` whose columns are flat vectors.
+
+        Returns:
+            ``A @ V`` of shape ``(numel, m)``, in :attr:`dtype` on :attr:`device`.
+        """
+        if not isinstance(V, Tensor) or V.ndim != 2 or V.shape[0] != self.numel:
+            raise ValueError(f"V must be a tensor of shape ({self.numel}, m), got {_shape_of(V)}")
+        V = V.to(dtype=self.dtype, device=self.device)
+        if V.shape[1] == 0:
+            return V.clone()
+        if self._method is None:
+            out = self._auto(V)
+        else:
+            out = self._products(V, self._method)
+        self._num_matvecs += V.shape[1]
+        return out
+
+    def _auto(self, V: Tensor) -> Tensor:
+        """Try the preferred method for this device once, fall back to the other and remember the choice.
+
+        Raises:
+            RuntimeError: When both methods fail, naming both failures (e.g. activation checkpointing, whose
+                saved-tensor hooks ``torch.func`` refuses, around an op without a double backward).
+        """
+        first, second = _auto_order(self.device)
+        try:
+            out = self._products(V, first)
+        except torch.OutOfMemoryError:
+            raise  # Memory pressure is not a missing-feature signal: do not hide it.
+        except Exception as err:  # noqa: BLE001 - any failure of the preferred AD path means "fall back"
+            _log.info("%s HVP failed (%s: %s); using %s", first, type(err).__name__, err, second)
+            try:
+                out = self._products(V, second)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as err2:  # noqa: BLE001 - report both failures in one error
+                if type(err2) is type(err) and str(err2) == str(err):
+                    raise  # the same failure both ways (e.g. a bad loss): not about the HVP method
+                raise RuntimeError(
+                    f"{type(self).__name__}(hvp='auto'): no product method works for this model and loss."
+                    f" {first} failed with {type(err).__name__}: {err}; {second} failed with"
+                    f" {type(err2).__name__}: {err2}. With activation checkpointing, use"
+                    " torch.utils.checkpoint(use_reentrant=False), which double backward supports, or measure on an"
+                    " unwrapped copy of the model."
+                ) from err2
+            self._method = second
+            return out
+        self._method = first
+        return out
+
+    def _products(self, V: Tensor, method: str) -> Tensor:
+        raise NotImplementedError
+
+    def _cuda_devices(self) -> list[int]:
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return []  # Touching an uninitialised CUDA RNG would initialise (and change) it.
+        devices = {p.device.index for p in self._params if p.device.type == "cuda"}
+        devices.add(torch.cuda.current_device())
+        return sorted(d for d in devices if d is not None)
+
+    def _reseed(self) -> None:
+        # Called inside the forked RNG: each forward draws the same random numbers.
+        torch.default_generator.manual_seed(self._seed)
+        for index in self._cuda_devices():
+            torch.cuda.default_generators[index].manual_seed(self._seed)
+
+    @contextlib.contextmanager
+    def _measuring(self) -> Iterator[None]:
+        model = self._model
+        training = [(module, module.training) for module in model.modules()]
+        grads = [(p, p.grad) for p in model.parameters()]
+        requires = [(p, p.requires_grad) for p in self._params]
+        buffers = [
+            (module, name, buf, buf.clone())
+            for module in model.modules()
+            for name, buf in module._buffers.items()
+            if buf is not None
+        ]
+        norms: list[_NormBase] = []
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=self._cuda_devices(), device_type="cuda"))
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+            if _autocast_available(self.device.type):
+                stack.enter_context(torch.autocast(device_type=self.device.type, enabled=False))
+            # Flash / memory-efficient attention kernels have neither forward-mode AD nor double backward:
+            # measure through the math kernel, which is plain differentiable ops.
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            try:
+                model.train(self._mode == "train")
+                if self._mode == "train":
+                    # Batch statistics without running-stat updates: a deterministic train forward.
+                    norms = [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+                    for norm in norms:
+                        norm.track_running_stats = False
+                for p in self._params:
+                    p.requires_grad_(True)
+                yield
+            finally:
+                for norm in norms:
+                    norm.track_running_stats = True
+                for module, flag in training:
+                    module.training = flag
+                for p, req in requires:
+                    p.requires_grad_(req)
+                for p, g in grads:
+                    p.grad = g
+                _restore_buffers(buffers)
+
+    def _flatten(self, tensors: Sequence[Tensor | None]) -> Tensor:
+        return _flatten(tensors, self._numels, self.dtype, self.device)
+
+    def _unflatten(self, vec: Tensor) -> list[Tensor]:
+        return _unflatten(vec, self._params)
+
+    def _unflatten_batched(self, V: Tensor) -> list[Tensor]:
+        rows = V.T.split(self._numels, dim=1)
+        return [
+            r.reshape(V.shape[1], *p.shape).to(dtype=p.dtype, device=p.device)
+            for r, p in zip(rows, self._params, strict=True)
+        ]
+
+    def _flatten_batched(self, tensors: Sequence[Tensor]) -> Tensor:
+        cols = [t.reshape(t.shape[0], -1).to(dtype=self.dtype, device=self.device) for t in tensors]
+        return torch.cat(cols, dim=1).T.contiguous()
+
+
+class HessianOperator(_ModelOperator):
     """Hessian of ``loss_fn(model, batch)`` w.r.t. parameters, as a symmetric linear operator.
 
     Vectors are flat: the parameters' entries concatenated in :attr:`param_names` order.
@@ -114,113 +342,12 @@ class HessianOperator:
         seed: int = 0,
         chunk_size: int | None = None,
     ) -> None:
-        if hvp not in _HVP_METHODS:
-            raise ValueError(f"hvp must be one of {_HVP_METHODS}, got {hvp!r}")
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-        names, tensors = _select_params(model, params)
-        self._model = model
+        super().__init__(model, batch, params, hvp, mode, seed, chunk_size)
         self._loss_fn = loss_fn
-        self._batch = batch
-        self._names = names
-        self._params = tensors
-        self._shapes = tuple(p.shape for p in tensors)
-        self._numels = tuple(p.numel() for p in tensors)
-        self._requested_hvp = hvp
-        self._method: str | None = None if hvp == "auto" else hvp
-        self._mode = mode
-        self._seed = int(seed)
-        self._chunk_size = chunk_size
-        self._num_matvecs = 0
         # functional_call needs a module whose forward is the loss: wrap the model (registering
         # it as a child does not modify it) and prefix the parameter names accordingly.
         self._wrapper = _LossModule(model, self._call_loss)
-        self._wrapped_names = tuple(f"model.{name}" for name in names)
-
-    # ------------------------------------------------------------------ properties
-    @property
-    def numel(self) -> int:
-        """Total number of measured parameter entries (the operator's size)."""
-        return sum(self._numels)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Dtype of the flat vectors (that of the first measured parameter)."""
-        return self._params[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the flat vectors (that of the first measured parameter)."""
-        return self._params[0].device
-
-    @property
-    def param_names(self) -> tuple[str, ...]:
-        """Names of the measured parameters, in flat-vector order."""
-        return self._names
-
-    @property
-    def param_numels(self) -> tuple[int, ...]:
-        """Number of entries of each measured parameter, in flat-vector order."""
-        return self._numels
-
-    @property
-    def params(self) -> tuple[Tensor, ...]:
-        """The measured parameters, in flat-vector order."""
-        return self._params
-
-    @property
-    def mode(self) -> str:
-        """``"eval"`` or ``"train"``."""
-        return self._mode
-
-    @property
-    def hvp_method(self) -> str | None:
-        """HVP method in use; ``None`` while ``hvp="auto"`` has not run its first product yet."""
-        return self._method
-
-    @property
-    def num_matvecs(self) -> int:
-        """Number of Hessian-vector products computed (a ``matmat`` with m columns counts m)."""
-        return self._num_matvecs
-
-    # ------------------------------------------------------------------ public products
-    def matvec(self, v: Tensor) -> Tensor:
-        """Return the Hessian-vector product ``H @ v``.
-
-        Args:
-            v: Flat vector of shape ``(numel,)``.
-
-        Returns:
-            ``H @ v`` of shape ``(numel,)``, in :attr:`dtype` on :attr:`device`.
-        """
-        if not isinstance(v, Tensor) or v.shape != (self.numel,):
-            raise ValueError(f"v must be a tensor of shape ({self.numel},), got {_shape_of(v)}")
-        return self.matmat(v.unsqueeze(1)).squeeze(1)
-
-    def matmat(self, V: Tensor) -> Tensor:
-        """Return ``H @ V`` for a batch of vectors.
-
-        Args:
-            V: Matrix of shape ``(numel, m)`` whose columns are flat vectors.
-
-        Returns:
-            ``H @ V`` of shape ``(numel, m)``, in :attr:`dtype` on :attr:`device`.
-        """
-        if not isinstance(V, Tensor) or V.ndim != 2 or V.shape[0] != self.numel:
-            raise ValueError(f"V must be a tensor of shape ({self.numel}, m), got {_shape_of(V)}")
-        V = V.to(dtype=self.dtype, device=self.device)
-        if V.shape[1] == 0:
-            return V.clone()
-        if self._method is None:
-            out = self._auto(V)
-        else:
-            out = self._products(V, self._method)
-        self._num_matvecs += V.shape[1]
-        return out
+        self._wrapped_names = tuple(f"model.{name}" for name in self._names)
 
     def gradient(self) -> Tensor:
         """Return the flat gradient of the loss (same measurement context as the products)."""
@@ -243,39 +370,6 @@ class HessianOperator:
         )
 
     # ------------------------------------------------------------------ internals
-    def _auto(self, V: Tensor) -> Tensor:
-        """Try the preferred method for this device once, fall back to the other and remember the choice.
-
-        Raises:
-            RuntimeError: When both methods fail, naming both failures (e.g. activation checkpointing, whose
-                saved-tensor hooks ``torch.func`` refuses, around an op without a double backward).
-        """
-        first, second = _auto_order(self.device)
-        try:
-            out = self._products(V, first)
-        except torch.OutOfMemoryError:
-            raise  # Memory pressure is not a missing-feature signal: do not hide it.
-        except Exception as err:  # noqa: BLE001 - any failure of the preferred AD path means "fall back"
-            _log.info("%s HVP failed (%s: %s); using %s", first, type(err).__name__, err, second)
-            try:
-                out = self._products(V, second)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as err2:  # noqa: BLE001 - report both failures in one error
-                if type(err2) is type(err) and str(err2) == str(err):
-                    raise  # the same failure both ways (e.g. a bad loss): not about the HVP method
-                raise RuntimeError(
-                    f"HessianOperator(hvp='auto'): no Hessian-vector product method works for this model and loss."
-                    f" {first} failed with {type(err).__name__}: {err}; {second} failed with"
-                    f" {type(err2).__name__}: {err2}. With activation checkpointing, use"
-                    " torch.utils.checkpoint(use_reentrant=False), which double backward supports, or measure on an"
-                    " unwrapped copy of the model."
-                ) from err2
-            self._method = second
-            return out
-        self._method = first
-        return out
-
     def _products(self, V: Tensor, method: str) -> Tensor:
         with self._measuring():
             if method == "double_backward":
@@ -339,79 +433,6 @@ class HessianOperator:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(f"loss_fn must return a scalar tensor, got {_shape_of(loss)}")
         return loss.reshape(())
-
-    def _cuda_devices(self) -> list[int]:
-        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-            return []  # Touching an uninitialised CUDA RNG would initialise (and change) it.
-        devices = {p.device.index for p in self._params if p.device.type == "cuda"}
-        devices.add(torch.cuda.current_device())
-        return sorted(d for d in devices if d is not None)
-
-    def _reseed(self) -> None:
-        # Called inside the forked RNG: each forward draws the same random numbers.
-        torch.default_generator.manual_seed(self._seed)
-        for index in self._cuda_devices():
-            torch.cuda.default_generators[index].manual_seed(self._seed)
-
-    @contextlib.contextmanager
-    def _measuring(self) -> Iterator[None]:
-        model = self._model
-        training = [(module, module.training) for module in model.modules()]
-        grads = [(p, p.grad) for p in model.parameters()]
-        requires = [(p, p.requires_grad) for p in self._params]
-        buffers = [
-            (module, name, buf, buf.clone())
-            for module in model.modules()
-            for name, buf in module._buffers.items()
-            if buf is not None
-        ]
-        norms: list[_NormBase] = []
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.random.fork_rng(devices=self._cuda_devices(), device_type="cuda"))
-            stack.enter_context(torch.inference_mode(False))
-            stack.enter_context(torch.enable_grad())
-            if _autocast_available(self.device.type):
-                stack.enter_context(torch.autocast(device_type=self.device.type, enabled=False))
-            # Flash / memory-efficient attention kernels have neither forward-mode AD nor double backward:
-            # measure through the math kernel, which is plain differentiable ops.
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-            try:
-                model.train(self._mode == "train")
-                if self._mode == "train":
-                    # Batch statistics without running-stat updates: a deterministic train forward.
-                    norms = [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
-                    for norm in norms:
-                        norm.track_running_stats = False
-                for p in self._params:
-                    p.requires_grad_(True)
-                yield
-            finally:
-                for norm in norms:
-                    norm.track_running_stats = True
-                for module, flag in training:
-                    module.training = flag
-                for p, req in requires:
-                    p.requires_grad_(req)
-                for p, g in grads:
-                    p.grad = g
-                _restore_buffers(buffers)
-
-    def _flatten(self, tensors: Sequence[Tensor | None]) -> Tensor:
-        return _flatten(tensors, self._numels, self.dtype, self.device)
-
-    def _unflatten(self, vec: Tensor) -> list[Tensor]:
-        return _unflatten(vec, self._params)
-
-    def _unflatten_batched(self, V: Tensor) -> list[Tensor]:
-        rows = V.T.split(self._numels, dim=1)
-        return [
-            r.reshape(V.shape[1], *p.shape).to(dtype=p.dtype, device=p.device)
-            for r, p in zip(rows, self._params, strict=True)
-        ]
-
-    def _flatten_batched(self, tensors: Sequence[Tensor]) -> Tensor:
-        cols = [t.reshape(t.shape[0], -1).to(dtype=self.dtype, device=self.device) for t in tensors]
-        return torch.cat(cols, dim=1).T.contiguous()
 
 
 class _LossModule(nn.Module):

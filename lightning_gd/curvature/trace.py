@@ -6,6 +6,13 @@
   estimation"): the trace of a low-rank sketch ``Q = qr(A S)`` is taken exactly and Hutchinson
   only estimates the trace of the deflated remainder ``(I - QQ^T) A (I - QQ^T)``, which needs
   ``O(1/eps)`` instead of ``O(1/eps^2)`` products when the spectrum decays.
+* XTrace (Epperly, Tropp & Webber 2024, "XTrace: Making the most of every sample in stochastic trace
+  estimation", SIMAX): half the products sketch ``Y = A Omega``, half give ``A Q`` for ``Q = qr(Y)``; then every
+  probe ``omega_i`` serves twice, exchangeably: estimate ``i`` is Hutch++ with the low-rank part built from all
+  the other probes and ``omega_i`` as its Hutchinson probe, ``tr(Q_i^T A Q_i) + omega_i^T (I - Q_i Q_i^T) A
+  (I - Q_i Q_i^T) omega_i``, and the estimate is their mean. ``Q_i Q_i^T = Q (I - s_i s_i^T) Q^T`` with ``s_i``
+  the normalised ``i``-th column of ``R^{-T}`` (the direction of ``span(Y)`` that only ``A omega_i`` spans), so
+  all of them cost ``O(n s^2)`` bookkeeping, no extra product.
 
 The Hessian trace is the curvature summary used by PyHessian (Yao et al. 2020).
 """
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -27,9 +35,10 @@ from lightning_gd.curvature._utils import (
 )
 from lightning_gd.curvature.base import CurvatureOperator
 
-__all__ = ["TraceEstimate", "hutchinson_trace"]
+__all__ = ["TraceEstimate", "TraceMethod", "hutchinson_trace"]
 
-_METHODS = ("hutchinson", "hutch++")
+TraceMethod = Literal["hutchinson", "hutch++", "xtrace"]
+_METHODS: tuple[str, ...] = get_args(TraceMethod)
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,7 @@ class TraceEstimate:
 def hutchinson_trace(
     op: CurvatureOperator,
     num_probes: int = 100,
-    method: str = "hutchinson",
+    method: TraceMethod = "hutchinson",
     generator: torch.Generator | None = None,
     per_param: bool = False,
     probes_per_matmat: int = 10,
@@ -63,12 +72,14 @@ def hutchinson_trace(
     probes and ``stderr`` their sample standard deviation over ``sqrt(num_probes)``. With
     ``method="hutch++"`` the ``num_probes`` products are split in thirds: a sketch ``S``, the
     exact trace of ``Q^T A Q`` for ``Q = qr(A S)``, and Hutchinson on the deflated remainder
-    (which also gets the rounding leftover); ``stderr`` comes from the remainder's probes.
+    (which also gets the rounding leftover); ``stderr`` comes from the remainder's probes. With
+    ``method="xtrace"`` the products are split in halves (an odd one left unused), and ``stderr`` is the
+    exchangeable estimates' standard deviation over ``sqrt(s)`` (Epperly et al. 2024's error estimate).
 
     Args:
         op: Symmetric operator (e.g. :class:`~lightning_gd.curvature.HessianOperator`).
-        num_probes: Number of operator products to spend (>= 1; >= 3 for ``"hutch++"``).
-        method: ``"hutchinson"`` or ``"hutch++"``.
+        num_probes: Number of operator products to spend (>= 1; >= 3 for ``"hutch++"``; >= 4 for ``"xtrace"``).
+        method: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
         generator: Source of the probes. ``None`` uses a fresh generator seeded with 0, so
             results are reproducible and the global RNG is left untouched.
         per_param: Also estimate each parameter's diagonal-block trace (needs an operator with
@@ -81,7 +92,8 @@ def hutchinson_trace(
     operator's device beyond the operator's own product is at most ``2 p`` parameter-sized vectors for
     ``"hutchinson"`` (probes and products; ``+ 2`` with ``per_param``), and ``3 k + 4 p + 2`` for
     ``"hutch++"`` with ``k = num_probes // 3`` (the sketch ``Q``, ``A Q`` and the QR's copy): Hutch++
-    grows with ``num_probes``, Hutchinson does not.
+    grows with ``num_probes``, Hutchinson does not; ``"xtrace"`` holds ``4 s + 2`` with ``s = num_probes // 2``
+    (the probes, their products, ``Q`` and ``A Q``), ``+ 4`` with ``per_param``.
 
     Returns:
         A :class:`TraceEstimate`.
@@ -100,13 +112,15 @@ def hutchinson_trace(
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    _check_positive_int("num_probes", num_probes, 3 if method == "hutch++" else 1)
+    _check_positive_int("num_probes", num_probes, {"hutchinson": 1, "hutch++": 3, "xtrace": 4}[method])
     _check_positive_int("probes_per_matmat", probes_per_matmat)
     slices = _param_slices(op) if per_param else None
     gen = _resolve_generator(generator)
     if method == "hutchinson":
         return _hutchinson(op, num_probes, gen, slices, probes_per_matmat)
-    return _hutch_plus_plus(op, num_probes, gen, slices, probes_per_matmat)
+    if method == "hutch++":
+        return _hutch_plus_plus(op, num_probes, gen, slices, probes_per_matmat)
+    return _xtrace(op, num_probes, gen, slices, probes_per_matmat)
 
 
 def _hutchinson(
@@ -183,6 +197,63 @@ def _hutch_plus_plus(
         num_matvecs=2 * k + r,
         per_param=per_param,
     )
+
+
+def _xtrace(
+    op: CurvatureOperator,
+    num_probes: int,
+    gen: torch.Generator,
+    slices: dict[str, slice] | None,
+    chunk: int,
+) -> TraceEstimate:
+    s = num_probes // 2
+    Om = _rademacher((s, op.numel), gen, op).T  # (n, s)
+    Y = _chunked_matmat(op, Om, chunk).to(Om.dtype)
+    Q, R = torch.linalg.qr(Y)
+    Z = _chunked_matmat(op, Q, chunk).to(Q.dtype)  # A Q
+    H = Q.T @ Z
+    H = 0.5 * (H + H.T)  # symmetric up to rounding
+    W = Q.T @ Om  # coefficients of each probe in span(Y)
+    T = Z.T @ Om  # Q^T A omega_i, by symmetry of A
+    d1 = torch.linalg.vecdot(Om, Y, dim=0)  # omega_i^T A omega_i
+    # s_i: the unit direction of span(Y) orthogonal to every A omega_j but the i-th: columns of R^{-T}, normalised.
+    Rinv_T = torch.linalg.solve_triangular(R, torch.eye(s, dtype=R.dtype, device=R.device), upper=True).T
+    S = Rinv_T / torch.linalg.vector_norm(Rinv_T, dim=0, keepdim=True)
+    c = (S * W).sum(dim=0)  # s_i^T w_i
+    HS, HW = H @ S, H @ W
+    sHs = (S * HS).sum(dim=0)
+    # Estimate i: tr(Q^T A Q) - s_i^T H s_i  +  u_i^T A u_i with u_i = omega_i - Q (w_i - c_i s_i), expanded over
+    # the small matrices (A u_i = A omega_i - Z w_i + c_i Z s_i).
+    quad = (
+        d1 - (T * W).sum(dim=0) + c * (T * S).sum(dim=0)
+        - (W * R).sum(dim=0) + (W * HW).sum(dim=0) - c * (W * HS).sum(dim=0)
+        + c * (S * R).sum(dim=0) - c * (S * HW).sum(dim=0) + c * c * sHs
+    )  # fmt: skip
+    values = (torch.trace(H) - sHs + quad).double()
+    per_param = None
+    if slices is not None:
+        diag = _xtrace_diagonal(Om, Y, Q, Z, S, W, c)
+        per_param = {name: diag[sl].sum().item() for name, sl in slices.items()}
+    return TraceEstimate(value=values.mean().item(), stderr=_stderr(values), num_matvecs=2 * s, per_param=per_param)
+
+
+def _xtrace_diagonal(Om: Tensor, Y: Tensor, Q: Tensor, Z: Tensor, S: Tensor, W: Tensor, c: Tensor) -> Tensor:
+    """Mean over ``i`` of unbiased diagonal estimates whose sums are XTrace's estimates ``i``.
+
+    ``diag(A) = diag(P A) + diag((I - P) A)`` for ``P = Q_i Q_i^T``: the first exactly from ``Q`` and ``A Q``, the
+    second by ``u_i * (A u_i)`` with ``u_i = (I - P) omega_i``, whose expectation is ``diag((I - P)(I - P) A)``
+    (``E[(M w) * (N w)] = diag(M N^T)`` for isotropic ``w``). Summed: ``tr(P A) + u_i^T A u_i``, estimate ``i``.
+    ``O(n s)`` per ``i``.
+    """
+    base_pa = (Q * Z).sum(dim=1)  # diag(Q Q^T A), A symmetric
+    out = torch.zeros(Q.shape[0], dtype=torch.float64, device=Q.device)
+    for i in range(S.shape[1]):
+        si = S[:, i]
+        coef = W[:, i] - c[i] * si
+        u = Om[:, i] - Q @ coef
+        au = Y[:, i] - Z @ coef
+        out += (base_pa - (Q @ si) * (Z @ si) + u * au).double()
+    return out / S.shape[1]
 
 
 def _chunked_matmat(op: CurvatureOperator, V: Tensor, chunk: int) -> Tensor:

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 
 from lightning_gd.callbacks import (
     GradientFlossing,
@@ -24,6 +24,7 @@ from lightning_gd.callbacks import (
 )
 from tests.callbacks.test_gradient_flossing import RNNTask, _loader
 from tests.helpers.models import TinyClassifier, classification_loader
+from tests.helpers.trainer import quiet_trainer
 
 
 class CompiledClassifier(TinyClassifier):
@@ -39,10 +40,7 @@ class CompiledRNN(RNNTask):
 
 
 def _fit(tmp_path, model, loader, callbacks, max_steps=4, **kwargs):
-    trainer = Trainer(
-        accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=callbacks, default_root_dir=str(tmp_path), **kwargs,
-    )  # fmt: skip
+    trainer = quiet_trainer(tmp_path, max_steps=max_steps, callbacks=callbacks, **kwargs)
     trainer.fit(model, loader)
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -114,9 +112,7 @@ def test_text_sampler_under_bf16(tmp_path):
     seed_everything(0)
     model = CausalLMModule(overrides={"block_size": 16, "n_layer": 1})
     data = TextCorpusDataModule(data_dir=str(corpus), seq_len=16, batch_size=4, train_windows=16, num_workers=0)
-    trainer = Trainer(accelerator="cpu", max_steps=2, precision="bf16-mixed", logger=False, limit_val_batches=0,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=[sampler], default_root_dir=str(tmp_path))  # fmt: skip
+    trainer = quiet_trainer(tmp_path, max_steps=2, precision="bf16-mixed", limit_val_batches=0, callbacks=[sampler])
     trainer.fit(model, datamodule=data)
     assert sampler.last_sample.startswith("def")
     assert [p.read_text() for p in tmp_path.rglob("sample.txt")] == [sampler.last_sample]

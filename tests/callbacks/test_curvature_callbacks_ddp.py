@@ -12,13 +12,17 @@ from tests.helpers.models import TinyClassifier, classification_loader
 seed_everything(0)
 model = TinyClassifier(dropout=0.2)
 trace = HessianTraceMonitor(max_overhead=None, every_n_steps=4, num_probes=400, batch="fixed", per_layer=True)
+# XTrace and Hutch++ split too: each rank sketches its own batch's Hessian with half the products.
+xtrace = HessianTraceMonitor(max_overhead=None, every_n_steps=4, num_probes=80, batch="fixed", method="xtrace",
+                             groups={"first": "net.0.*"})
+hpp = HessianTraceMonitor(max_overhead=None, every_n_steps=4, num_probes=60, batch="fixed", method="hutch++")
 sharp = SharpnessTracker(max_overhead=None, every_n_steps=2, smallest=True, batch="fixed", tol=1e-8, max_iter=200,
                          density_every_n_steps=4)
 # Over its 1% budget after the first check: rank 0's clock must decide for both ranks (or they deadlock).
 budget = SharpnessTracker(every_n_steps=1, max_iter=30, max_overhead=0.01, plot=False)
 trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, precision="64-true", logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  callbacks=[trace, sharp, budget, MetricPlotter(every_n_steps=1)], default_root_dir=".")
+                  callbacks=[trace, xtrace, hpp, sharp, budget, MetricPlotter(every_n_steps=1)], default_root_dir=".")
 trainer.fit(model, classification_loader(n=128))
 # The exact Hessian of the global batch: the mean of the ranks' fixed-batch Hessians at the final weights.
 x, y = sharp._fixed[0]
@@ -28,6 +32,8 @@ H /= trainer.world_size
 eig = torch.linalg.eigvalsh(H)
 write_result({
     "trace": trace.last_metrics, "sharp": sharp.last_metrics, "exact_trace": torch.trace(H).item(),
+    "xtrace": xtrace.last_metrics, "hpp": hpp.last_metrics,
+    "exact_first": torch.trace(H[:144, :144]).item(),
     "exact_max": eig[-1].item(), "exact_min": eig[0].item(), "first_x": x[0].tolist(),
     "weights": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
     "history_steps": [s for s, _ in sharp.history["sharpness/lambda_max"]],
@@ -40,7 +46,7 @@ def test_curvature_callbacks_on_two_process_ddp(tmp_path):
     r0, r1 = run_ddp_script(_SCRIPT, tmp_path)
     assert r0["first_x"] != r1["first_x"]  # each rank measured its own data
     assert r0["weights"] == r1["weights"]
-    for key in ("trace", "sharp"):
+    for key in ("trace", "sharp", "xtrace", "hpp"):
         assert r0[key] == r1[key]  # every rank logs the same numbers
     assert r0["history_steps"] == [2, 4]
     assert r0["budget_steps"] == r1["budget_steps"]
@@ -51,4 +57,11 @@ def test_curvature_callbacks_on_two_process_ddp(tmp_path):
     t = r0["trace"]
     assert abs(t["hessian/trace"] - r0["exact_trace"]) < 3 * t["hessian/trace_stderr"]
     assert t["hessian/num_hvps"] == 200  # the 400 probes are split over the two ranks
+    for key, products in (("xtrace", 40), ("hpp", 30)):
+        est = r0[key]
+        assert est["hessian/num_hvps"] == products  # split: each rank sketches its own Hessian
+        assert abs(est["hessian/trace"] - r0["exact_trace"]) < 4 * est["hessian/trace_stderr"]
+    # The group's block trace from the same probes (no stderr of its own: the total's bounds its noise here).
+    xt = r0["xtrace"]
+    assert abs(xt["hessian/first/trace"] - r0["exact_first"]) < 4 * xt["hessian/trace_stderr"]
     assert (tmp_path / "sharpness.png").is_file() and (tmp_path / "spectral_density_step4.png").is_file()

@@ -119,3 +119,105 @@ def test_bad_arguments():
     ]:
         with pytest.raises(ValueError, match=pattern):
             lanczos(op, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- block Lanczos
+_BULK = torch.linspace(-1.0, 3.0, 140, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "top",
+    [[9.0, 9.0, 7.0, 5.0], [9.0, 9.0, 9.0, 5.0], [9.0 + 1e-6, 9.0, 9.0 - 1e-6, 7.0], [6.0, 6.0, 4.0, 4.0]],
+    ids=["pair", "triple", "cluster-1e-6", "two-pairs"],
+)
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_block_lanczos_returns_every_copy_of_a_repeated_eigenvalue(top, k):
+    A = spectrum_matrix(torch.cat([torch.tensor(top, dtype=torch.float64), _BULK]))
+    want = torch.linalg.eigvalsh(A).flip(0)[:k]
+    res = lanczos(DenseOperator(A), k=k, tol=1e-10, max_iter=150)
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, want, rtol=1e-9, atol=0)
+    torch.testing.assert_close(res.eigenvectors.T @ res.eigenvectors, torch.eye(k, dtype=torch.float64))
+    assert (A @ res.eigenvectors - res.eigenvectors * res.eigenvalues).norm(dim=0).max() < 1e-7
+    # Single-vector Lanczos (block_size=1) cannot see a second copy (in exact arithmetic; rounding lets it surface
+    # after many products): at the callbacks' tol it returns a wrong k-th value, the block does not.
+    if top.count(top[0]) > 1 and k <= top.count(top[0]):
+        single = lanczos(DenseOperator(A), k=k, tol=1e-2, max_iter=150, block_size=1)
+        assert (single.eigenvalues - want).abs().max() > 1.0
+        block = lanczos(DenseOperator(A), k=k, tol=1e-2, max_iter=150)
+        torch.testing.assert_close(block.eigenvalues, want, rtol=1e-3, atol=0)
+
+
+def _boring_problem(loss: str):
+    """``Linear(32, 2)`` as in Lightning's BoringModel, float64, batch 64: its MSE against ones (BoringModel's own
+    loss: the Hessian is two identical blocks, every eigenvalue twice) or a cross-entropy."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 2).double()
+    x = torch.randn(64, 32, dtype=torch.float64)
+    y = torch.randint(0, 2, (64,))
+
+    def loss_fn(m, b):
+        out = m(b[0])
+        if loss == "mse":
+            return torch.nn.functional.mse_loss(out, torch.ones_like(out))
+        return torch.nn.functional.cross_entropy(out, b[1])
+
+    return layer, loss_fn, (x, y)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_block_lanczos_on_the_boring_model_hessian(loss):
+    layer, loss_fn, batch = _boring_problem(loss)
+    op = HessianOperator(layer, loss_fn, batch)
+    eigs = torch.linalg.eigvalsh(op.matmat(torch.eye(op.numel, dtype=torch.float64))).flip(0)
+    if loss == "mse":
+        torch.testing.assert_close(eigs[0:6:2], eigs[1:6:2], rtol=1e-12, atol=0)  # exact pairs
+    for tol, rtol in [(1e-10, 1e-9), (1e-2, 1e-3)]:  # the tracker's default tol: Ritz errors ~ tol^2
+        res = lanczos(op, k=3, tol=tol, max_iter=66)
+        torch.testing.assert_close(res.eigenvalues, eigs[:3], rtol=rtol, atol=0)
+
+
+def test_block_lanczos_warm_start_restarts_and_exhaustion():
+    A = spectrum_matrix(torch.cat([torch.tensor([9.0, 9.0, 7.0], dtype=torch.float64), _BULK]))
+    want = torch.linalg.eigvalsh(A).flip(0)[:3]
+    cold = lanczos(DenseOperator(A), k=3, tol=1e-8, max_iter=150)
+    # A warm start from the previous eigenvectors (a slightly different operator), whole or one column.
+    E = torch.randn(A.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    previous = lanczos(DenseOperator(A + 1e-4 * (E + E.T)), k=3, tol=1e-8, max_iter=150).eigenvectors
+    warm = lanczos(DenseOperator(A), k=3, tol=1e-8, max_iter=150, init=previous)
+    part = lanczos(DenseOperator(A), k=3, tol=1e-8, max_iter=150, init=previous[:, 0])
+    for res in (warm, part):
+        torch.testing.assert_close(res.eigenvalues, want, rtol=1e-7, atol=0)
+    assert warm.num_matvecs < cold.num_matvecs
+    # Thick restarts with a basis of k + b + 1 vectors: the same values, more products.
+    small = lanczos(DenseOperator(A), k=3, tol=1e-8, max_iter=400, max_basis=7)
+    torch.testing.assert_close(small.eigenvalues, want, rtol=1e-7, atol=0)
+    assert small.converged and small.num_matvecs > cold.num_matvecs
+    # A block larger than what is left of the space, and k = numel: every eigenvalue, exactly.
+    eigs = torch.tensor([3.0, 3.0, -2.0, 0.0, 5.0], dtype=torch.float64)
+    res = lanczos(DenseOperator(spectrum_matrix(eigs)), k=5, max_iter=50)
+    torch.testing.assert_close(res.eigenvalues, eigs.sort(descending=True).values, rtol=0, atol=1e-10)
+    ident = lanczos(DenseOperator(torch.eye(10, dtype=torch.float64)), k=4)
+    torch.testing.assert_close(ident.eigenvalues, torch.ones(4, dtype=torch.float64))
+
+
+def test_block_lanczos_smallest_and_float32():
+    A = spectrum_matrix(torch.cat([torch.tensor([-4.0, -4.0, -3.0], dtype=torch.float64), _BULK]))
+    low = lanczos(DenseOperator(A), k=2, which="smallest", tol=1e-10, max_iter=150)
+    torch.testing.assert_close(low.eigenvalues, torch.tensor([-4.0, -4.0], dtype=torch.float64), rtol=1e-9, atol=0)
+    res = lanczos(DenseOperator(A.neg().float()), k=2, tol=1e-5, max_iter=150)
+    assert res.eigenvectors.dtype == torch.float32
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([4.0, 4.0], dtype=torch.float64), rtol=1e-4, atol=0)
+
+
+def test_block_bad_arguments():
+    op = DenseOperator(torch.eye(6, dtype=torch.float64))
+    for kwargs, pattern in [
+        ({"block_size": 0}, "`block_size` must.*0"),
+        ({"block_size": 7}, "block_size must.*7"),
+        ({"k": 2, "max_basis": 4}, "max_basis.*4"),
+        ({"k": 2, "init": torch.ones(6, 3, dtype=torch.float64)}, "at most block_size=2.*3"),
+        ({"k": 2, "init": torch.zeros(6, 2, dtype=torch.float64)}, "init"),
+    ]:
+        with pytest.raises(ValueError, match=pattern):
+            lanczos(op, **kwargs)

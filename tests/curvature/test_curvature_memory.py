@@ -49,7 +49,7 @@ def test_lanczos_process_never_stores_more_than_max_basis():
     for _ in range(60):
         proc.step()
         if proc.full:
-            theta, S = torch.linalg.eigh(proc.tridiagonal())
+            theta, S = torch.linalg.eigh(proc.projected())
             proc.thick_restart(S[:, -3:], theta[-3:])
         else:
             proc.advance()
@@ -60,10 +60,10 @@ def test_lanczos_process_never_stores_more_than_max_basis():
     Q = torch.cat(proc._in_use())
     torch.testing.assert_close(Q @ Q.T, torch.eye(Q.shape[0], dtype=torch.float64), atol=1e-12, rtol=0)
     A = op.matmat(torch.eye(op.numel, dtype=torch.float64))
-    lhs = A @ Q.T - Q.T @ proc.tridiagonal()
+    lhs = A @ Q.T - Q.T @ proc.projected()
     lhs[:, -1] -= proc.w
     assert lhs.abs().max().item() < 1e-10
-    assert proc.tridiagonal().max().item() <= eigs.max().item() + 1e-10
+    assert proc.projected().max().item() <= eigs.max().item() + 1e-10
 
 
 def test_bad_max_basis_is_rejected():
@@ -110,7 +110,7 @@ def _trainer(tmp_path, callbacks, **kw):
 @pytest.mark.parametrize(
     ("callback", "needed"),
     [
-        (lambda b: SharpnessTracker(memory_budget=b, preconditioned=False), 5),  # basis k + 2, residual, Ritz vector
+        (lambda b: SharpnessTracker(memory_budget=b, preconditioned=False), 5),  # basis 2k + 1, residual, Ritz vector
         (lambda b: SharpnessTracker(memory_budget=b, preconditioned=True), 9),  # + 4 for the preconditioner
         (lambda b: HessianTraceMonitor(memory_budget=b), 2),
         (lambda b: HessianTraceMonitor(memory_budget=b, method="hutch++", num_probes=30), 36),

@@ -1,4 +1,4 @@
-"""Hutchinson and Hutch++ trace estimates against exact Hessian traces."""
+"""Hutchinson, Hutch++ and XTrace trace estimates against exact Hessian traces."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def block_slices(op: HessianOperator) -> dict[str, slice]:
     return out
 
 
-@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
 def test_trace_within_three_stderr(method, mlp, mlp_hessian):
     op = HessianOperator(mlp.model, mlp.loss_fn, mlp.batch)
     est = hutchinson_trace(op, num_probes=30, method=method, generator=torch.Generator().manual_seed(0))
@@ -84,9 +84,69 @@ def test_bad_arguments():
         hutchinson_trace(op, num_probes=0)
     with pytest.raises(ValueError, match="num_probes.*2"):
         hutchinson_trace(op, num_probes=2, method="hutch++")
+    with pytest.raises(ValueError, match="num_probes.*3"):
+        hutchinson_trace(op, num_probes=3, method="xtrace")
     with pytest.raises(ValueError, match="probes_per_matmat.*0"):
         hutchinson_trace(op, probes_per_matmat=0)
     with pytest.raises(ValueError, match="per_param.*DenseOperator"):
         hutchinson_trace(op, per_param=True)
     with pytest.raises(ValueError, match="generator.*3"):
         hutchinson_trace(op, generator=3)
+
+
+def _xtrace_by_definition(A: torch.Tensor, Om: torch.Tensor) -> float:
+    """Epperly, Tropp & Webber 2024, Algorithm 1 written out: estimate i = tr(Q_i^T A Q_i) + w_i^T (I - P_i) A
+    (I - P_i) w_i with Q_i an orthonormal basis of A Om without column i; the mean over i."""
+    Y = A @ Om
+    ests = []
+    for i in range(Om.shape[1]):
+        Qi, _ = torch.linalg.qr(torch.cat([Y[:, :i], Y[:, i + 1 :]], dim=1))
+        u = Om[:, i] - Qi @ (Qi.T @ Om[:, i])
+        ests.append((torch.trace(Qi.T @ A @ Qi) + u @ A @ u).item())
+    return sum(ests) / len(ests)
+
+
+def _spectrum(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(eigs.numel(), eigs.numel(), dtype=torch.float64, generator=g))
+    return (Q * eigs) @ Q.T
+
+
+def test_xtrace_is_algorithm_1_of_the_paper():
+    A = _spectrum(torch.cat([torch.tensor([50.0, 30.0, 20.0, 10.0, 8.0]), torch.linspace(-0.5, 0.5, 95)]).double())
+    for m, seed in [(4, 0), (11, 1), (20, 2)]:  # an odd budget leaves one product unused
+        est = hutchinson_trace(DenseOperator(A), m, method="xtrace", generator=torch.Generator().manual_seed(seed))
+        assert est.num_matvecs == 2 * (m // 2)
+        gen = torch.Generator().manual_seed(seed)  # the same Rademacher probes
+        Om = (torch.randint(0, 2, (m // 2, 100), generator=gen, dtype=torch.float64) * 2 - 1).T
+        assert est.value == pytest.approx(_xtrace_by_definition(A, Om), rel=1e-12)
+
+
+def test_xtrace_is_unbiased():
+    A = _spectrum(
+        torch.cat([10.0 / torch.arange(1, 41, dtype=torch.float64), 0.05 * torch.rand(80, dtype=torch.float64)])
+    )
+    exact = torch.trace(A).item()
+    values = []
+    for seed in range(200):
+        est = hutchinson_trace(DenseOperator(A), 24, method="xtrace", generator=torch.Generator().manual_seed(seed))
+        values.append(est.value)
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    assert abs(mean - exact) < 4 * sd / math.sqrt(len(values))
+
+
+def test_per_param_xtrace_sums_to_the_estimate_and_is_unbiased(mlp, mlp_hessian):
+    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.batch)
+    slices = block_slices(op)
+    runs = [hutchinson_trace(op, 20, method="xtrace", per_param=True, generator=torch.Generator().manual_seed(s))
+            for s in range(60)]  # fmt: skip
+    for est in runs:
+        assert math.isclose(sum(est.per_param.values()), est.value, rel_tol=1e-10, abs_tol=1e-12)
+    for name, sl in slices.items():
+        samples = torch.tensor([est.per_param[name] for est in runs], dtype=torch.float64)
+        exact = torch.trace(mlp_hessian[sl, sl]).item()
+        assert abs(samples.mean().item() - exact) < 4 * samples.std().item() / math.sqrt(len(runs)) + 1e-10, name
+    full = hutchinson_trace(op, 2 * op.numel, method="xtrace", per_param=True)  # a sketch of the whole space: exact
+    for name, sl in slices.items():
+        assert math.isclose(full.per_param[name], torch.trace(mlp_hessian[sl, sl]).item(), rel_tol=1e-8, abs_tol=1e-10)

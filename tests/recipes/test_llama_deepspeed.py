@@ -44,7 +44,7 @@ out = {{}}
 for name, strategy in {_STRATEGIES!r}.items():
     # What `lightning-gd fit` runs (lightning_gd.cli.main), shrunk to 6 steps of 2 layers, validating at step 3.
     args = ["fit", "--config", "llama-tiny", *tiny_overrides("llama-tiny", 3), "--trainer.devices", "2",
-            "--trainer.strategy", strategy, "--trainer.logger.init_args.name", name]
+            "--trainer.strategy", strategy, "--run_name", name, "--resume", "never"]
     trainer = LightningGDCLI(args=_resolve_config_names(args)).trainer
     model = trainer.lightning_module
     params = list(model.parameters())
@@ -55,14 +55,16 @@ for name, strategy in {_STRATEGIES!r}.items():
     if trainer.is_global_zero:
         with open(Path(trainer.loggers[0].log_dir) / "metrics.csv") as f:
             rows = list(csv.DictReader(f))
-    last = Path(trainer.checkpoint_callback.last_model_path)
+    saved = [c.last_model_path or c.best_model_path for c in trainer.checkpoint_callbacks]
+    last = [Path(p) for p in saved if p]  # the recipe saves runs/.../checkpoints/last.ckpt
     out[name] = {{
         "strategy": type(trainer.strategy).__name__, "optimizer": type(trainer.optimizers[0]).__name__,
         "global_step": trainer.global_step,
         "weights": torch.cat([p.detach().reshape(-1) for p in params]).tolist(),
         "train_loss": [float(r["train/loss"]) for r in rows if r.get("train/loss")],
         "val_loss": [float(r["val/loss"]) for r in rows if r.get("val/loss")],
-        "last_ckpt_is_dir": last.is_dir(), "plot": (Path(trainer.log_dir) / "loss_curves.png").is_file(),
+        "last_ckpt": [(p.name, p.is_dir()) for p in last],
+        "plot": (Path(trainer.log_dir) / "loss_curves.png").is_file(),
     }}
 write_result(out, int(os.environ.get("LOCAL_RANK", 0)))
 """
@@ -89,5 +91,5 @@ def test_llama_tiny_trains_under_deepspeed_like_ddp(llama_runs, stage):
     assert len(got["train_loss"]) == 6 and got["train_loss"] == pytest.approx(ddp["train_loss"], rel=1e-5)
     assert len(got["val_loss"]) == 2 and got["val_loss"] == pytest.approx(ddp["val_loss"], rel=1e-5)
     assert got["train_loss"][-1] < got["train_loss"][0]  # it learns
-    assert got["last_ckpt_is_dir"] and not ddp["last_ckpt_is_dir"]  # the recipe's last.ckpt: DeepSpeed's directory
+    assert got["last_ckpt"] == [["last.ckpt", True]] and ddp["last_ckpt"] == [["last.ckpt", False]]  # DeepSpeed: a dir
     assert got["plot"]  # MetricPlotter's loss_curves.png

@@ -12,7 +12,7 @@ import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from lightning.pytorch import Trainer, seed_everything  # noqa: E402
+from lightning.pytorch import seed_everything  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from lightning.pytorch.utilities.exceptions import MisconfigurationException  # noqa: E402
@@ -31,6 +31,7 @@ from lightning_gd.recipes import CausalLMModule, TextCorpusDataModule  # noqa: E
 from tests.callbacks.test_gradient_flossing import RNNTask, _loader  # noqa: E402
 from tests.helpers.ddp import write_result  # noqa: E402
 from tests.helpers.models import TinyClassifier, classification_loader  # noqa: E402
+from tests.helpers.trainer import quiet_trainer  # noqa: E402
 
 BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp2")
 # Curvature and gradient flossing need whole parameters on every rank: refused (at setup) where they are sharded.
@@ -88,10 +89,9 @@ def weights(trainer, model):
 def fit(name, case, model, data, callbacks, max_steps=4, ckpt_path=None, checkpoint=None):
     seed_everything(0)
     extra = [checkpoint] if checkpoint else []
-    trainer = Trainer(
-        accelerator="cpu", devices=2, strategy=strategy(name), max_steps=max_steps, logger=False,
-        enable_checkpointing=bool(extra), enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[*callbacks, *extra], default_root_dir=f"{name}_{case}", limit_val_batches=0,
+    trainer = quiet_trainer(
+        f"{name}_{case}", devices=2, strategy=strategy(name), max_steps=max_steps, enable_checkpointing=bool(extra),
+        callbacks=[*callbacks, *extra], limit_val_batches=0,
     )  # fmt: skip
     loaders = {"datamodule": data} if isinstance(data, TextCorpusDataModule) else {"train_dataloaders": data}
     try:

@@ -1,0 +1,167 @@
+"""Per-parameter optimizer state: which optimizer owns a parameter, and the Adam moments it keeps for it.
+
+The one place that answers "is this Adam?" (:func:`is_adam_family`) and "what are this parameter's Adam moments?"
+(:func:`adam_moments`), for any number of optimizers: a GAN's generator and discriminator optimizers, a module
+whose ``configure_optimizers`` returns several, or one optimizer with several parameter groups. Each measured
+parameter gets its moments from whichever optimizer owns it, with that group's ``lr``, ``betas`` and ``eps``.
+
+Reading the state is dispatched per optimizer type (:func:`_reader_for`): a reader yields ``(parameter, group,
+state)`` for every parameter the optimizer updates. Today there is one reader, for the ``torch.optim`` contract
+(``param_groups`` and a ``state`` keyed by the parameter), which every ``torch.optim`` optimizer, timm's and ours
+follow. **To be added** (issue 22): DeepSpeed's ZeRO-1/2 optimizers, which keep one flat fp32 partition per
+group instead of per-parameter state, and ``torch.distributed.optim.ZeroRedundancyOptimizer``, which keeps each
+parameter's state on one rank only; each needs a reader that maps its partitions back to the parameters. Until
+then such a parameter reads as "not found" (``None``), never as a wrong moment.
+
+Glue level: knows ``torch.optim``, imports nothing from Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["AdamMoments", "Owner", "adam_moments", "is_adam_family", "owner_of"]
+
+# (parameter, its param group, its state) for every parameter an optimizer updates.
+_StateReader = Callable[[Any], Iterator[tuple[Tensor, Mapping[str, Any], Mapping[str, Any]]]]
+
+
+@dataclass(frozen=True)
+class AdamMoments:
+    """The Adam second moment of one parameter, with the hyperparameters of the group that owns it.
+
+    Attributes:
+        exp_avg_sq: ``v_t``, the EMA of squared gradients, shaped like the parameter (the optimizer's own tensor,
+            not a copy: read it, never write it).
+        step: ``t``, the number of steps the optimizer took for this parameter.
+        beta1: First-moment EMA coefficient.
+        beta2: Second-moment EMA coefficient.
+        eps: The ``eps`` added to ``sqrt(v_hat)``.
+        lr: The group's current learning rate.
+        optimizer_index: Position of the owning optimizer in the list given to :func:`adam_moments`.
+    """
+
+    exp_avg_sq: Tensor
+    step: float
+    beta1: float
+    beta2: float
+    eps: float
+    lr: float
+    optimizer_index: int
+
+
+def is_adam_family(param_group: Mapping[str, Any]) -> bool:
+    """Whether a parameter group belongs to an Adam-family optimizer: it has Adam's ``betas`` (EMA moments).
+
+    The single answer to "is this Adam?" in the package (``SharpnessTracker``'s preconditioned mode and the
+    compression hook's momentum check both ask it). Adam, AdamW, NAdam, RAdam, timm's Adam family, Lamb, Lion and
+    Adan all say yes: they keep an EMA momentum. Whether a parameter also has the second moment Cohen et al.'s
+    preconditioner needs is :func:`adam_moments`' question (Lion and Adan, for instance, do not give one).
+
+    Example::
+
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> is_adam_family(torch.optim.AdamW([w]).param_groups[0]), is_adam_family(torch.optim.SGD([w]).param_groups[0])
+        (True, False)
+    """
+    return bool(param_group.get("betas"))
+
+
+class Owner(NamedTuple):
+    """The optimizer (its index in the list given) and the parameter group that update a parameter."""
+
+    index: int
+    group: Mapping[str, Any]
+
+
+def owner_of(optimizers: Sequence[Any], params: Iterable[Tensor]) -> list[Owner | None]:
+    """For each parameter, the first optimizer of ``optimizers`` that updates it and its group, or ``None``.
+
+    Example::
+
+        >>> import torch
+        >>> w, b = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.ones(1))
+        >>> [o if o is None else (o.index, o.group["lr"]) for o in owner_of([torch.optim.SGD([w], lr=0.5)], [w, b])]
+        [(0, 0.5), None]
+    """
+    owner: dict[int, Owner] = {}
+    for index, optimizer in enumerate(optimizers):
+        for p, group, _ in _reader_for(optimizer)(optimizer):
+            owner.setdefault(id(p), Owner(index, group))
+    return [owner.get(id(p)) for p in params]
+
+
+def adam_moments(optimizers: Sequence[Any], params: Iterable[Tensor]) -> list[AdamMoments | None]:
+    """For each parameter, its Adam moments from whichever optimizer owns it, or ``None`` when there are none.
+
+    ``None`` means, explicitly: no optimizer in ``optimizers`` updates the parameter; or its owner is not of the
+    Adam family (:func:`is_adam_family`); or the owner keeps no per-parameter ``exp_avg_sq`` shaped like the
+    parameter with a ``step`` count and a pair ``betas`` plus ``eps`` (Lion, Adan's three betas, a projected
+    second moment, a state not created yet because the optimizer has not stepped, an optimizer whose state this
+    module cannot read yet: DeepSpeed ZeRO, ``ZeroRedundancyOptimizer``). A parameter updated by two optimizers
+    gets the first one's.
+
+    Args:
+        optimizers: The optimizers, e.g. ``trainer.optimizers``.
+        params: The parameters to look up.
+
+    Returns:
+        One entry per parameter, in order.
+
+    Example::
+
+        >>> import torch
+        >>> w, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(1))
+        >>> adam, sgd = torch.optim.Adam([w], lr=0.1), torch.optim.SGD([b], lr=0.5)
+        >>> (w.sum() + b.sum()).backward(); adam.step(); sgd.step()
+        >>> [m if m is None else (m.step, m.lr, m.optimizer_index) for m in adam_moments([adam, sgd], [w, b])]
+        [(1.0, 0.1, 0), None]
+    """
+    found: dict[int, AdamMoments | None] = {}
+    for index, optimizer in enumerate(optimizers):
+        for p, group, state in _reader_for(optimizer)(optimizer):
+            if id(p) not in found:
+                found[id(p)] = _adam_from(p, group, state, index)
+    return [found.get(id(p)) for p in params]
+
+
+def _adam_from(p: Tensor, group: Mapping[str, Any], state: Mapping[str, Any], index: int) -> AdamMoments | None:
+    """The moments of ``p`` if its group and state are Adam's (see :func:`adam_moments`), else ``None``."""
+    if not is_adam_family(group) or "eps" not in group:
+        return None
+    betas = tuple(group["betas"])
+    v = state.get("exp_avg_sq")
+    step = state.get("step", group.get("step"))
+    if len(betas) != 2 or not isinstance(v, Tensor) or v.shape != p.shape or step is None:
+        return None
+    step = float(step.item() if isinstance(step, Tensor) else step)
+    if step < 1:
+        return None
+    return AdamMoments(
+        exp_avg_sq=v,
+        step=step,
+        beta1=float(betas[0]),
+        beta2=float(betas[1]),
+        eps=float(group["eps"]),
+        lr=float(group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]),
+        optimizer_index=index,
+    )
+
+
+def _torch_reader(optimizer: torch.optim.Optimizer) -> Iterator[tuple[Tensor, Mapping[str, Any], Mapping[str, Any]]]:
+    """The ``torch.optim`` contract: ``param_groups`` and a ``state`` keyed by the parameter tensor."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            yield p, group, optimizer.state.get(p, {})
+
+
+def _reader_for(optimizer: Any) -> _StateReader:
+    """The state reader for this optimizer's type. DeepSpeed's ZeRO optimizers and ``ZeroRedundancyOptimizer``
+    (their partitions mapped back to the parameters) are to be added here (issue 22)."""
+    return _torch_reader
