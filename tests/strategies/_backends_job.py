@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy  # noqa: E402
 from lightning.pytorch.utilities.exceptions import MisconfigurationException  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
+from torch.distributed.optim import ZeroRedundancyOptimizer  # noqa: E402
 
 from lightning_gd.callbacks import (  # noqa: E402
     GradientFlossing,
@@ -56,6 +57,11 @@ class CondaClassifier(Classifier):
         return OptimizerRecipe(optimizer="conda", lr=0.01, warmup_steps=0).build(self)
 
 
+class ZeroRedundancyClassifier(Classifier):
+    def configure_optimizers(self):  # each rank keeps the Adam state of its own share of the parameters
+        return ZeroRedundancyOptimizer(self.parameters(), optimizer_class=torch.optim.Adam, lr=self.hparams.lr)
+
+
 class RNN(RNNTask):
     def configure_model(self):
         _shard_under_fsdp2(self, self.rnn, self.readout)  # its training_step calls them, not `self.forward`
@@ -86,12 +92,12 @@ def weights(trainer, model):
     return torch.cat([p.detach().reshape(-1) for p in params]).tolist()
 
 
-def fit(name, case, model, data, callbacks, max_steps=4, ckpt_path=None, checkpoint=None):
+def fit(name, case, model, data, callbacks, max_steps=4, ckpt_path=None, checkpoint=None, **trainer_kwargs):
     seed_everything(0)
     extra = [checkpoint] if checkpoint else []
     trainer = quiet_trainer(
         f"{name}_{case}", devices=2, strategy=strategy(name), max_steps=max_steps, enable_checkpointing=bool(extra),
-        callbacks=[*callbacks, *extra], limit_val_batches=0,
+        callbacks=[*callbacks, *extra], limit_val_batches=0, **trainer_kwargs,
     )  # fmt: skip
     loaders = {"datamodule": data} if isinstance(data, TextCorpusDataModule) else {"train_dataloaders": data}
     try:
@@ -140,6 +146,25 @@ def run(name):
         seed_everything(0)
         res["conda_recipe"] = fit(name, "conda_recipe", CondaClassifier(dropout=0.0, batchnorm=False),
                                   classification_loader(), [])  # fmt: skip
+
+    # Adam: SharpnessTracker("auto") reads the second moments through utils/optim_state.py (DeepSpeed's flat
+    # partitions, ZeroRedundancyOptimizer's shards) and tracks lambda_max(P^-1 H) against 38/lr.
+    # "adam_clipped": gradients clipped to norm 0.05 (every step here), by Lightning under DDP, inside DeepSpeed's
+    # step under ZeRO: the clip factor c enters the preconditioner.
+    def adam():
+        return Classifier(dropout=0.0, batchnorm=False, optimizer="adam", lr=0.01)
+
+    def zero_redundancy():
+        return ZeroRedundancyClassifier(dropout=0.0, batchnorm=False, lr=0.01)
+
+    adam_cases = {"adam": (adam, {}), "adam_clipped": (adam, {"gradient_clip_val": 0.05})}
+    if name == "ddp":
+        adam_cases["zero_redundancy"] = (zero_redundancy, {})
+    for case, (make, trainer_kwargs) in adam_cases.items():
+        sharp = SharpnessTracker(max_overhead=None, every_n_steps=2, tol=1e-6)
+        seed_everything(0)
+        r = fit(name, case, make(), classification_loader(), [sharp], **trainer_kwargs)
+        res[case] = {**r, "sharp": sharp.last_metrics, "history": sharp.history}
 
     plotter = MetricPlotter(every_n_steps=1)
     r = fit(name, "plotter", classifier(), classification_loader(), [plotter])

@@ -110,3 +110,30 @@ def test_a_shape_dependent_optimizer_recipe_is_refused(backend_runs, stage):
     message = same_on_both_ranks(backend_runs, stage, "conda_recipe")["error"]
     assert f"optimizer 'conda' does not work under DeepSpeed ZeRO stage {stage[-1]}" in message
     assert "weights" in backend_runs[0]["ddp"]["conda_recipe"]  # DDP trains with it
+
+
+@pytest.mark.parametrize("case", ["adam", "adam_clipped"])
+@pytest.mark.parametrize("stage", ["zero1", "zero2"])
+def test_adam_preconditioned_sharpness_matches_ddp(backend_runs, stage, case):
+    # DeepSpeed's optimizer keeps Adam's second moments in flat fp32 partitions: read back per parameter
+    # (utils/optim_state.py) they give DDP's preconditioned sharpness. Before, "auto" found no moments there. With
+    # clipping, c comes from DeepSpeed's engine (its step has no optimizer hooks) and matches the one measured
+    # under DDP.
+    got, ddp = same_on_both_ranks(backend_runs, stage, case), backend_runs[0]["ddp"][case]
+    assert got["weights"] == pytest.approx(ddp["weights"], abs=1e-7)
+    if case == "adam_clipped":
+        assert 0 < ddp["sharp"]["sharpness/clip_factor"] < 0.9  # clipping was active
+    key = "sharpness/preconditioned_lambda_max"
+    assert key in ddp["sharp"] and key in got["sharp"] and "sharpness/lambda_max" not in got["sharp"]
+    for metric, value in ddp["sharp"].items():
+        assert got["sharp"][metric] == pytest.approx(value, rel=1e-6), metric
+    assert [s for s, _ in got["history"][key]] == [2, 4]
+
+
+def test_adam_preconditioned_sharpness_under_zero_redundancy_optimizer_matches_plain_adam(backend_runs):
+    # ZeroRedundancyOptimizer keeps each parameter's Adam state on one rank: gathered, the same number as Adam's.
+    got, adam = same_on_both_ranks(backend_runs, "ddp", "zero_redundancy"), backend_runs[0]["ddp"]["adam"]
+    assert got["weights"] == pytest.approx(adam["weights"], abs=1e-7)
+    key = "sharpness/preconditioned_lambda_max"
+    assert got["sharp"][key] == pytest.approx(adam["sharp"][key], rel=1e-5)
+    assert got["sharp"]["sharpness/threshold"] == pytest.approx(adam["sharp"]["sharpness/threshold"])
