@@ -28,11 +28,13 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         [
+            "GracefulStop",
             "GradientFlossing",
             "HessianTraceMonitor",
             "MetricPlotter",
             "NoiseAnnealing",
             "ResumeProgressBar",
+            "ScheduleLengthCheck",
             "SharpnessTracker",
             "TextSampler",
         ],
@@ -40,13 +42,14 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(["MFAC", "Conda", "DiffGrad", "OptimizerRecipe", "WarmupCosineLR", "WarmupDecayLR"], ".optim"),
     **dict.fromkeys(["CompressedDDPStrategy", "ConAdvStrategy"], ".strategies"),
+    "AtomicCheckpointIO": ".plugins",
     **dict.fromkeys(
         ["CausalLMModule", "Llama", "LlamaConfig", "TextCorpusDataModule", "TokenStreamDataModule"], ".recipes"
     ),
 }
 
 # The Lightning glue: importing these (every name of their ``__all__``) makes the classes known by short name.
-_GLUE = ("callbacks", "optim", "recipes", "strategies")
+_GLUE = ("callbacks", "optim", "plugins", "recipes", "strategies")
 
 _SUBMODULES = (
     "adversarial",
@@ -56,6 +59,7 @@ _SUBMODULES = (
     "curvature",
     "dynamics",
     "optim",
+    "plugins",
     "recipes",
     "strategies",
     "utils",

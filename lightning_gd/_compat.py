@@ -14,7 +14,11 @@ an upgrade that renames one fails a test first. The touches:
 - torch's PowerSGD hook: ``_should_compress`` (:func:`powersgd_should_compress`);
 - torchdata ``StatefulDataLoader`` state: ``_sampler_iter_state`` (:func:`torchdata_samples_read`, only for
   checkpoints written before the data modules kept their position in a sampler of their own);
-- litdata ``StreamingDataLoader`` state: ``current_epoch`` (:func:`litdata_loader_epoch`).
+- litdata ``StreamingDataLoader`` state: ``current_epoch`` (:func:`litdata_loader_epoch`);
+- Lightning's CSVLogger writer (the private ``_ExperimentWriter``): ``metrics_keys`` (:func:`set_csv_header`, so
+  that a resumed run appends to the ``metrics.csv`` it kept);
+- Lightning's ``Trainer._logger_connector.update_train_step_metrics`` (:func:`log_step_metrics`: a run stopped by
+  Ctrl-C inside ``on_train_batch_end`` still logs that step's values, as Lightning does right after the hook).
 
 This module imports neither Lightning nor torchdata nor litdata at import time (the compression layer uses it).
 """
@@ -30,9 +34,11 @@ __all__ = [
     "ddp_kwargs",
     "layer_sync",
     "litdata_loader_epoch",
+    "log_step_metrics",
     "model_averager",
     "powersgd_should_compress",
     "private_attr",
+    "set_csv_header",
     "torchdata_samples_read",
 ]
 
@@ -117,6 +123,20 @@ def model_averager(strategy: Any) -> Any:
 def layer_sync(strategy: Any) -> Any:
     """The ``LayerSync`` plugin (``sync_batchnorm=True``) of a ``DDPStrategy``; ``None`` otherwise."""
     return _ddp_private(strategy, "_layer_sync", "whether sync_batchnorm converts the BatchNorm layers")
+
+
+def set_csv_header(experiment: Any, keys: list[str]) -> None:
+    """Tell a CSVLogger's writer (``logger.experiment``) that ``metrics.csv`` already has the columns ``keys``."""
+    private_attr(experiment, "metrics_keys", "Lightning's CSVLogger writer", "the columns of an existing metrics.csv")
+    experiment.metrics_keys = list(keys)
+
+
+def log_step_metrics(trainer: Any) -> None:
+    """Send this training step's logged values to the loggers now (Lightning does it right after
+    ``on_train_batch_end``, which a run stopping inside that hook never reaches)."""
+    connector = private_attr(trainer, "_logger_connector", "Lightning's Trainer", "the step's logged metrics")
+    update = private_attr(connector, "update_train_step_metrics", "Lightning's logger connector", "logging a step")
+    update()
 
 
 # ---------------------------------------------------------------------- torch's PowerSGD hook

@@ -3,7 +3,8 @@ import math
 import subprocess
 import sys
 
-import pytest
+import lightning.pytorch  # noqa: F401  (first here, Lightning's console log handler keeps the real stderr: first
+import pytest  # inside a capsys test, it would keep that test's stream and write to it once closed)
 import yaml
 
 from lightning_gd.cli import main

@@ -68,3 +68,43 @@ def test_torchdata_samples_read_of_a_plain_sampler(workers):
     for _ in range(3):
         next(it)
     assert _compat.torchdata_samples_read(loader.state_dict()) == 6
+
+
+def test_set_csv_header_lets_the_writer_append_under_an_existing_header(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    experiment = logger.experiment  # the writer
+    path = tmp_path / "run" / "version_0" / "metrics.csv"
+    path.write_text("a,step\n1.0,0\n")  # a kept earlier row, with a column the next rows lack
+    _compat.set_csv_header(experiment, ["a", "step"])
+    logger.log_metrics({"b": 2.0}, step=1)
+    logger.save()
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["a"], r["b"], r["step"]) for r in rows] == [("1.0", "", "0"), ("", "2.0", "1")]
+
+
+def test_log_step_metrics_sends_the_steps_values_to_the_loggers(tmp_path):
+    import csv
+
+    from lightning.pytorch import Callback
+    from lightning.pytorch.loggers import CSVLogger
+
+    from tests.helpers.models import TinyClassifier, classification_loader
+
+    class Stop(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            _compat.log_step_metrics(trainer)  # the values Lightning logs right after this hook
+            raise KeyboardInterrupt  # never reach Lightning's own logging of the step
+
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    trainer = Trainer(max_steps=1, logger=logger, callbacks=[Stop()], log_every_n_steps=1, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    with pytest.raises(SystemExit):
+        trainer.fit(TinyClassifier(), classification_loader())
+    with open(tmp_path / "run" / "version_0" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["step"] for row in rows if row.get("train/loss")] == ["0"], rows

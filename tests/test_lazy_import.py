@@ -37,7 +37,7 @@ def test_pure_torch_layers_import_no_lightning_timm_or_litdata():
 def test_root_exports_every_name_of_the_glue_subpackages():
     expected = {"__version__", "register", "CausalLMModule", "Llama", "LlamaConfig", "TextCorpusDataModule"}
     expected |= {"TokenStreamDataModule"}
-    for name in ("callbacks", "optim", "strategies"):
+    for name in ("callbacks", "optim", "plugins", "strategies"):
         expected |= set(importlib.import_module(f"lightning_gd.{name}").__all__)
     assert set(lightning_gd.__all__) == expected
     for name in lightning_gd.__all__:
