@@ -7,7 +7,7 @@ number of optimizer steps, and is much more robust to a one-step attack. ConAdv'
 plus the adversarial pass, in sequence (about 2.5x a plain step here); on a GPU the attack overlaps the main pass.
 
 Setup: DigitsDataModule(image_size=8, batch_size=512), timm resnet10t narrowed to channels (16, 32, 64, 128)
-(318K parameters), SGD (lr 0.2, momentum 0.9, Nesterov, wd 5e-4), WarmupCosineLR (5 warm-up steps, cosine to 0),
+(318K parameters), SGD (lr 0.2, momentum 0.9, Nesterov, wd 5e-4), WarmupDecayLR (5 warm-up steps, cosine to 0),
 label smoothing 0.1, ``--steps`` optimizer steps. ``plain``: the default single-device strategy. ``conadv``:
 ConAdvStrategy(epsilon=0.1, tau=1, targeted random labels, random start 0.8; one process). Evaluation at the end
 on the 359 held-out digits in eval mode: clean top-1, and top-1 under an untargeted one-step sign attack (FGSM,
@@ -26,18 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _harness import FIGURES, save_figure
 from lightning.pytorch import Trainer, seed_everything
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from lightning_gd.adversarial import Normalization, sign_attack  # noqa: E402
-from lightning_gd.optim import WarmupCosineLR  # noqa: E402
+from lightning_gd.optim import WarmupDecayLR  # noqa: E402
 from lightning_gd.recipes.digits import DIGITS_MEAN, DIGITS_STD, DigitsDataModule  # noqa: E402
 from lightning_gd.recipes.image_classifier import ImageClassifierModule  # noqa: E402
 from lightning_gd.strategies import ConAdvStrategy  # noqa: E402
@@ -49,7 +46,7 @@ def _model() -> ImageClassifierModule:
     return ImageClassifierModule(
         "resnet10t", num_classes=10, in_chans=1, model_kwargs={"channels": (16, 32, 64, 128), "stem_width": 16},
         optimizer=lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4),
-        lr_scheduler=lambda o: WarmupCosineLR(o, warmup_steps=5, min_lr_ratio=0.0),
+        lr_scheduler=lambda o: WarmupDecayLR(o, warmup_steps=5, min_lr_ratio=0.0),
     )  # fmt: skip
 
 
@@ -88,7 +85,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "figures" / "conadv_digits.png"))
+    parser.add_argument("--out", default=str(FIGURES / "conadv_digits.png"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []
@@ -123,9 +120,7 @@ def main() -> None:
     ax.set_ylim(0, 1)
     ax.set_title(f"digits, batch {args.batch_size}, {args.steps} steps, {len(args.seeds)} seeds")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out)
-    print(f"wrote {args.out}")
+    save_figure(fig, args.out, dpi=100)
 
 
 if __name__ == "__main__":

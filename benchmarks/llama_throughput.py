@@ -1,7 +1,7 @@
 """Lightning's overhead against a plain PyTorch training loop: tokens/s of the same LLaMA-style model and batches.
 
 Claim checked: training ``CausalLMModule`` with ``lightning.Trainer`` (the llama-* recipes' code path: AdamW with
-two parameter groups, ``WarmupCosineLR`` stepped per step, gradient clipping 1.0, Lightning's
+two parameter groups, ``WarmupDecayLR`` stepped per step, gradient clipping 1.0, Lightning's
 ``ThroughputMonitor``) reaches at least 0.95x the tokens/s of a hand-written loop doing the same work: the same
 model, optimizer, schedule, clipping and the very same batches (random token windows made up front, so data
 loading costs nothing in either). Both time the steps after ``--warmup`` steps with ``time.perf_counter``
@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gd.optim.warmup_cosine import WarmupCosineLR
-from lightning_gd.recipes.causal_lm import CausalLMModule, _param_groups
+from lightning_gd.optim.recipe import decay_groups
+from lightning_gd.optim.warmup_decay import WarmupDecayLR
+from lightning_gd.recipes.causal_lm import CausalLMModule
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -53,7 +54,7 @@ def _module(args: argparse.Namespace) -> CausalLMModule:
     return CausalLMModule(
         preset=args.preset, block_size=args.seq_len, compile=args.compile,
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1),
-        lr_scheduler=lambda o: WarmupCosineLR(o, warmup_steps=0.05, min_lr_ratio=0.1, total_steps=args.steps),
+        lr_scheduler=lambda o: WarmupDecayLR(o, warmup_steps=0.05, min_lr_ratio=0.1, total_steps=args.steps),
     )  # fmt: skip
 
 
@@ -88,8 +89,8 @@ def _run_plain(args: argparse.Namespace, batches: list) -> float:
     device = torch.device(args.device)
     model = module.model.to(device)
     forward = torch.compile(model) if args.compile else model
-    optimizer = torch.optim.AdamW(_param_groups(model), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    scheduler = WarmupCosineLR(optimizer, warmup_steps=0.05, min_lr_ratio=0.1, total_steps=args.steps)
+    optimizer = torch.optim.AdamW(decay_groups(model), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    scheduler = WarmupDecayLR(optimizer, warmup_steps=0.05, min_lr_ratio=0.1, total_steps=args.steps)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     times = []
     model.train()

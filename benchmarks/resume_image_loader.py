@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_gd.recipes.image_folder import ImageFolderDataModule, make_tiny_image_folder
-from lightning_gd.strategies.conadv import _LookaheadLoader
+from lightning_gd.strategies.lookahead import LookaheadLoader
 
 warnings.filterwarnings("ignore")
 
@@ -48,7 +48,7 @@ def _images_per_second(loader: DataLoader, batches: int) -> float:
 
 
 def _resume_seconds(loader: DataLoader, skip: int) -> float:
-    lookahead = _LookaheadLoader(loader, lambda: 0)
+    lookahead = LookaheadLoader(loader, lambda: 0)
     lookahead.load_state_dict({"epoch": 0, "consumed": skip})
     start = time.perf_counter()
     next(iter(lookahead))

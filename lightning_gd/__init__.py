@@ -1,25 +1,87 @@
 """lightning-gd: gradient-descent research tools as PyTorch Lightning plugins.
 
-Importing the package makes every callback, strategy and optimizer in it usable by its short class name
-in LightningCLI YAML (``class_path: MetricPlotter``) and registers the strategies' names with Lightning.
+The package is lazy: ``import lightning_gd`` imports nothing heavy, ``from lightning_gd import SharpnessTracker``
+imports the callbacks, and ``import lightning_gd.curvature`` loads torch but not Lightning, timm or litdata.
+
+:func:`register` imports the Lightning glue, which makes every callback, strategy, optimizer, model and data module
+of the package usable by its short class name in LightningCLI YAML (``class_path: MetricPlotter``) and registers
+the strategies' names (``ddp_topk``, ...) with Lightning. The ``lightning-gd`` command does this itself.
+
+Example::
+
+    import lightning_gd
+    from lightning.pytorch.cli import LightningCLI
+
+    lightning_gd.register()  # a plain LightningCLI now knows `class_path: SharpnessTracker`, `strategy: ddp_topk`
+    LightningCLI()
 """
 
-from lightning_gd import callbacks, optim, strategies
-from lightning_gd.callbacks import *  # noqa: F403
-from lightning_gd.optim import *  # noqa: F403
-from lightning_gd.recipes import CausalLMModule, Llama, LlamaConfig, TextCorpusDataModule, TokenStreamDataModule
-from lightning_gd.strategies import *  # noqa: F403
+from __future__ import annotations
+
+import importlib
+
+from lightning_gd._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CausalLMModule",
-    "Llama",
-    "LlamaConfig",
-    "TextCorpusDataModule",
-    "TokenStreamDataModule",
-    "__version__",
-    *callbacks.__all__,
-    *optim.__all__,
-    *strategies.__all__,
-]
+# Public name -> its subpackage (tests/test_lazy_import.py checks these against the subpackages' ``__all__``).
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(
+        [
+            "GracefulStop",
+            "GradientFlossing",
+            "HessianTraceMonitor",
+            "MetricPlotter",
+            "NoiseAnnealing",
+            "ResumeProgressBar",
+            "ScheduleLengthCheck",
+            "SharpnessTracker",
+            "TextSampler",
+        ],
+        ".callbacks",
+    ),
+    **dict.fromkeys(["MFAC", "Conda", "DiffGrad", "OptimizerRecipe", "WarmupCosineLR", "WarmupDecayLR"], ".optim"),
+    **dict.fromkeys(["CompressedDDPStrategy", "ConAdvStrategy"], ".strategies"),
+    "AtomicCheckpointIO": ".plugins",
+    **dict.fromkeys(
+        ["CausalLMModule", "Llama", "LlamaConfig", "TextCorpusDataModule", "TokenStreamDataModule"], ".recipes"
+    ),
+}
+
+# The Lightning glue: importing these (every name of their ``__all__``) makes the classes known by short name.
+_GLUE = ("callbacks", "optim", "plugins", "recipes", "strategies")
+
+_SUBMODULES = (
+    "adversarial",
+    "callbacks",
+    "cli",
+    "compression",
+    "curvature",
+    "dynamics",
+    "optim",
+    "plugins",
+    "recipes",
+    "strategies",
+    "utils",
+)
+
+__all__ = ["__version__", "register", *_EXPORTS]
+
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, _SUBMODULES)
+
+
+def register() -> None:
+    """Import every callback, strategy, optimizer, model and data module of the package.
+
+    LightningCLI (jsonargparse) resolves a short ``class_path`` among the subclasses already imported, and Lightning
+    knows a strategy name (``ddp_topk``) once its module has registered it. Calling this more than once is free.
+
+    Example::
+
+        lightning_gd.register()
+        LightningCLI()  # class_path: CausalLMModule, strategy: ddp_sign, ...
+    """
+    for name in _GLUE:
+        module = importlib.import_module(f"{__name__}.{name}")
+        for attribute in module.__all__:
+            getattr(module, attribute)  # a lazy subpackage (recipes) imports its modules here

@@ -3,86 +3,64 @@
 ``lightning-gd fit --config quickstart`` runs a built-in recipe by name (a path works too);
 ``lightning-gd recipes`` lists them. Every LightningModule and LightningDataModule is accepted
 (``class_path``), and every class of ``lightning_gd`` is known by its short name.
+
+This module imports no torch: the listing commands answer at once, and :func:`main` sets the OpenMP defaults
+(:func:`~lightning_gd.utils.threads.set_thread_defaults`) before torch starts. :class:`LightningGDCLI` lives in
+:mod:`lightning_gd._lightning_cli` and is imported from here on first use.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning_gd.recipes.registry import recipe_path, recipes
+from lightning_gd.utils.threads import set_thread_defaults
 
-import lightning_gd  # noqa: F401  (makes the package's classes resolvable by short name)
-from lightning_gd.recipes.registry import RecipeTag, recipe_path, recipes
+if TYPE_CHECKING:
+    from lightning_gd._lightning_cli import LightningGDCLI
 
 __all__ = ["LightningGDCLI", "main"]
 
 _CONFIG_FLAGS = ("--config", "-c")
+_DEBUG = "LIGHTNING_GD_DEBUG"  # set to 1: a configuration mistake shows its traceback (as --debug does)
+
+_HELP = """\
+usage: lightning-gd {fit,validate,test,predict} [--config RECIPE_OR_YAML] [--help] [--debug] [OPTIONS]
+       lightning-gd analyze --config RECIPE_OR_YAML --ckpt_path CKPT [--compare CKPT] [--analysis.OPTION VALUE]
+       lightning-gd {recipes [NAME ...],optimizers,compressors,prepare-text}
+
+Gradient-descent research tools as PyTorch Lightning plugins: a LightningCLI that runs the built-in recipes by
+name, e.g. `lightning-gd fit --config quickstart`.
+
+subcommands:
+  fit, validate, test, predict
+                 the LightningCLI subcommands (`lightning-gd fit --help` lists every option)
+  analyze        a curvature report of a checkpoint: eigenvalues, trace, density, loss landscapes (`--help`)
+  recipes        the built-in recipes; `lightning-gd recipes NAME` shows one recipe's commands and variants
+  optimizers     the named optimizer recipes (--model.optimizer_recipe NAME)
+  compressors    the compressed-DDP strategies (--trainer.strategy ddp_NAME)
+  prepare-text   tokenize text files into a litdata dataset for TokenStreamDataModule
+
+environment:
+  OMP_WAIT_POLICY, OMP_NUM_THREADS
+                 set PASSIVE and the usable cores when unset (torch's OpenMP threads otherwise spin while they
+                 wait, which slows a run down several times when another process uses a core)
+  LIGHTNING_GD_THREAD_DEFAULTS=0
+                 keep torch's own OpenMP defaults
+  LIGHTNING_GD_DEBUG=1
+                 a configuration mistake shows its traceback (as --debug does), not one line
+"""
 
 
-class LightningGDCLI(LightningCLI):
-    """LightningCLI with any module and data module, an overwriting config saver, and loggers that share
-    a ``save_dir`` and ``name`` writing into the same ``version_N`` directory (the run directory).
+def __getattr__(name: str) -> Any:
+    if name == "LightningGDCLI":  # Lightning (and torch) load on first use only
+        from lightning_gd._lightning_cli import LightningGDCLI
 
-    Example::
-
-        # my_train.py: the same command line, with your own defaults
-        from lightning_gd.cli import LightningGDCLI
-        LightningGDCLI()
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("subclass_mode_model", True)
-        kwargs.setdefault("subclass_mode_data", True)
-        super().__init__(*args, **kwargs)
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        # One sequence length: the data's window sets the model's block_size (skipped by jsonargparse when either
-        # class lacks the argument, so any LightningModule / LightningDataModule still works).
-        parser.link_arguments("data.init_args.seq_len", "model.init_args.block_size", apply_on="parse")
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        _pin_logger_versions(config.get("trainer", {}).get("logger"))
-
-    def before_fit(self) -> None:
-        # Tag checkpoints with the recipe (the first --config's file stem): resuming another recipe's warns.
-        configs = self.config["fit"].get("config") or []
-        if configs:
-            name = os.path.basename(str(getattr(configs[0], "relative", configs[0])))
-            self.trainer.callbacks.append(RecipeTag(os.path.splitext(name)[0]))
-
-
-def _next_version(root: str) -> int:
-    if not os.path.isdir(root):
-        return 0
-    found = [int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(r"version_(\d+)", d))]
-    return max(found, default=-1) + 1
-
-
-def _pin_logger_versions(loggers: Any) -> None:
-    """Give loggers with the same ``save_dir``/``name`` and no version one common next version.
-
-    Without this, the first logger creates ``version_0`` and the second, looking later, picks ``version_1``.
-    """
-    if not isinstance(loggers, list):
-        return
-    groups: dict[tuple[str, str], list[Any]] = {}
-    for logger in loggers:
-        init_args = getattr(logger, "init_args", None)
-        if init_args is None or "save_dir" not in init_args or init_args.get("version") is not None:
-            continue
-        name = init_args.get("name") or "lightning_logs"
-        groups.setdefault((str(init_args["save_dir"]), str(name)), []).append(init_args)
-    for (save_dir, name), members in groups.items():
-        if len(members) > 1:
-            version = _next_version(os.path.join(save_dir, name))
-            for init_args in members:
-                init_args["version"] = version
+        return LightningGDCLI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _resolve_config_names(argv: Sequence[str]) -> list[str]:
@@ -162,9 +140,9 @@ def _prepare_text(argv: Sequence[str]) -> None:
 
 
 def _print_optimizers() -> None:
-    from lightning_gd.optim import OptimizerRecipe
+    from lightning_gd.optim.specs import RECIPES  # the table alone: no torch, no timm
 
-    entries = OptimizerRecipe.catalog()
+    entries = {name: spec.description for name, spec in RECIPES.items()}
     width = max(len(n) for n in entries)
     print("Optimizer recipes (`OptimizerRecipe.from_name(NAME)`, or `--model.optimizer_recipe NAME`):")
     for name, description in entries.items():
@@ -172,7 +150,7 @@ def _print_optimizers() -> None:
 
 
 def _print_compressors() -> None:
-    from lightning_gd.compression import COMPRESSORS
+    from lightning_gd.compression.registry import COMPRESSORS
 
     print("Compressed-DDP strategies (use one with `--trainer.strategy ddp_NAME`):")
     for name, entry in COMPRESSORS.items():
@@ -189,6 +167,12 @@ def _print_compressors() -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``lightning-gd`` and ``python -m lightning_gd``."""
     args = list(sys.argv[1:] if argv is None else argv)
+    set_thread_defaults(os.environ)  # before torch is imported (a no-op when it already is, as in tests)
+    if args in ([], ["-h"], ["--help"]):
+        print(_HELP, end="", file=sys.stdout if args else sys.stderr)
+        if not args:
+            raise SystemExit(2)
+        return
     if args[:1] == ["prepare-text"]:
         _prepare_text(args[1:])
         return
@@ -201,11 +185,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[:1] == ["optimizers"]:
         _print_optimizers()
         return
+    if args[:1] == ["analyze"]:
+        from lightning_gd.analysis import main as analyze_main
+
+        analyze_main(args[1:])
+        return
     # The arguments are passed explicitly (recipe names resolved); LightningCLI warns when it also sees them in
     # sys.argv, so hide them from it while it parses.
+    from lightning_gd._lightning_cli import LightningGDCLI, StartError
+
+    debug = "--debug" in args or os.environ.get(_DEBUG, "0").strip().lower() not in ("", "0", "false", "no", "off")
+    args = [a for a in args if a != "--debug"]
     saved, sys.argv = sys.argv, sys.argv[:1]
     try:
-        LightningGDCLI(args=_resolve_config_names(args))
+        LightningGDCLI(args=_resolve_config_names(args), short_errors=not debug)
+    except StartError as err:
+        print(f"lightning-gd: error: {err}\n(the traceback: add --debug, or set {_DEBUG}=1)", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         sys.argv = saved
 

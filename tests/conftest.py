@@ -1,7 +1,14 @@
 import os
 
 import pytest
-import torch
+
+from lightning_gd.utils.threads import set_thread_defaults
+
+# OpenMP threads that spin while they wait slow everything down several times on a shared machine: wait passively
+# (unless OMP_WAIT_POLICY is set), here and in every subprocess, as the lightning-gd command does.
+set_thread_defaults(os.environ)
+
+import torch  # noqa: E402  (after the OpenMP settings)
 
 # Small, deterministic and quiet: tests share two cores.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -3,11 +3,13 @@ import math
 import subprocess
 import sys
 
-import pytest
+import lightning.pytorch  # noqa: F401  (first here, Lightning's console log handler keeps the real stderr: first
+import pytest  # inside a capsys test, it would keep that test's stream and write to it once closed)
 import yaml
 
 from lightning_gd.cli import main
 from lightning_gd.recipes import recipe_path, recipes
+from tests.helpers.timeouts import scaled_timeout
 
 
 def test_recipes_lists_quickstart_with_a_description(capsys):
@@ -19,7 +21,7 @@ def test_recipes_lists_quickstart_with_a_description(capsys):
 
 def test_python_m_runs_the_same_command():
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_gd", "recipes"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "lightning_gd", "recipes"], capture_output=True, text=True, timeout=scaled_timeout(60)
     )
     assert proc.returncode == 0 and "quickstart" in proc.stdout
 
@@ -147,3 +149,80 @@ def test_quickstart_short_run_writes_the_run_directory(tmp_path, monkeypatch):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["trainer"]["max_steps"] == 6
     assert not (tmp_path / "runs" / "quickstart" / "version_1").exists()
+
+
+# ---------------------------------------------------------------- one-line errors for one-line mistakes
+def _start_fails(args, capsys):
+    """Run the command with ``args``; return its stderr after it exited with status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err and "--debug" in err, err
+    assert len([line for line in err.splitlines() if line.startswith("lightning-gd: error:")]) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--model.preset", "huge"], ["--model.preset='huge'", "available: tiny, 125m, 350m, 1b"]),
+        (["--data.data_dir", "missing"], ["--data.data_dir='missing' does not exist", "leave --data.data_dir out"]),
+        (["--model.optimizer_recipe", "adamw-llamma"], ["CausalLMModule (--model)", "'adamw-llamma'", "adamw-llama"]),
+        (["--ckpt_path", "nope.ckpt"], ["--ckpt_path 'nope.ckpt' does not exist", "leave --ckpt_path out"]),
+    ],
+)
+def test_a_mistake_gets_one_line_and_leaves_no_run_directory(tmp_path, monkeypatch, capsys, args, expected):
+    monkeypatch.chdir(tmp_path)
+    err = _start_fails(["fit", "--config", "quickstart", *args], capsys)
+    for text in expected:
+        assert text in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_missing_checkpoint_names_the_latest_one_and_keeps_the_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    last = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"")
+    err = _start_fails(["fit", "--config", "quickstart", "--ckpt_path", "runs/quickstart/last.ckpt"], capsys)
+    assert "(the latest here: runs/quickstart/version_0/checkpoints/last.ckpt)" in err, err
+    assert sorted(p.name for p in (tmp_path / "runs" / "quickstart").iterdir()) == ["version_0"]
+
+
+def test_a_failure_while_setting_up_the_data_removes_the_new_run_directory(tmp_path, monkeypatch, capsys):
+    # The loggers create the run directory before the data module's setup() finds the corpus too short.
+    monkeypatch.chdir(tmp_path)
+    for name in "ab":
+        (tmp_path / f"{name}.txt").write_text("x = 1\n" * 10)
+    err = _start_fails(["fit", "--config", "quickstart", "--data.data_dir", str(tmp_path)], capsys)
+    assert "--data.seq_len=128 is longer than the shortest split" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_debug_shows_the_error_itself(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="Unknown Llama preset"):
+        main(["fit", "--config", "quickstart", "--model.preset", "huge", "--debug"])
+    monkeypatch.setenv("LIGHTNING_GD_DEBUG", "1")
+    with pytest.raises(ValueError, match="Unknown Llama preset"):
+        main(["fit", "--config", "quickstart", "--model.preset", "huge"])
+    assert not (tmp_path / "runs").exists()  # the run directory is removed either way
+
+
+def test_the_command_uses_the_resume_aware_progress_bar_unless_one_is_configured(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from lightning_gd.callbacks import ResumeProgressBar
+    from lightning_gd.cli import LightningGDCLI, _resolve_config_names
+
+    monkeypatch.chdir(tmp_path)
+
+    def bar(*extra):
+        args = _resolve_config_names(["--config", "quickstart", "--trainer.logger", "false", *extra])
+        return LightningGDCLI(args=args, run=False).trainer.progress_bar_callback
+
+    assert type(bar()) is ResumeProgressBar
+    assert bar("--trainer.enable_progress_bar", "false") is None
+    own = bar("--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate", "5")
+    assert type(own) is TQDMProgressBar and own.refresh_rate == 5

@@ -5,13 +5,16 @@ and 2N, with dropout on); weights, optimizer, scheduler and callback state and t
 must be bit-identical. New recipes in ``lightning_gd/recipes/configs/`` are picked up by the parametrization.
 """
 
+import dataclasses
+import shutil
 import warnings
 
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_gd.recipes.registry import RecipeTag, recipes
+from lightning_gd.recipes.recipe_tag import RecipeTag
+from lightning_gd.recipes.registry import recipes
 from tests.helpers.resume import _working_dir, first_run, resume_and_compare, run_fit
 
 STEPS = 5  # see tests/helpers/resume.py: the step-5 checkpoint is mid-epoch in epoch 1 or 2
@@ -54,6 +57,24 @@ def test_issue_command_resumes_bit_identically_with_another_worker_count(quickst
     assert ckpt["TextCorpusDataModule"]["settings"]["seq_len"] == 16
     assert ckpt["callbacks"]["RecipeTag"] == {"recipe": "quickstart"}  # the CLI tags every fit with its recipe
     result = resume_and_compare(first, tmp, resume_extra=["--data.init_args.num_workers", "1"], name="workers")
+    assert result.tensors_compared > 10 and result.metric_values_compared > 0
+
+
+def test_checkpoint_of_the_earlier_loader_format_resumes_bit_identically(quickstart_first_run):
+    # Checkpoints written before the position sampler hold only torchdata's own count: strip our sampler's entry
+    # from a checkpoint to get exactly that format, and resume it.
+    first, tmp = quickstart_first_run
+    old_dir = tmp / "old_format"
+    old_dir.mkdir()
+    ckpt = torch.load(first.checkpoint(STEPS), map_location="cpu", weights_only=False)
+    position = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert position["_sampler_iter_state"].pop("sampler_state")["lightning_gd_samples_read"] == 4
+    torch.save(ckpt, old_dir / first.checkpoint(STEPS).name)
+    shutil.copy(first.checkpoint(2 * STEPS), old_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = resume_and_compare(dataclasses.replace(first, ckpt_dir=old_dir), tmp, name="old_format_run")
+    assert not [w for w in caught if "TextCorpusDataModule" in str(w.message)]  # no "position lost" warning
     assert result.tensors_compared > 10 and result.metric_values_compared > 0
 
 

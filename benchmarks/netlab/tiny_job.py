@@ -45,7 +45,7 @@ def main() -> None:
     rank = int(os.environ["GLOBAL_RANK"])
     if rank == args.crash_rank:
         raise RuntimeError(f"rank {rank}: crashing on purpose (--crash-rank)")
-    import lightning_gd  # noqa: F401  (registers the ddp_<compressor> strategy names)
+    import lightning_gd.strategies  # noqa: F401  (registers the ddp_<compressor> strategy names)
 
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(512, 64), torch.randn(512, 64))

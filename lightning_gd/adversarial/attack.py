@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_gd.adversarial.normalization import Normalization
+from lightning_gd.utils.checks import check_number
 
 __all__ = ["AttackLoss", "AttackResult", "sign_attack"]
 
@@ -46,12 +47,6 @@ class AttackResult:
     attack_targets: Tensor
     loss: Tensor
     random_start: bool
-
-
-def _check_budget(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"`{name}` must be a number >= 0 (pixel units), got {value!r}")
-    return float(value)
 
 
 def sign_attack(
@@ -98,10 +93,9 @@ def sign_attack(
         >>> bool((adv.inputs - x).abs().max() <= 0.1 + 1e-6)
         True
     """
-    epsilon = _check_budget("epsilon", epsilon)
-    step = epsilon if step_size is None else _check_budget("step_size", step_size)
-    if not 0.0 <= random_start <= 1.0:
-        raise ValueError(f"`random_start` must be a probability in [0, 1], got {random_start!r}")
+    epsilon = check_number("epsilon", epsilon, 0)  # pixel units
+    step = epsilon if step_size is None else check_number("step_size", step_size, 0)
+    check_number("random_start", random_start, 0, 1)  # a probability
     if targets.ndim != 1 or targets.shape[0] != inputs.shape[0] or targets.is_floating_point():
         raise ValueError(
             f"`targets` must be integer class labels of shape (batch,) = ({inputs.shape[0]},), got"

@@ -4,28 +4,29 @@ Engelken 2023, "Gradient Flossing: Improving Gradient Descent through Dynamic Co
 gradients of a recurrent network over ``T`` steps scale like ``exp(lambda_i T)``, so exponents ``lambda_i``
 far from zero make them explode or vanish. Flossing minimizes ``mean((lambda - target)^2)`` over the
 ``k`` leading exponents of the network's own forward dynamics, before and during training. The math is
-:func:`lightning_gd.dynamics.lyapunov_spectrum`; this module only finds the dynamics, schedules the
-flossing steps, averages their gradients over data-parallel ranks, logs, plots and checkpoints.
+:mod:`lightning_gd.dynamics.flossing` (the loss and the trajectories) over
+:func:`lightning_gd.dynamics.lyapunov_spectrum`; this module only finds the dynamics, schedules the flossing
+steps, averages their gradients over data-parallel ranks, logs, plots and checkpoints.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_gd.dynamics import RecurrentDynamics, lyapunov_spectrum, recurrent_dynamics
+from lightning_gd.callbacks._nonfinite import NonFiniteGuard
+from lightning_gd.dynamics import RecurrentDynamics, recurrent_dynamics
+from lightning_gd.dynamics.flossing import flossing_loss, flossing_spectrum
 from lightning_gd.dynamics.lyapunov import _single_cpu_thread
-from lightning_gd.utils.checks import check_positive_int
+from lightning_gd.utils.checks import check_number, check_positive_int
 from lightning_gd.utils.logging import log_to_loggers
 from lightning_gd.utils.plotting import new_figure, run_dir, save_figure
-from lightning_gd.utils.ranks import finite_on_every_rank
+from lightning_gd.utils.rng import tuple_hash_seed
 
 __all__ = ["GradientFlossing"]
 
@@ -38,11 +39,7 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> int:
 
 
 def _check_float(name: str, value: Any, positive: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if not ok or (positive and not value > 0):
-        need = "a positive finite number" if positive else "a finite number"
-        raise MisconfigurationException(f"`{name}` must be {need}, got {value!r}")
-    return float(value)
+    return check_number(name, value, 0 if positive else None, low_open=positive, error=MisconfigurationException)
 
 
 def _find_dynamics(module: nn.Module, name: str | None) -> RecurrentDynamics:
@@ -220,7 +217,9 @@ class GradientFlossing(Callback):
         self._dyn: RecurrentDynamics | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._optimizer_state: dict[str, Any] | None = None
-        self._warned_nonfinite = False
+        self._nonfinite = NonFiniteGuard(
+            "GradientFlossing", "Lyapunov exponents", "this flossing step (or measurement) is skipped"
+        )
 
     @property
     @override
@@ -300,39 +299,22 @@ class GradientFlossing(Callback):
     def _spectrum(self, trainer: Trainer, pl_module: LightningModule) -> Tensor:
         """Exponents ``(B, k)`` of fresh trajectories (differentiable when grad is enabled)."""
         assert self._dyn is not None
-        dyn = self._dyn
-        param = next(p for p in pl_module.parameters())
-        gen = torch.Generator().manual_seed(hash((self.seed, trainer.global_rank, self._draws)) & 0x7FFF_FFFF)
+        gen = torch.Generator().manual_seed(tuple_hash_seed(self.seed, trainer.global_rank, self._draws, bits=31))
         self._draws += 1
-        T, B = self.sequence_length, self.batch_size
-        if dyn.sample_inputs is not None:
-            inputs = dyn.sample_inputs(T, B, gen)  # (T, B, D)
-        else:
-            inputs = self.input_std * torch.randn(T, B, dyn.input_size, generator=gen)  # (T, B, D)
-        h0 = 0.1 * torch.randn(B, dyn.state_size, generator=gen)  # (B, N)
-        inputs = inputs.to(device=param.device, dtype=param.dtype)
-        h0 = h0.to(device=param.device, dtype=param.dtype)
-        return lyapunov_spectrum(dyn.step, h0, inputs, self.k, self.warmup, self.reorth_every, generator=gen)
+        return flossing_spectrum(
+            self._dyn, self.k, self.sequence_length, self.batch_size, self.warmup, gen, self.reorth_every,
+            self.input_std, like=next(p for p in pl_module.parameters()),
+        )  # fmt: skip
 
     def _loss(self, lam: Tensor) -> Tensor:
-        return self.weight * ((lam - self.target) ** 2).mean()
-
-    def _finite_everywhere(self, trainer: Trainer, value: Tensor) -> bool:
-        bad = not finite_on_every_rank(trainer, value)
-        if bad and not self._warned_nonfinite:
-            rank_zero_warn(
-                f"GradientFlossing: non-finite Lyapunov exponents at step {trainer.global_step}; this flossing step"
-                " (or measurement) is skipped. Warning once."
-            )
-            self._warned_nonfinite = True
-        return not bad
+        return flossing_loss(lam, self.target, self.weight)
 
     def _flossing_grads(self, trainer: Trainer, pl_module: LightningModule) -> list[tuple[Tensor, Tensor]] | None:
         """``(parameter, rank-averaged gradient of the flossing loss)`` for every parameter the dynamics reach."""
         params = [p for p in pl_module.parameters() if p.requires_grad]
         with torch.enable_grad(), _single_cpu_thread(params[0].device):  # small kernels: threads only cost
             loss = self._loss(self._spectrum(trainer, pl_module))
-            if not self._finite_everywhere(trainer, loss):
+            if not self._nonfinite.finite_everywhere(trainer, loss):
                 return None
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         reached = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
@@ -374,7 +356,7 @@ class GradientFlossing(Callback):
             lam = self._spectrum(trainer, pl_module).mean(dim=0).double()  # (k,)
         if trainer.world_size > 1:
             lam = trainer.strategy.reduce(lam, reduce_op="mean")
-        if not self._finite_everywhere(trainer, lam):
+        if not self._nonfinite.finite_everywhere(trainer, lam):
             return
         step = trainer.global_step
         self.history.append((step, phase, lam.tolist()))

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_gd.utils.checks import check_positive_int
 from lightning_gd.utils.plotting import new_figure, run_dir, save_figure
 
 __all__ = ["MetricPlotter"]
@@ -44,8 +45,7 @@ class MetricPlotter(Callback):
     ) -> None:
         if not metrics:
             raise MisconfigurationException(f"`metrics` must name at least one metric, got {metrics!r}")
-        if every_n_steps < 1:
-            raise MisconfigurationException(f"`every_n_steps` must be >= 1, got {every_n_steps}")
+        check_positive_int("every_n_steps", every_n_steps, error=MisconfigurationException)
         if not filename.endswith(".png"):
             raise MisconfigurationException(f"`filename` must end with .png, got {filename!r}")
         self.metrics = list(metrics)

@@ -11,12 +11,14 @@
   ``t_thres`` steps.
 * Adilova et al., "Introducing Noise in Decentralized Training of Neural Networks": independent noise on
   each replica of local SGD, between model averagings.
+
+The schedule, the Gaussian noise and the ball kick are :mod:`lightning_gd.dynamics.noise`; this callback
+decides when and where they apply, keeps ranks in step, logs and checkpoints.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -25,21 +27,20 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gd.utils.checks import check_choice, check_positive_int
+from lightning_gd._compat import ddp_comm_state, model_averager
+from lightning_gd.callbacks._nonfinite import NonFiniteGuard
+from lightning_gd.dynamics.noise import DeviceGenerators, NoiseSchedule, add_gaussian_, noise_std, uniform_ball_
+from lightning_gd.utils.checks import check_choice, check_number, check_positive_int
 from lightning_gd.utils.logging import log_to_loggers
+from lightning_gd.utils.rng import tuple_hash_seed
 
 __all__ = ["NoiseAnnealing"]
 
 Target = Literal["gradient", "weights"]
-Schedule = Literal["polynomial", "step"]
 
 
 def _check_nonnegative(name: str, value: Any, positive: bool = False) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        need = "a positive finite number" if positive else "a non-negative finite number"
-        raise MisconfigurationException(f"`{name}` must be {need}, got {value!r}")
-    return float(value)
+    return check_number(name, value, 0, low_open=positive, error=MisconfigurationException)
 
 
 def _averages_models(trainer: Trainer) -> bool:
@@ -47,22 +48,18 @@ def _averages_models(trainer: Trainer) -> bool:
     ``PostLocalSGDOptimizer``."""
     from torch.distributed.optim import PostLocalSGDOptimizer
 
-    if getattr(trainer.strategy, "_model_averager", None) is not None:
+    if model_averager(trainer.strategy) is not None:
         return True
     return any(isinstance(opt, PostLocalSGDOptimizer) for opt in trainer.optimizers)
 
 
 def _local_sgd_start(trainer: Trainer) -> int:
     """The optimizer step at which local SGD starts (before it, replicas are kept equal by gradient all-reduce)."""
-    state = getattr(trainer.strategy, "_ddp_comm_state", None)
+    state = ddp_comm_state(trainer.strategy)
     if state is not None and hasattr(state, "start_localSGD_iter"):
         return int(state.start_localSGD_iter)
     averagers = [getattr(opt, "averager", None) for opt in trainer.optimizers]
     return min((int(getattr(a, "warmup_steps", 0)) for a in averagers if a is not None), default=0)
-
-
-def _seed(*parts: int) -> int:
-    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class NoiseAnnealing(Callback):
@@ -134,7 +131,7 @@ class NoiseAnnealing(Callback):
         eta: float = 0.01,
         gamma: float = 0.55,
         target: Target = "gradient",
-        schedule: Schedule | None = None,
+        schedule: NoiseSchedule | None = None,
         decay_steps: int | None = None,
         grad_norm_threshold: float | None = None,
         radius: float = 0.01,
@@ -145,10 +142,10 @@ class NoiseAnnealing(Callback):
     ) -> None:
         self.eta = _check_nonnegative("eta", eta)
         self.gamma = _check_nonnegative("gamma", gamma)
-        check_choice("target", target, ("gradient", "weights"), error=MisconfigurationException)
+        check_choice("target", target, get_args(Target), error=MisconfigurationException)
         if schedule is None:
             schedule = "polynomial" if target == "gradient" else "step"
-        check_choice("schedule", schedule, ("polynomial", "step"), error=MisconfigurationException)
+        check_choice("schedule", schedule, get_args(NoiseSchedule), error=MisconfigurationException)
         if schedule == "step" and self.gamma > 1:
             raise MisconfigurationException(f"`gamma` must be at most 1 with schedule='step', got {gamma!r}")
         if decay_steps is not None:
@@ -164,7 +161,7 @@ class NoiseAnnealing(Callback):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise MisconfigurationException(f"`seed` must be an integer, got {seed!r}")
         self.target: Target = target
-        self.schedule: Schedule = schedule
+        self.schedule: NoiseSchedule = schedule
         self.decay_steps = decay_steps
         self.perturb_interval = perturb_interval
         self.per_rank = per_rank
@@ -173,7 +170,7 @@ class NoiseAnnealing(Callback):
         self.last_perturbation: int | None = None  # step of the latest perturbed-GD perturbation
         self.last_std = 0.0
         self._start = 0  # first step of local SGD (per-rank noise before it would split plain-DDP replicas)
-        self._warned_nonfinite = False
+        self._nonfinite = NonFiniteGuard("NoiseAnnealing", "gradient norm", "no perturbation decided")
 
     @property
     @override
@@ -189,10 +186,8 @@ class NoiseAnnealing(Callback):
 
     def std(self, step: int, epoch: int = 0) -> float:
         """``sigma_t``, the noise's standard deviation at optimizer step ``step`` (and epoch ``epoch``)."""
-        if self.schedule == "polynomial":
-            return math.sqrt(self.eta / (1.0 + step) ** self.gamma)
         period = epoch if self.decay_steps is None else step // self.decay_steps
-        return math.sqrt(self.eta) * self.gamma**period
+        return noise_std(self.schedule, self.eta, self.gamma, step, period)
 
     # ---------------------------------------------------------------- Lightning hooks
     @override
@@ -231,12 +226,12 @@ class NoiseAnnealing(Callback):
                     torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
                 perturb = self._perturb_due(trainer, params, step)
                 if std > 0:
-                    gens = _Generators(_seed(self.seed, step, opt_idx, rank, 0))
-                    for p in params:
-                        noise = torch.randn(p.shape, generator=gens(p.device), device=p.device, dtype=p.dtype)
-                        (p.grad if self.target == "gradient" else p).add_(noise, alpha=std)
+                    noisy = [p.grad for p in params] if self.target == "gradient" else params
+                    add_gaussian_(noisy, std, DeviceGenerators(tuple_hash_seed(self.seed, step, opt_idx, rank, 0)))
                 if perturb:
-                    self._perturb(params, _Generators(_seed(self.seed, step, opt_idx, rank, 1)))
+                    uniform_ball_(
+                        params, self.radius, DeviceGenerators(tuple_hash_seed(self.seed, step, opt_idx, rank, 1))
+                    )
                     self.perturbations += 1
                     self.last_perturbation = step
         metrics = {"noise/std": std, "noise/perturbations": float(self.perturbations)}
@@ -257,24 +252,9 @@ class NoiseAnnealing(Callback):
         if trainer.world_size > 1 and not self.per_rank:  # one decision, or replicas drift apart
             due = bool(trainer.strategy.broadcast(due, src=0))
             finite = bool(trainer.strategy.broadcast(finite, src=0))
-        if not finite and not self._warned_nonfinite:
-            rank_zero_warn(
-                f"NoiseAnnealing: non-finite gradient norm at step {step}; no perturbation decided. Warning once."
-            )
-            self._warned_nonfinite = True
+        if not finite:
+            self._nonfinite.warn(step)
         return due
-
-    def _perturb(self, params: list[Tensor], gens: _Generators) -> None:
-        """Add a point drawn uniformly from the ball of radius ``radius`` (all parameters jointly)."""
-        directions = [
-            torch.randn(p.shape, generator=gens(p.device), device=p.device, dtype=torch.float64) for p in params
-        ]
-        d = sum(v.numel() for v in directions)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in directions])).item()
-        u = torch.rand((), generator=gens(torch.device("cpu")), dtype=torch.float64).item()
-        scale = self.radius * u ** (1.0 / d) / norm  # uniform in the ball: radius r * U^(1/d)
-        for p, v in zip(params, directions, strict=True):
-            p.add_((v * scale).to(p.dtype))
 
     # ---------------------------------------------------------------- checkpointing
     @override
@@ -295,16 +275,3 @@ class NoiseAnnealing(Callback):
         last = state_dict.get("last_perturbation")
         self.last_perturbation = None if last is None else int(last)
         self.last_std = float(state_dict.get("last_std", 0.0))
-
-
-class _Generators:
-    """One generator per device, all seeded alike (``torch.randn`` needs a generator on the tensor's device)."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self._by_device: dict[torch.device, torch.Generator] = {}
-
-    def __call__(self, device: torch.device) -> torch.Generator:
-        if device not in self._by_device:
-            self._by_device[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._by_device[device]

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_gd.utils.checks import check_number, check_positive_int
 from lightning_gd.utils.plotting import run_dir
 
 __all__ = ["TextSampler"]
@@ -48,12 +49,10 @@ class TextSampler(Callback):
     ) -> None:
         if not prompt:
             raise MisconfigurationException(f"`prompt` must not be empty, got {prompt!r}")
-        if max_new_tokens < 1:
-            raise MisconfigurationException(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise MisconfigurationException(f"`temperature` must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise MisconfigurationException(f"`top_k` must be >= 1 or None, got {top_k}")
+        check_positive_int("max_new_tokens", max_new_tokens, error=MisconfigurationException)
+        check_number("temperature", temperature, 0, error=MisconfigurationException)
+        if top_k is not None:
+            check_positive_int("top_k", top_k, error=MisconfigurationException)
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature

@@ -1,9 +1,9 @@
 """Gradient compression for data-parallel training (pure PyTorch, no Lightning import).
 
 Compressors (:class:`TopK`, :class:`RandomK`, :class:`Sign`, :class:`QSGD`), error-feedback memory
-(:class:`ErrorFeedback`), DGC momentum correction (:class:`MomentumCorrection`), and the DDP hook states
-behind one protocol (:class:`HookState`): :class:`CompressionHookState` runs any compressor with error
-feedback, :class:`PowerSGDHookState` runs torch's PowerSGD. :data:`COMPRESSORS` names them.
+(:class:`ErrorFeedback`, or the null :class:`NoMemory`), DGC momentum correction (:class:`MomentumCorrection`),
+and the DDP hook states behind one protocol (:class:`HookState`): :class:`CompressionHookState` runs any
+compressor with error feedback, :class:`PowerSGDHookState` runs torch's PowerSGD. :data:`COMPRESSORS` names them.
 
 Example::
 
@@ -12,37 +12,32 @@ Example::
     >>> state.register(ddp_model)
 """
 
-from lightning_gd.compression.base import CompressedTensor, Compressor
-from lightning_gd.compression.error_feedback import ErrorFeedback
-from lightning_gd.compression.hook import CompressionHookState, compressed_allreduce_hook
-from lightning_gd.compression.hook_state import HookState
-from lightning_gd.compression.layout import BucketLayouts
-from lightning_gd.compression.momentum import MomentumCorrection
-from lightning_gd.compression.powersgd import PowerSGDHookState, load_powersgd_state_dict, powersgd_state_dict
-from lightning_gd.compression.qsgd import QSGD
-from lightning_gd.compression.randomk import RandomK
-from lightning_gd.compression.registry import COMPRESSORS, CompressorEntry, CompressorName, make_hook_state
-from lightning_gd.compression.sign import Sign
-from lightning_gd.compression.topk import TopK
+from lightning_gd._lazy import lazy_attributes
 
-__all__ = [
-    "COMPRESSORS",
-    "QSGD",
-    "BucketLayouts",
-    "CompressedTensor",
-    "CompressionHookState",
-    "Compressor",
-    "CompressorEntry",
-    "CompressorName",
-    "ErrorFeedback",
-    "HookState",
-    "MomentumCorrection",
-    "PowerSGDHookState",
-    "RandomK",
-    "Sign",
-    "TopK",
-    "compressed_allreduce_hook",
-    "load_powersgd_state_dict",
-    "make_hook_state",
-    "powersgd_state_dict",
-]
+# Lazy (PEP 562): ``lightning_gd.compression.registry`` (names, options, descriptions) is readable without torch.
+_EXPORTS = {
+    "COMPRESSORS": ".registry",
+    "QSGD": ".qsgd",
+    "BucketLayouts": ".layout",
+    "CompressedTensor": ".base",
+    "CompressionHookState": ".hook",
+    "Compressor": ".base",
+    "CompressorEntry": ".registry",
+    "CompressorName": ".registry",
+    "ErrorFeedback": ".error_feedback",
+    "HookState": ".hook_state",
+    "MomentumCorrection": ".momentum",
+    "NoMemory": ".no_memory",
+    "PowerSGDHookState": ".powersgd",
+    "RandomK": ".randomk",
+    "Sign": ".sign",
+    "TopK": ".topk",
+    "compressed_allreduce_hook": ".hook",
+    "load_powersgd_state_dict": ".powersgd",
+    "make_hook_state": ".registry",
+    "powersgd_state_dict": ".powersgd",
+}
+
+__all__ = list(_EXPORTS)
+
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import hashlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -197,13 +196,6 @@ class _SeededCompressor(Compressor):
 
 
 # ---------------------------------------------------------------------- shared private helpers
-def _check_density(density: float) -> float:
-    """Validate a sparsification density in (0, 1]."""
-    if not isinstance(density, int | float) or not (0.0 < float(density) <= 1.0):
-        raise ValueError(f"density must be in (0, 1], got density={density!r}")
-    return float(density)
-
-
 def _k_for(numel: int, density: float) -> int:
     """Number of kept coordinates: ``round(density * numel)`` clipped to ``[1, numel]``."""
     if numel <= 0:
@@ -217,12 +209,6 @@ def _index_mask(numel: int, indices: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros(numel, dtype=torch.bool, device=indices.device)
     mask[indices.long()] = True
     return mask
-
-
-def _derive_seed(*parts: int | str) -> int:
-    """Stable 63-bit seed from ``parts`` (process-independent, unlike ``hash``)."""
-    digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:

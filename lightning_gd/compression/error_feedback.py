@@ -32,6 +32,9 @@ class ErrorFeedback:
         tensor([1.0000, 0.0000, 0.5000, 0.0000])
     """
 
+    #: Residuals are kept (the null object :class:`~lightning_gd.compression.no_memory.NoMemory` has ``False``).
+    enabled = True
+
     def __init__(self) -> None:
         # e_t per key
         self._residuals: dict[str, torch.Tensor] = {}

@@ -31,7 +31,8 @@ from lightning_gd.compression.error_feedback import ErrorFeedback
 from lightning_gd.compression.hook_state import _gather, _pick_rank, _rank_and_world
 from lightning_gd.compression.layout import BucketLayouts, Layout
 from lightning_gd.compression.momentum import MomentumCorrection
-from lightning_gd.utils.checks import check_choice, check_positive_int
+from lightning_gd.compression.no_memory import NoMemory
+from lightning_gd.utils.checks import check_choice, check_number, check_positive_int
 from lightning_gd.utils.optim_state import is_adam_family
 
 __all__ = ["CompressionHookState", "compressed_allreduce_hook"]
@@ -109,10 +110,7 @@ class CompressionHookState:
         if not isinstance(compressor, Compressor):
             raise TypeError(f"compressor must be a Compressor, got compressor={compressor!r}")
         self.warmup_dtype = check_choice("warmup_dtype", warmup_dtype, _WARMUP_DTYPES)
-        start = density_warmup_start
-        if isinstance(start, bool) or not isinstance(start, int | float) or not 0.0 < start <= 1.0:
-            raise ValueError(f"density_warmup_start must be in (0, 1], got density_warmup_start={start!r}")
-        self.density_warmup_start = float(start)
+        self.density_warmup_start = check_number("density_warmup_start", density_warmup_start, 0, 1, low_open=True)
         self.warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
         self.density_warmup_steps = check_positive_int("density_warmup_steps", density_warmup_steps, minimum=0)
         self.min_numel = check_positive_int("min_numel", min_numel, minimum=0)
@@ -123,9 +121,7 @@ class CompressionHookState:
                 f"{compressor!r} is no contraction: error feedback on it can diverge (leave error_feedback unset)",
                 stacklevel=2,
             )
-        momentum = momentum_correction
-        if not isinstance(momentum, int | float) or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum_correction must be in [0, 1), got momentum_correction={momentum!r}")
+        momentum = check_number("momentum_correction", momentum_correction, 0, 1, high_open=True)
         if momentum and not compressor.sparse:
             raise ValueError(
                 f"momentum_correction={momentum!r} needs a sparse compressor (top-k, random-k), got {compressor!r}"
@@ -142,8 +138,8 @@ class CompressionHookState:
         self.error_feedback = bool(error_feedback)
         self.process_group = process_group
         self.density: float | None = getattr(compressor, "density", None) if compressor.sparse else None
-        #: Residuals ``e`` (error feedback without momentum), keyed by bucket index.
-        self.memory = ErrorFeedback() if error_feedback and not momentum else None
+        #: Residuals ``e`` (error feedback without momentum), keyed by bucket index; a :class:`NoMemory` otherwise.
+        self.memory: ErrorFeedback | NoMemory = ErrorFeedback() if error_feedback and not momentum else NoMemory()
         #: DGC ``u``/``v`` buffers, keyed by bucket index.
         self.momentum_correction = MomentumCorrection(momentum, nesterov) if momentum else None
         self.step = 0
@@ -196,7 +192,7 @@ class CompressionHookState:
                     f"momentum_correction={self.momentum_correction.momentum} applies the momentum itself: use"
                     " torch.optim.SGD(momentum=0), not an optimizer with its own momentum"
                 )
-        elif self.memory is not None and self.compressor.sparse and any(g.get("momentum", 0) for g in param_groups):
+        elif self.memory.enabled and self.compressor.sparse and any(g.get("momentum", 0) for g in param_groups):
             warnings.warn(
                 "error feedback with an optimizer momentum can do worse than no feedback at all; set"
                 " `momentum_correction` to the momentum and use SGD(momentum=0)",
@@ -248,9 +244,9 @@ class CompressionHookState:
         own, shared = _pick_rank(state_dict, type(self.compressor).__name__, self._rank or 0, self._world_size or 1)
         self.step = int(shared["step"])
         self.compressor.load_state_dict(shared["compressor"])
-        for store in (self.memory, self.momentum_correction):
-            if store is not None:
-                store.reset()
+        self.memory.reset()
+        if self.momentum_correction is not None:
+            self.momentum_correction.reset()
         self.layouts.load_state_dict(own["memory"] if own is not None else {})
         saved = [(int(k), tuple((i, tuple(s)) for i, s in lay)) for k, lay in shared.get("buckets", [])]
         self._replay = saved or None
@@ -306,14 +302,12 @@ class CompressionHookState:
         # p_t: what is compressed
         if self.momentum_correction is not None:
             p = self.momentum_correction.accumulate(key, buf)  # v_t (DGC)
-        elif self.memory is not None:
-            p = self.memory.compensate(key, buf)  # g_t + e_t
         else:
-            p = buf
+            p = self.memory.compensate(key, buf)  # g_t + e_t (g_t itself without error feedback)
         c = comp.compress(p, key)
         if self.momentum_correction is not None:
             self.momentum_correction.mask(key, comp.sent_mask(c))  # v, u <- 0 on sent coords
-        elif self.memory is not None:
+        else:
             self.memory.update(key, p, comp.decompress(c))  # e_{t+1} = p_t - D(C(p_t))
         allgather = not comp.shared_indices
         self._account(numel, c.nbytes, dense_bytes, comp.sent_numel(numel), allgather=allgather, compressed=True)
@@ -358,7 +352,7 @@ class CompressionHookState:
         if self.momentum_correction is not None:
             memories = [b[1] for k in self.momentum_correction.keys() if (b := self.momentum_correction.buffers(k))]
         else:
-            memories = [self.memory.residual(k) for k in self.memory.keys()] if self.memory is not None else []
+            memories = [self.memory.residual(k) for k in self.memory.keys()]
         error_sq = [torch.linalg.vector_norm(t.float()).square() for t in memories]
         self._last = {"scalars": scalars, "error_sq": error_sq}
         self._acc = dict.fromkeys(_ACCOUNTS, 0.0)
@@ -367,7 +361,7 @@ class CompressionHookState:
     # ------------------------------------------------------------------ memory per bucket
     def _get_mem(self, key: int) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        if self.memory is not None and (e := self.memory.residual(key)) is not None:
+        if (e := self.memory.residual(key)) is not None:
             out["error"] = e
         if self.momentum_correction is not None and (b := self.momentum_correction.buffers(key)):
             out["u"], out["v"] = b
@@ -375,14 +369,14 @@ class CompressionHookState:
 
     def _pop_mem(self, key: int) -> dict[str, torch.Tensor]:
         out = self._get_mem(key)
-        for store in (self.memory, self.momentum_correction):
-            if store is not None:
-                store.pop(key)
+        self.memory.pop(key)
+        if self.momentum_correction is not None:
+            self.momentum_correction.pop(key)
         return out
 
     def _sync_layout(self, key: int, layout: Layout, buf: torch.Tensor) -> None:
         """Re-key memories by parameter whenever DDP changes which parameters a bucket holds."""
-        if self.memory is None and self.momentum_correction is None:
+        if not self.memory.enabled and self.momentum_correction is None:
             return
         if not self.layouts.update(key, layout, self._pop_mem):
             return
@@ -391,7 +385,7 @@ class CompressionHookState:
                 f"bucket {key}: parameters hold {sum(math.prod(s) for _, s in layout)} elements, buffer {buf.numel()}"
             )
         mem = self.layouts.assemble(key, ("u", "v") if self.momentum_correction is not None else ("error",), buf)
-        if self.memory is not None and "error" in mem:
+        if "error" in mem:
             self.memory.set_residual(key, mem["error"])
         if self.momentum_correction is not None and "u" in mem and "v" in mem:
             self.momentum_correction.set_buffers(key, mem["u"], mem["v"])

@@ -20,6 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch.distributed as dist
 from torch import nn
 
+from lightning_gd.utils.ranks import gather_from_ranks
+
 __all__ = ["HookState"]
 
 _FORMAT_VERSION = 2
@@ -90,15 +92,11 @@ def _rank_and_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 def _gather(compressor: str, local: dict[str, Any], group: dist.ProcessGroup | None) -> dict[str, Any]:
     """Collective: every rank's ``local`` state in the checkpoint format."""
-    rank, world = _rank_and_world(group)
-    gathered: list[Any] = [local]
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, local, group=group)
+    gathered = gather_from_ranks(local, group)
     return {
         "format_version": _FORMAT_VERSION,
         "compressor": compressor,
-        "world_size": world,
+        "world_size": len(gathered),
         "ranks": dict(enumerate(gathered)),
     }
 
@@ -141,7 +139,7 @@ def _pick_rank(
             f"the checkpoint holds compression state of {sd['compressor']!r}, this run uses {compressor!r}"
         )
     ranks = {int(r): v for r, v in sd["ranks"].items()}
-    if int(sd["world_size"]) != world:
+    if int(sd["world_size"]) != world and rank == 0:  # the same on every rank: said once
         dropped = sorted(r for r in ranks if r >= world)
         warnings.warn(
             f"compression state saved with world size {sd['world_size']}, now {world}: every rank keeps the memory"

@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from lightning_gd.utils.checks import check_number
+
 __all__ = ["MomentumCorrection"]
 
 
@@ -42,9 +44,7 @@ class MomentumCorrection:
     """
 
     def __init__(self, momentum: float, nesterov: bool = False) -> None:
-        if not isinstance(momentum, int | float) or not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got momentum={momentum!r}")
-        self.momentum = float(momentum)
+        self.momentum = check_number("momentum", momentum, 0, 1, high_open=True)
         self.nesterov = bool(nesterov)
         self._u: dict[str, torch.Tensor] = {}  # u_t
         self._v: dict[str, torch.Tensor] = {}  # v_t

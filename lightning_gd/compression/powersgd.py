@@ -23,7 +23,8 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState, powerSGD_hook
 
-from lightning_gd.compression.hook import _DGC_START_DENSITY, _WARMUP_DTYPES, WarmupDtype
+from lightning_gd._compat import powersgd_should_compress
+from lightning_gd.compression.hook import _WARMUP_DTYPES, WarmupDtype
 from lightning_gd.compression.hook_state import _gather, _pick_rank, _rank_and_world
 from lightning_gd.compression.layout import BucketLayouts, Layout
 from lightning_gd.utils.checks import check_choice, check_positive_int
@@ -114,11 +115,13 @@ class PowerSGDHookState:
         process_group: Group to communicate in (default: the world group).
         warmup_dtype: dtype of the dense warm-up steps' allreduce: ``"bfloat16"`` sends half the bytes (torch's
             ``bf16_compress_hook``), which halves the warm-up's cost on a slow link.
-        momentum_correction, density_warmup_steps, min_numel: Not supported by PowerSGD: must be 0.
-        density_warmup_start: A sparse compressor's option; accepted at its default only.
+
+    The sparse compressors' hook options (``momentum_correction``, ``density_warmup_*``, ``min_numel``) are not
+    arguments here: the registry entry declares the options PowerSGD accepts, and
+    :func:`~lightning_gd.compression.make_hook_state` refuses the others.
 
     Raises:
-        ValueError: for a bad or unsupported argument, naming it and its value.
+        ValueError: for a bad argument, naming it and its value.
 
     Example::
 
@@ -136,27 +139,11 @@ class PowerSGDHookState:
         seed: int = 0,
         min_compression_rate: float = 2,
         process_group: dist.ProcessGroup | None = None,
-        momentum_correction: float = 0.0,
-        density_warmup_steps: int = 0,
-        min_numel: int = 0,
         warmup_dtype: WarmupDtype = "float32",
-        density_warmup_start: float = _DGC_START_DENSITY,
     ) -> None:
         check_positive_int("powersgd_rank", powersgd_rank)
         self.warmup_dtype = check_choice("warmup_dtype", warmup_dtype, _WARMUP_DTYPES)
-        if density_warmup_start != _DGC_START_DENSITY:
-            raise ValueError(
-                f"density_warmup_start={density_warmup_start!r} is not supported by PowerSGD (a sparse compressor's"
-                " option)"
-            )
         self.warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
-        for name, value in (
-            ("momentum_correction", momentum_correction),
-            ("density_warmup_steps", density_warmup_steps),
-            ("min_numel", min_numel),
-        ):
-            if value:
-                raise ValueError(f"{name}={value!r} is not supported by PowerSGD (a sparse compressor's option)")
         self.state = PowerSGDState(
             process_group=process_group,
             matrix_approximation_rank=powersgd_rank,
@@ -274,8 +261,7 @@ def _compressed_named(layout: Layout, state: PowerSGDState) -> tuple[list[Any], 
         n = shape[0] if shape else 1
         m = math.prod(shape) // n if n else 0
         r = min(n, m, state.matrix_approximation_rank)
-        # torch's test (powerSGD_hook._should_compress): (n + m) r * rate < n m
-        if (n + m) * r * state.min_compression_rate < n * m:
+        if powersgd_should_compress(n, m, r, state.min_compression_rate):  # torch's own test, as its hook runs it
             groups.setdefault((n, m), []).append((name, (n, m, r)))
     items = [item for group in groups.values() for item in group]
     return [name for name, _ in items], [nmr for _, nmr in items]

@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from lightning_gd.compression.base import CompressedTensor, _derive_seed, _generator, _SeededCompressor
+from lightning_gd.compression.base import CompressedTensor, _generator, _SeededCompressor
+from lightning_gd.utils.rng import derive_seed
 
 __all__ = ["QSGD"]
 
@@ -73,7 +74,7 @@ class QSGD(_SeededCompressor):
         # r_i = |x_i| / ||x||_2 * s in [0, s]; clamp_min avoids 0/0 for the zero vector.
         r = flat.abs().div_(norm.clamp_min(torch.finfo(torch.float32).tiny)).mul_(s)
         low = r.floor()
-        gen = _generator(flat.device, _derive_seed("qsgd", self.seed, step, key, self.salt))
+        gen = _generator(flat.device, derive_seed("qsgd", self.seed, step, key, self.salt))
         u = torch.rand(flat.shape, generator=gen, device=flat.device)
         # l_i = floor(r_i) + Bernoulli(r_i - floor(r_i))
         level = (low + (u < (r - low)).to(low.dtype)).clamp_(0, s).to(torch.int64)

@@ -17,13 +17,13 @@ import torch
 
 from lightning_gd.compression.base import (
     CompressedTensor,
-    _check_density,
-    _derive_seed,
     _generator,
     _index_mask,
     _k_for,
     _SeededCompressor,
 )
+from lightning_gd.utils.checks import check_number
+from lightning_gd.utils.rng import derive_seed
 
 __all__ = ["RandomK"]
 
@@ -60,7 +60,7 @@ class RandomK(_SeededCompressor):
 
     def __init__(self, density: float, seed: int = 0, unbiased: bool = False) -> None:
         super().__init__(seed)
-        self.density = _check_density(density)
+        self.density = check_number("density", density, 0, 1, low_open=True)
         self.unbiased = bool(unbiased)
 
     def k(self, numel: int) -> int:
@@ -87,7 +87,7 @@ class RandomK(_SeededCompressor):
             ``k`` distinct indices in increasing order.
         """
         device = torch.device(device)
-        gen = _generator(device, _derive_seed("randomk", self.seed, step, key, numel))
+        gen = _generator(device, derive_seed("randomk", self.seed, step, key, numel))
         k = self.k(numel)
         if 4 * k > numel:
             idx = torch.randperm(numel, generator=gen, device=device)[:k]

@@ -21,12 +21,12 @@ import torch
 from lightning_gd.compression.base import (
     CompressedTensor,
     Compressor,
-    _check_density,
-    _derive_seed,
     _generator,
     _index_mask,
     _k_for,
 )
+from lightning_gd.utils.checks import check_number
+from lightning_gd.utils.rng import derive_seed
 
 __all__ = ["TopK"]
 
@@ -68,11 +68,10 @@ class TopK(Compressor):
         sample_fraction: float = 0.01,
     ) -> None:
         super().__init__()
-        self.density = _check_density(density)
+        self.density = check_number("density", density, 0, 1, low_open=True)
         if sample_threshold < 1:
             raise ValueError(f"sample_threshold must be >= 1, got sample_threshold={sample_threshold!r}")
-        if not 0.0 < sample_fraction <= 1.0:
-            raise ValueError(f"sample_fraction must be in (0, 1], got sample_fraction={sample_fraction!r}")
+        check_number("sample_fraction", sample_fraction, 0, 1, low_open=True)
         self.sampled = bool(sampled)
         self.sample_threshold = int(sample_threshold)
         self.sample_fraction = float(sample_fraction)
@@ -96,7 +95,7 @@ class TopK(Compressor):
         flat = tensor.reshape(-1)
         k = self.k(flat.numel())
         if self.sampled and flat.numel() > self.sample_threshold:
-            idx = self._sampled_topk(flat, k, _derive_seed("topk-sample", step, key, self.salt))
+            idx = self._sampled_topk(flat, k, derive_seed("topk-sample", step, key, self.salt))
         else:
             idx = torch.topk(flat.abs(), k, sorted=False).indices
         idx = idx.to(torch.int32)

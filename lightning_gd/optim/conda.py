@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gd.optim._validation import _check_betas, _check_nonnegative, _check_positive
-from lightning_gd.utils.checks import check_positive_int
+from lightning_gd.optim._validation import _check_betas, _closure_loss
+from lightning_gd.utils.checks import check_number, check_positive_int
 
 __all__ = ["Conda"]
 
@@ -86,12 +86,12 @@ class Conda(Optimizer):
         scale: float = 1.0,
     ) -> None:
         defaults = dict(
-            lr=_check_nonnegative("lr", lr),
+            lr=check_number("lr", lr, 0),
             betas=_check_betas(betas),
-            eps=_check_nonnegative("eps", eps),
-            weight_decay=_check_nonnegative("weight_decay", weight_decay),
+            eps=check_number("eps", eps, 0),
+            weight_decay=check_number("weight_decay", weight_decay, 0),
             update_proj_gap=check_positive_int("update_proj_gap", update_proj_gap),
-            scale=_check_positive("scale", scale),
+            scale=check_number("scale", scale, 0, low_open=True),
             conda=True,
         )
         super().__init__(params, defaults)
@@ -99,10 +99,7 @@ class Conda(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
             weight_decay, gap = group["weight_decay"], group["update_proj_gap"]

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gd.optim._validation import _check_betas, _check_nonnegative
+from lightning_gd.optim._validation import _check_betas, _closure_loss
+from lightning_gd.utils.checks import check_number
 
 __all__ = ["DiffGrad"]
 
@@ -56,20 +57,17 @@ class DiffGrad(Optimizer):
         weight_decay: float = 0.0,
     ) -> None:
         defaults = dict(
-            lr=_check_nonnegative("lr", lr),
+            lr=check_number("lr", lr, 0),
             betas=_check_betas(betas),
-            eps=_check_nonnegative("eps", eps),
-            weight_decay=_check_nonnegative("weight_decay", weight_decay),
+            eps=check_number("eps", eps, 0),
+            weight_decay=check_number("weight_decay", weight_decay, 0),
         )
         super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:

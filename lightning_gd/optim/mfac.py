@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gd.optim._validation import _check_nonnegative, _check_positive, _check_unit_interval
-from lightning_gd.utils.checks import check_positive_int
+from lightning_gd.optim._validation import _closure_loss
+from lightning_gd.utils.checks import check_number, check_positive_int
 
 __all__ = ["MFAC"]
 
@@ -81,13 +81,13 @@ class MFAC(Optimizer):
         max_memory_gb: float = 4.0,
     ) -> None:
         defaults = dict(
-            lr=_check_nonnegative("lr", lr),
-            momentum=_check_unit_interval("momentum", momentum),
-            weight_decay=_check_nonnegative("weight_decay", weight_decay),
+            lr=check_number("lr", lr, 0),
+            momentum=check_number("momentum", momentum, 0, 1, high_open=True),
+            weight_decay=check_number("weight_decay", weight_decay, 0),
         )
         self.num_grads = check_positive_int("num_grads", num_grads)
-        self.damp = _check_positive("damp", damp)
-        self.max_memory_gb = _check_positive("max_memory_gb", max_memory_gb)
+        self.damp = check_number("damp", damp, 0, low_open=True)
+        self.max_memory_gb = check_number("max_memory_gb", max_memory_gb, 0, low_open=True)
         super().__init__(params, defaults)
         first = self.param_groups[0]["params"][0]
         d = sum(p.numel() for group in self.param_groups for p in group["params"])
@@ -129,10 +129,7 @@ class MFAC(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         if not any(p.grad is not None for p in self._params()):
             return loss
         state = self._window()

@@ -2,8 +2,8 @@
 
 Optimizers by name: this package's ``conda``, ``diffgrad`` and ``mfac``, plus every name of
 ``timm.optim.list_optimizers()`` built through ``timm.optim.create_optimizer_v2`` (LARS, LAMB, AdamP, PSGD-Kron,
-Muon, ...); none of timm's optimizers is reimplemented. Named recipes are data (``_RECIPES`` below) and are
-listed by ``lightning-gd optimizers``.
+Muon, ...); none of timm's optimizers is reimplemented. Named recipes are frozen specs
+(:data:`lightning_gd.optim.specs.RECIPES`, readable without torch) and are listed by ``lightning-gd optimizers``.
 
 Parameter groups (for any ``nn.Module``):
 
@@ -17,9 +17,13 @@ LR scaling: ``lr * batch_size / reference_batch_size`` (``linear``, Goyal et al.
 (``sqrt``, Krizhevsky 2014; LAMB), or none. A recipe with a batch-size table (the ImageNet ones) takes its peak
 LR and warm-up from the row for the batch size instead, and refuses a batch size it has no row for.
 
-The schedule is :class:`~lightning_gd.optim.WarmupCosineLR` (linear warm-up, then cosine, linear, polynomial or
-warmup-stable-decay), stepped every optimizer step; its total is the Trainer's ``estimated_stepping_batches``
-when ``total_steps`` is not given.
+The schedule is :class:`~lightning_gd.optim.WarmupDecayLR` (linear warm-up, then cosine, linear, polynomial,
+warmup-stable-decay or constant), stepped every optimizer step; its total is the Trainer's
+``estimated_stepping_batches`` when ``total_steps`` is not given.
+
+The modules' defaults are recipes too (:data:`~lightning_gd.optim.specs.MODULE_DEFAULTS`), and their
+``optimizer`` / ``lr_scheduler`` callables replace a recipe's optimizer or schedule over the same parameter
+groups (:meth:`OptimizerRecipe.build`): every ``configure_optimizers`` of the package is one call.
 
 Gradient clipping is returned, not applied: ``gradient_clip_val`` / ``gradient_clip_algorithm`` are for the
 Trainer (``Trainer(gradient_clip_val=recipe.gradient_clip_val)``) or for the module's
@@ -30,132 +34,34 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, get_args
 
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_gd.optim.conda import Conda
 from lightning_gd.optim.diffgrad import DiffGrad
 from lightning_gd.optim.mfac import MFAC
-from lightning_gd.optim.warmup_cosine import _DECAYS, WarmupCosineLR
+from lightning_gd.optim.specs import (
+    KEYS,
+    RECIPES,
+    ClipAlgorithm,
+    Decay,
+    LRScaling,
+    LRTableRow,
+    OptimizerSpec,
+    check_keys,
+)
+from lightning_gd.optim.warmup_decay import WarmupDecayLR
+from lightning_gd.utils.checks import check_number
 
-__all__ = ["OptimizerRecipe"]
+__all__ = ["OptimizerRecipe", "decay_groups"]
 
 _OWN_OPTIMIZERS: dict[str, type[Optimizer]] = {"conda": Conda, "diffgrad": DiffGrad, "mfac": MFAC}
 _MUON_FAMILY = ("muon", "nmuon", "adamuon", "nadamuon")
-_IMAGENET_TRAIN_IMAGES = 1_281_167
-
-# ConAdv's reference LARS rule (ANCHORS section 5, from the TF code): (smallest batch, largest batch exclusive,
-# peak lr, warm-up epochs). LARS's trust ratio (coefficient 1e-3) turns lr 10 into a 1% relative step.
-_LARS_IMAGENET_TABLE: tuple[tuple[int, int | None, float, float], ...] = (
-    (1, 16384, 10.0, 5.0),
-    (16384, 32768, 25.0, 5.0),
-    (32768, 65536, 31.2, 25.0),
-    (65536, None, 43.0, 41.0),
-)
-# LAMB on ResNet-50, 90 epochs, as the LAMB authors trained it (their TF code, fastalgo/imagenet_resnet50_lamb, and
-# their PyTorch port, NUS-HPC-AI-Lab/pytorch-lamb): peak lr 0.04 at batch 32K with 20 warm-up epochs (76.3% top-1
-# in their log), scaled by sqrt(B / 32K), i.e. 0.01 * sqrt(B / 2048), with the warm-up proportional to the batch
-# (the same ~782 warm-up steps at every batch size); linear decay to 0, LAMB weight decay 1.5 (not on BN/bias),
-# no bias correction. The paper reports 77.1% (2K) ... 76.4% (32K). Rows for the powers of two 512 ... 32K.
-_LAMB_IMAGENET_TABLE: tuple[tuple[int, int | None, float, float], ...] = tuple(
-    (b, b + 1, round(0.01 * math.sqrt(b / 2048), 6), 20.0 * b / 32768) for b in (512 * 2**i for i in range(7))
-)
-
-# Named recipes, as data. Keys not given take _BASE's value.
-_BASE: dict[str, Any] = dict(
-    optimizer="adamw",
-    lr=1e-3,
-    weight_decay=0.0,
-    optimizer_kwargs={},
-    batch_size=None,
-    reference_batch_size=None,
-    lr_scaling="none",
-    schedule="cosine",
-    warmup_steps=0,
-    warmup_epochs=None,
-    dataset_size=None,
-    total_steps=None,
-    min_lr_ratio=0.0,
-    power=1.0,
-    decay_fraction=0.2,
-    gradient_clip_val=0.0,
-    gradient_clip_algorithm="norm",
-    fallback_patterns=("lm_head*", "*.lm_head*", "head.*", "*.head.*", "classifier*", "*.classifier*", "fc.*"),
-)
-_LLAMA = dict(warmup_steps=0.1, schedule="cosine", min_lr_ratio=0.1, gradient_clip_val=1.0)
-_RECIPES: dict[str, dict[str, Any]] = {
-    "adamw-llama": dict(
-        _LLAMA,
-        description="AdamW lr 1e-3, betas (0.9, 0.95), wd 0.1; 10% warm-up, cosine to 10%; clip 1.0 (LLaMA, litgpt)",
-        optimizer="adamw",
-        weight_decay=0.1,
-        optimizer_kwargs={"betas": (0.9, 0.95)},
-    ),
-    "conda-llama": dict(
-        _LLAMA,
-        description="Conda lr 0.01, betas (0.9, 0.99), scale 0.25 on hidden matrices, AdamW for the rest (paper)",
-        optimizer="conda",
-        lr=0.01,
-        optimizer_kwargs={"betas": (0.9, 0.99), "scale": 0.25, "update_proj_gap": 2000},
-    ),
-    "muon-llama": dict(
-        _LLAMA,
-        description="timm Muon (RMS matched to AdamW) lr 1e-3, momentum 0.95, wd 0.1 on hidden matrices; AdamW rest",
-        optimizer="muon",
-        weight_decay=0.1,
-        optimizer_kwargs={"momentum": 0.95, "betas": (0.9, 0.95)},
-    ),
-    "psgd-kron-llama": dict(
-        _LLAMA,
-        description="timm PSGD-Kron (kronw) lr 3e-4, momentum 0.9, decoupled wd 0.1 (Li, Lie-group preconditioners)",
-        optimizer="kronw",
-        lr=3e-4,
-        weight_decay=0.1,
-        optimizer_kwargs={"momentum": 0.9},
-    ),
-    "adamp": dict(
-        description="timm AdamP lr 1e-3, wd 1e-2; 5% warm-up, cosine to 0 (Heo et al. 2021)",
-        optimizer="adamp",
-        weight_decay=1e-2,
-        warmup_steps=0.05,
-    ),
-    "diffgrad": dict(
-        description="DiffGrad lr 1e-3, betas (0.9, 0.999); 5% warm-up, cosine to 0 (Dubey et al. 2019)",
-        optimizer="diffgrad",
-        warmup_steps=0.05,
-    ),
-    "mfac": dict(
-        description="M-FAC lr 1e-3, 1024 gradients, damp 1e-5; constant lr (Frantar et al. 2021; small models)",
-        optimizer="mfac",
-        optimizer_kwargs={"num_grads": 1024, "damp": 1e-5},
-        schedule="constant",
-    ),
-    "lars-imagenet": dict(
-        description="timm LARS, momentum 0.92, wd 5e-5, poly(1.6) decay; peak lr / warm-up by batch (ConAdv)",
-        optimizer="lars",
-        weight_decay=5e-5,
-        optimizer_kwargs={"momentum": 0.92},
-        schedule="polynomial",
-        power=1.6,
-        batch_size=32768,
-        dataset_size=_IMAGENET_TRAIN_IMAGES,
-        lr_table=_LARS_IMAGENET_TABLE,
-    ),
-    "lamb-imagenet": dict(
-        description="timm LAMB, wd 1.5, no bias correction, linear decay; lr 0.01*sqrt(B/2048), warm-up 20*B/32K"
-        " epochs; B = 512..32K (LAMB authors' code)",
-        optimizer="lamb",
-        weight_decay=1.5,
-        optimizer_kwargs={"bias_correction": False},
-        schedule="linear",
-        batch_size=4096,
-        dataset_size=_IMAGENET_TRAIN_IMAGES,
-        lr_table=_LAMB_IMAGENET_TABLE,
-    ),
-}
+_OVERRIDES = tuple(k for k in KEYS if k not in ("description", "lr_table"))  # what a caller may set
 
 
 def _optimizer_names() -> list[str]:
@@ -164,14 +70,55 @@ def _optimizer_names() -> list[str]:
     return sorted({*_OWN_OPTIMIZERS, *timm.optim.list_optimizers()})
 
 
-def _table_row(
-    name: str, table: Sequence[tuple[int, int | None, float, float]], batch_size: int
-) -> tuple[float, float]:
+def _table_row(name: str, table: Sequence[LRTableRow], batch_size: int) -> tuple[float, float]:
     for low, high, lr, warmup_epochs in table:
         if batch_size >= low and (high is None or batch_size < high):
             return lr, warmup_epochs
     known = ", ".join(f"{low}" if high == low + 1 else f"[{low}, {high or 'inf'})" for low, high, _, _ in table)
     raise ValueError(f"Recipe {name!r} has no rule for `batch_size`={batch_size}; it knows batch sizes: {known}")
+
+
+def decay_groups(
+    module: nn.Module,
+    weight_decay: float | None = None,
+    fallback_patterns: Sequence[str] = (),
+    hybrid: tuple[str, bool] | None = None,
+) -> list[dict[str, Any]]:
+    """Parameter groups without weight decay on norms, biases and embeddings (a tied head is listed once).
+
+    Plain optimizers get two groups in the module's parameter order: the decayed parameters (with
+    ``"weight_decay": weight_decay`` unless it is ``None``, which leaves the optimizer's own default), then the
+    rest with ``weight_decay=0``. A hybrid optimizer (``hybrid``: the param-group key and value that send a group
+    to its AdamW path, e.g. ``("conda", False)``) gets its 2-D hidden matrices alone in the first group, the
+    other decayed parameters (conv kernels, matrices matching ``fallback_patterns``) in the second, flagged.
+    Empty groups are left out.
+
+    Example::
+
+        decay, no_decay = decay_groups(model)   # torch.optim.AdamW(decay_groups(model), weight_decay=0.1)
+    """
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    hidden, decay_rest, no_decay = [], [], []
+    for name, p in module.named_parameters():  # shared (tied) parameters are listed once
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith(".bias") or id(p) in embeddings:
+            no_decay.append(p)
+        elif hybrid is not None and p.ndim == 2 and not any(fnmatch.fnmatchcase(name, f) for f in fallback_patterns):
+            hidden.append(p)
+        else:
+            decay_rest.append(p)
+    decay = {} if weight_decay is None else {"weight_decay": weight_decay}
+    if hybrid is None:
+        groups = [{"params": decay_rest, **decay}, {"params": no_decay, "weight_decay": 0.0}]
+    else:
+        key, value = hybrid
+        groups = [
+            {"params": hidden, **decay},
+            {"params": decay_rest, **decay, key: value},
+            {"params": no_decay, "weight_decay": 0.0, key: value},
+        ]
+    return [g for g in groups if g["params"]]
 
 
 def _hybrid_flag(optimizer: str) -> tuple[str, bool] | None:
@@ -186,9 +133,10 @@ def _hybrid_flag(optimizer: str) -> tuple[str, bool] | None:
 class OptimizerRecipe:
     """An optimizer by name with its parameter groups, batch-size LR scaling, schedule and gradient clipping.
 
-    Every argument left ``None`` takes the named recipe's value (``name``), or the generic default when no
-    recipe is named (AdamW, lr 1e-3, no decay, no warm-up, cosine to 0, no clipping). The resolved values are
-    attributes of the same names; :attr:`lr` is the peak lr after batch-size scaling.
+    Every argument left ``None`` takes the named recipe's value (``name``, a frozen
+    :class:`~lightning_gd.optim.specs.OptimizerSpec`), or the generic default when no recipe is named (AdamW,
+    lr 1e-3, no decay, no warm-up, cosine to 0, no clipping). The resolved values are attributes of the same
+    names; :attr:`lr` is the peak lr after batch-size scaling.
 
     Args:
         name: A named recipe (``OptimizerRecipe.catalog()``), or ``None``.
@@ -212,6 +160,10 @@ class OptimizerRecipe:
         gradient_clip_algorithm: ``norm`` (global L2 norm) or ``value``.
         fallback_patterns: Names (fnmatch) of 2-D matrices that Conda / Muon leave to AdamW (the output head).
 
+    Raises:
+        ValueError: an unknown recipe or optimizer name (listing the known ones), a misspelt setting in
+            :meth:`from_name` / :meth:`from_spec` (naming the known keys), or a bad value (naming it).
+
     Example::
 
         class MyModule(LightningModule):
@@ -230,8 +182,8 @@ class OptimizerRecipe:
         optimizer_kwargs: dict[str, Any] | None = None,
         batch_size: int | None = None,
         reference_batch_size: int | None = None,
-        lr_scaling: Literal["linear", "sqrt", "none"] | None = None,
-        schedule: Literal["cosine", "linear", "polynomial", "wsd", "constant"] | None = None,
+        lr_scaling: LRScaling | None = None,
+        schedule: Decay | None = None,
         warmup_steps: int | float | None = None,
         warmup_epochs: float | None = None,
         dataset_size: int | None = None,
@@ -240,42 +192,41 @@ class OptimizerRecipe:
         power: float | None = None,
         decay_fraction: float | None = None,
         gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: Literal["norm", "value"] | None = None,
+        gradient_clip_algorithm: ClipAlgorithm | None = None,
         fallback_patterns: Sequence[str] | None = None,
     ) -> None:
-        if name is not None and name not in _RECIPES:
-            raise ValueError(f"Unknown optimizer recipe {name!r}; valid names: {', '.join(_RECIPES)}")
+        if name is not None and name not in RECIPES:
+            raise ValueError(f"Unknown optimizer recipe {name!r}; valid names: {', '.join(RECIPES)}")
         explicit = {k: v for k, v in locals().items() if k not in ("self", "name", "__class__") and v is not None}
-        recipe = _RECIPES.get(name, {}) if name is not None else {}
-        values = {**_BASE, **{k: v for k, v in recipe.items() if k in _BASE}, **explicit}
-        values["optimizer_kwargs"] = {**recipe.get("optimizer_kwargs", {}), **explicit.get("optimizer_kwargs", {})}
         self.name = name
-        self.description: str = recipe.get("description", "custom recipe")
+        self._resolve(RECIPES[name] if name is not None else OptimizerSpec(), explicit)
+
+    def _resolve(self, recipe: OptimizerSpec, explicit: dict[str, Any]) -> None:
+        """Set the attributes from ``recipe`` with the ``explicit`` settings over it, and check them."""
+        values = {**{k: getattr(recipe, k) for k in _OVERRIDES}, **explicit}
+        values["optimizer_kwargs"] = {**recipe.optimizer_kwargs, **explicit.get("optimizer_kwargs", {})}
+        self.description: str = recipe.description
         self.optimizer: str = values["optimizer"].lower()
         if self.optimizer not in _OWN_OPTIMIZERS:
             import timm.optim
 
             if self.optimizer.split("_")[-1] not in timm.optim.list_optimizers():
-                raise ValueError(f"Unknown `optimizer`={optimizer!r}; valid names: {', '.join(_optimizer_names())}")
-        if values["lr_scaling"] not in ("linear", "sqrt", "none"):
-            raise ValueError(f"Unknown `lr_scaling`={values['lr_scaling']!r}; valid names: linear, sqrt, none")
-        if values["schedule"] not in _DECAYS:
-            raise ValueError(f"Unknown `schedule`={values['schedule']!r}; valid names: {', '.join(_DECAYS)}")
-        if values["gradient_clip_algorithm"] not in ("norm", "value"):
-            raise ValueError(
-                f"Unknown `gradient_clip_algorithm`={values['gradient_clip_algorithm']!r}; valid: norm, value"
-            )
+                raise ValueError(
+                    f"Unknown `optimizer`={values['optimizer']!r}; valid names: {', '.join(_optimizer_names())}"
+                )
+        for key, kind in (("lr_scaling", LRScaling), ("schedule", Decay), ("gradient_clip_algorithm", ClipAlgorithm)):
+            if values[key] not in (choices := get_args(kind)):
+                raise ValueError(f"Unknown `{key}`={values[key]!r}; valid names: {', '.join(choices)}")
         for key in ("lr", "weight_decay", "min_lr_ratio", "gradient_clip_val"):
-            if values[key] < 0:
-                raise ValueError(f"`{key}` must be >= 0, got {values[key]!r}")
+            check_number(key, values[key], 0)
         if values["batch_size"] is not None and values["batch_size"] < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {values['batch_size']!r}")
         self.weight_decay: float = float(values["weight_decay"])
         self.optimizer_kwargs: dict[str, Any] = dict(values["optimizer_kwargs"])
         self.batch_size: int | None = values["batch_size"]
         self.reference_batch_size: int | None = values["reference_batch_size"]
-        self.lr_scaling: str = values["lr_scaling"]
-        self.schedule: str = values["schedule"]
+        self.lr_scaling: LRScaling = values["lr_scaling"]
+        self.schedule: Decay = values["schedule"]
         self.warmup_steps: int | float = values["warmup_steps"]
         self.warmup_epochs: float | None = values["warmup_epochs"]
         self.dataset_size: int | None = values["dataset_size"]
@@ -284,12 +235,11 @@ class OptimizerRecipe:
         self.power: float = float(values["power"])
         self.decay_fraction: float = float(values["decay_fraction"])
         self.gradient_clip_val: float = float(values["gradient_clip_val"])
-        self.gradient_clip_algorithm: str = values["gradient_clip_algorithm"]
+        self.gradient_clip_algorithm: ClipAlgorithm = values["gradient_clip_algorithm"]
         self.fallback_patterns: tuple[str, ...] = tuple(values["fallback_patterns"])
         self.lr: float = float(values["lr"])
-        table = recipe.get("lr_table")
-        if table is not None and "lr" not in explicit:
-            self.lr, table_warmup = _table_row(name or "", table, self.batch_size)
+        if recipe.lr_table is not None and "lr" not in explicit:
+            self.lr, table_warmup = _table_row(self.name or "", recipe.lr_table, self.batch_size)
             if "warmup_epochs" not in explicit and "warmup_steps" not in explicit:
                 self.warmup_epochs = table_warmup
         elif self.lr_scaling != "none" and self.batch_size is not None:
@@ -304,13 +254,24 @@ class OptimizerRecipe:
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> OptimizerRecipe:
-        """The named recipe, with any argument of ``__init__`` overridden (``batch_size=4096``, ``lr=...``)."""
+        """The named recipe, with any setting overridden (``batch_size=4096``, ``lr=...``); a misspelt one raises
+        naming the known keys."""
+        check_keys(f"OptimizerRecipe.from_name({name!r})", overrides, _OVERRIDES)
         return cls(name=name, **overrides)
+
+    @classmethod
+    def from_spec(cls, spec: OptimizerSpec, **overrides: Any) -> OptimizerRecipe:
+        """A recipe from an unnamed spec (the modules' defaults, your own table), with ``overrides`` over it."""
+        check_keys("OptimizerRecipe.from_spec", overrides, _OVERRIDES)
+        recipe = cls.__new__(cls)
+        recipe.name = None
+        recipe._resolve(spec, {k: v for k, v in overrides.items() if v is not None})
+        return recipe
 
     @staticmethod
     def catalog() -> dict[str, str]:
         """Names of the built-in recipes mapped to one-line descriptions."""
-        return {name: recipe["description"] for name, recipe in _RECIPES.items()}
+        return {name: recipe.description for name, recipe in RECIPES.items()}
 
     @staticmethod
     def optimizer_names() -> list[str]:
@@ -325,30 +286,8 @@ class OptimizerRecipe:
         )
 
     def param_groups(self, module: nn.Module) -> list[dict[str, Any]]:
-        """The groups described in the module docstring; empty groups are left out."""
-        embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
-        hidden, decay_rest, no_decay = [], [], []
-        for name, p in module.named_parameters():  # shared (tied) parameters are listed once
-            if not p.requires_grad:
-                continue
-            if p.ndim < 2 or name.endswith(".bias") or id(p) in embeddings:
-                no_decay.append(p)
-            elif p.ndim == 2 and not any(fnmatch.fnmatchcase(name, pat) for pat in self.fallback_patterns):
-                hidden.append(p)
-            else:
-                decay_rest.append(p)
-        flag = _hybrid_flag(self.optimizer)
-        if flag is None:
-            groups = [{"params": hidden + decay_rest, "weight_decay": self.weight_decay}]
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        else:
-            key, value = flag
-            groups = [
-                {"params": hidden, "weight_decay": self.weight_decay},
-                {"params": decay_rest, "weight_decay": self.weight_decay, key: value},
-                {"params": no_decay, "weight_decay": 0.0, key: value},
-            ]
-        return [g for g in groups if g["params"]]
+        """:func:`decay_groups` for this recipe's optimizer and weight decay; empty groups are left out."""
+        return decay_groups(module, self.weight_decay, self.fallback_patterns, _hybrid_flag(self.optimizer))
 
     def build_optimizer(self, params: nn.Module | Iterable[Any]) -> Optimizer:
         """The optimizer over ``params``: a module (grouped by :meth:`param_groups`) or parameters / groups."""
@@ -361,32 +300,52 @@ class OptimizerRecipe:
 
         return timm.optim.create_optimizer_v2(groups, opt=self.optimizer, **kwargs)
 
-    def build_scheduler(self, optimizer: Optimizer, total_steps: int | None = None) -> WarmupCosineLR:
+    def build_scheduler(self, optimizer: Optimizer, total_steps: int | None = None) -> WarmupDecayLR:
         """The warm-up + decay schedule; ``total_steps`` falls back to :attr:`total_steps`."""
         total = total_steps if total_steps is not None else self.total_steps
-        return WarmupCosineLR(
+        return WarmupDecayLR(
             optimizer,
             warmup_steps=self.warmup_steps,
             total_steps=total,
             min_lr_ratio=self.min_lr_ratio,
-            decay=self.schedule,  # type: ignore[arg-type]
+            decay=self.schedule,
             power=self.power,
             decay_fraction=self.decay_fraction,
         )
 
-    def build(self, module: nn.Module, total_steps: int | None = None) -> dict[str, Any]:
+    def build(
+        self,
+        module: nn.Module,
+        total_steps: int | None = None,
+        optimizer: Callable[[Iterable[Any]], Optimizer] | None = None,
+        lr_scheduler: Callable[[Optimizer], LRScheduler] | None = None,
+        params: nn.Module | None = None,
+    ) -> dict[str, Any]:
         """What ``configure_optimizers`` returns: the optimizer and its schedule, stepped every optimizer step.
 
-        The schedule's length is ``total_steps``, else :attr:`total_steps`, else the Trainer's
-        ``estimated_stepping_batches`` when ``module`` is a LightningModule attached to one.
+        Args:
+            module: The module to train; a LightningModule attached to a Trainer gives the schedule's length.
+            total_steps: The schedule's length; else :attr:`total_steps`, else the Trainer's
+                ``estimated_stepping_batches``.
+            optimizer: ``param_groups -> Optimizer`` replacing the recipe's optimizer (a module's ``optimizer``
+                argument); it gets :func:`decay_groups` with its own weight decay on the decayed group.
+            lr_scheduler: ``optimizer -> LRScheduler`` replacing the recipe's schedule; a
+                :class:`~lightning_gd.optim.WarmupDecayLR` built without ``total_steps`` gets the length above.
+            params: The module whose parameters are trained, when not ``module`` itself (a wrapped model).
         """
-        optimizer = self.build_optimizer(module)
+        params = module if params is None else params
         total = total_steps if total_steps is not None else self.total_steps
-        trainer = getattr(module, "_trainer", None)
+        trainer = _attached_trainer(module)
         if total is None and trainer is not None:
             total = max(1, int(trainer.estimated_stepping_batches))
-        scheduler = self.build_scheduler(optimizer, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        if optimizer is None:
+            opt = self.build_optimizer(params)
+        else:
+            opt = optimizer(decay_groups(params, None, self.fallback_patterns))
+        scheduler = self.build_scheduler(opt, total) if lr_scheduler is None else lr_scheduler(opt)
+        if isinstance(scheduler, WarmupDecayLR) and scheduler.total_steps is None and total is not None:
+            scheduler.set_total_steps(total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def clip_gradients(
         self,
@@ -406,3 +365,13 @@ class OptimizerRecipe:
         if gradient_clip_val is None and self.gradient_clip_val > 0:
             gradient_clip_val, gradient_clip_algorithm = self.gradient_clip_val, self.gradient_clip_algorithm
         module.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+def _attached_trainer(module: nn.Module) -> Any:
+    """The Trainer a LightningModule is attached to; ``None`` for a plain module or a detached LightningModule."""
+    if not hasattr(type(module), "trainer"):  # a plain nn.Module (duck-typed: no Lightning import here)
+        return None
+    try:
+        return module.trainer
+    except RuntimeError:  # LightningModule.trainer raises when no Trainer is attached
+        return None

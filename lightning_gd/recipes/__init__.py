@@ -1,25 +1,25 @@
-"""Models, data modules and the built-in LightningCLI YAML recipes (``recipes/configs/*.yaml``)."""
+"""Models, data modules and the built-in LightningCLI YAML recipes (``recipes/configs/*.yaml``).
 
-from lightning_gd.recipes.causal_lm import CausalLMModule
-from lightning_gd.recipes.conadv_report import ConAdvReport
-from lightning_gd.recipes.digits import DigitsDataModule
-from lightning_gd.recipes.image_classifier import ImageClassifierModule
-from lightning_gd.recipes.image_folder import ImageFolderDataModule
-from lightning_gd.recipes.llama import Llama, LlamaConfig
-from lightning_gd.recipes.registry import recipe_path, recipes
-from lightning_gd.recipes.text_corpus import TextCorpusDataModule
-from lightning_gd.recipes.token_stream import TokenStreamDataModule
+Lazy (PEP 562): ``lightning_gd.recipes.registry`` (the recipe names, for ``lightning-gd recipes``) imports no torch;
+each model or data module is imported on first use.
+"""
 
-__all__ = [
-    "CausalLMModule",
-    "ConAdvReport",
-    "DigitsDataModule",
-    "ImageClassifierModule",
-    "ImageFolderDataModule",
-    "Llama",
-    "LlamaConfig",
-    "TextCorpusDataModule",
-    "TokenStreamDataModule",
-    "recipe_path",
-    "recipes",
-]
+from lightning_gd._lazy import lazy_attributes
+
+_EXPORTS = {
+    "CausalLMModule": ".causal_lm",
+    "ConAdvReport": ".conadv_report",
+    "DigitsDataModule": ".digits",
+    "ImageClassifierModule": ".image_classifier",
+    "ImageFolderDataModule": ".image_folder",
+    "Llama": ".llama",
+    "LlamaConfig": ".llama",
+    "TextCorpusDataModule": ".text_corpus",
+    "TokenStreamDataModule": ".token_stream",
+    "recipe_path": ".registry",
+    "recipes": ".registry",
+}
+
+__all__ = list(_EXPORTS)
+
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS)

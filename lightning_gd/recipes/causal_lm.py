@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from lightning_gd.optim.recipe import OptimizerRecipe
-from lightning_gd.optim.warmup_cosine import WarmupCosineLR, per_step_config
+from lightning_gd.recipes._optim import module_recipe
 from lightning_gd.recipes.llama import Llama, LlamaConfig
 
 __all__ = ["CausalLMModule", "batch_size", "tokens_in_batch"]
-
-# AdamW with LLaMA's betas and decay; the learning rate suits the small presets.
-_default_optimizer = partial(torch.optim.AdamW, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
 
 
 def batch_size(batch: tuple[Tensor, Tensor]) -> int:
@@ -35,25 +29,16 @@ def tokens_in_batch(batch: tuple[Tensor, Tensor]) -> int:
     return batch[0].numel()
 
 
-def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """Two groups: matrices decay; norms, biases and embeddings (and a head tied to them) do not."""
-    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():  # each parameter once, so a tied head is not listed twice
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 and id(p) not in embedding_params else no_decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 class CausalLMModule(LightningModule):
     """Pretrain a LLaMA-style decoder with cross-entropy on next tokens.
 
     The optimizer and learning-rate schedule are init arguments, so LightningCLI (``class_path`` /
     ``init_args`` in YAML) or Python callers choose them. The optimizer receives two parameter groups:
-    weight matrices, and norms/biases/embeddings with ``weight_decay=0``. Defaults: AdamW (lr 1e-3,
-    betas (0.9, 0.95), weight decay 0.1) and :class:`~lightning_gd.optim.WarmupCosineLR` (5% warm-up, cosine
-    to 10%) over the Trainer's total steps, stepped every optimizer step.
+    weight matrices, and norms/biases/embeddings with ``weight_decay=0``
+    (:func:`~lightning_gd.optim.recipe.decay_groups`). Defaults: the recipe
+    ``MODULE_DEFAULTS["CausalLMModule"]`` (:mod:`lightning_gd.optim.specs`): AdamW (lr 1e-3, betas (0.9, 0.95),
+    weight decay 0.1) and :class:`~lightning_gd.optim.WarmupDecayLR` (5% warm-up, cosine to 10%) over the
+    Trainer's total steps, stepped every optimizer step.
 
     Args:
         preset: Name of a :class:`LlamaConfig` preset (``tiny``, ``125m``, ``350m``, ``1b``).
@@ -65,11 +50,12 @@ class CausalLMModule(LightningModule):
         activation_checkpointing: Recompute each block's activations in backward (less memory, ~1/3 more compute).
         optimizer: ``params -> Optimizer``; ``None`` uses the default AdamW.
         lr_scheduler: ``optimizer -> LRScheduler``; ``None`` uses the default warm-up + cosine. A
-            :class:`WarmupCosineLR` built without ``total_steps`` gets the Trainer's estimate.
+            :class:`~lightning_gd.optim.WarmupDecayLR` built without ``total_steps`` gets the Trainer's estimate.
         optimizer_recipe: An :class:`~lightning_gd.optim.OptimizerRecipe` or the name of one (``conda-llama``,
             ``muon-llama``, ...; ``lightning-gd optimizers`` lists them). It replaces ``optimizer`` and
-            ``lr_scheduler`` (its own parameter groups and schedule over the Trainer's total steps) and clips
-            gradients by its ``gradient_clip_val`` unless the Trainer sets one.
+            ``lr_scheduler`` (its own parameter groups and schedule over the Trainer's total steps; one warning
+            when they are given too, as a recipe's YAML does) and clips gradients by its ``gradient_clip_val``
+            unless the Trainer sets one.
 
     Example::
 
@@ -97,32 +83,43 @@ class CausalLMModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "optimizer_recipe"])
-        if isinstance(optimizer_recipe, str):
-            optimizer_recipe = OptimizerRecipe.from_name(optimizer_recipe)
-        if optimizer_recipe is not None and (optimizer is not None or lr_scheduler is not None):
-            rank_zero_info(
-                f"CausalLMModule: {optimizer_recipe!r} replaces the `optimizer` and `lr_scheduler` arguments"
-            )
-        self.optimizer_recipe = optimizer_recipe
+        self.optimizer_recipe, self.optimizer_factory, self.lr_scheduler_factory = module_recipe(
+            "CausalLMModule", optimizer_recipe, optimizer, lr_scheduler
+        )
         fields = {**(overrides or {}), **({} if block_size is None else {"block_size": block_size})}
         self.config = LlamaConfig.from_name(preset, **fields)
         self.model = Llama(self.config, activation_checkpointing=activation_checkpointing)
         # Not a submodule (object.__setattr__): the checkpoint keeps only ``model.*`` keys, compiled or not.
         object.__setattr__(self, "_train_model", torch.compile(self.model) if compile else self.model)
-        self.optimizer_factory: Callable[[Iterable], torch.optim.Optimizer] = optimizer or _default_optimizer
-        self.lr_scheduler_factory = lr_scheduler
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity()
-        self._last_shape: tuple[int, int] | None = None  # (B, T) of the latest training batch
+        # (B, T) of the latest batch, and whether it was trained on (forward + backward) or only evaluated.
+        self._last_shape: tuple[int, int] | None = None
+        self._last_trained = True
 
     @property
     def flops_per_batch(self) -> int | None:
-        """Training FLOPs (forward + backward) of the latest batch, (6N + 12 L C T) per token, for
-        Lightning's ``ThroughputMonitor`` (it reports MFU against the device's peak from this)."""
+        """FLOPs of the latest batch for Lightning's ``ThroughputMonitor`` (it reports MFU against the device's peak
+        from this): (6N + 12 L C T) per token for a training batch (forward + backward), a third of it for a
+        validation, test or predict batch (forward only; PaLM, appendix B)."""
         if self._last_shape is None:
             return None
         B, T = self._last_shape
-        return self.config.flops_per_token(T) * B * T
+        flops = self.config.flops_per_token(T) * B * T
+        return flops if self._last_trained else flops // 3  # 6N + 12LCT = 3 x (2N + 4LCT): exact
+
+    def _record_batch(self, batch: Any, trained: bool) -> None:
+        inputs = batch[0] if isinstance(batch, list | tuple) else batch
+        if isinstance(inputs, Tensor) and inputs.ndim == 2:
+            self._last_shape, self._last_trained = (int(inputs.shape[0]), int(inputs.shape[1])), trained
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._record_batch(batch, trained=True)
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._record_batch(batch, trained=False)
+
+    on_test_batch_start = on_predict_batch_start = on_validation_batch_start
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.model(idx)
@@ -133,7 +130,6 @@ class CausalLMModule(LightningModule):
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()), logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        self._last_shape = tuple(batch[0].shape)
         loss, _ = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -158,15 +154,9 @@ class CausalLMModule(LightningModule):
         return self.model.generate(idx, max_new_tokens, **kwargs)
 
     def configure_optimizers(self) -> Any:
-        if self.optimizer_recipe is not None:
-            total = self.optimizer_recipe.total_steps or max(1, int(self.trainer.estimated_stepping_batches))
-            return self.optimizer_recipe.build(self.model, total_steps=total)
-        optimizer = self.optimizer_factory(_param_groups(self.model))
-        if self.lr_scheduler_factory is None:
-            scheduler = WarmupCosineLR(optimizer, warmup_steps=0.05, min_lr_ratio=0.1)
-        else:
-            scheduler = self.lr_scheduler_factory(optimizer)
-        return per_step_config(optimizer, scheduler, self.trainer.estimated_stepping_batches)
+        return self.optimizer_recipe.build(
+            self, params=self.model, optimizer=self.optimizer_factory, lr_scheduler=self.lr_scheduler_factory
+        )
 
     def configure_gradient_clipping(
         self,
@@ -174,7 +164,4 @@ class CausalLMModule(LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        if self.optimizer_recipe is not None:
-            self.optimizer_recipe.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
-        else:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.optimizer_recipe.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gd.recipes.resumable import ResumableDataModule
-from lightning_gd.utils.checks import check_positive_int
+from lightning_gd.recipes.stateful_data import ResumeMismatch
+from lightning_gd.utils.checks import check_number, check_positive_int
 
 __all__ = ["DigitsDataModule"]
 
@@ -69,15 +70,14 @@ class DigitsDataModule(ResumableDataModule):
         val_fraction: float = 0.2,
         seed: int = 0,
         num_workers: int = 0,
-        resume_mismatch: Literal["error", "warn"] = "error",
+        resume_mismatch: ResumeMismatch = "error",
     ) -> None:
         super().__init__(resume_mismatch)
         if image_size < 8:
             raise MisconfigurationException(f"`image_size` must be >= 8, got {image_size!r}")
         check_positive_int("batch_size", batch_size, error=MisconfigurationException)
         check_positive_int("num_workers", num_workers, minimum=0, error=MisconfigurationException)
-        if not 0.0 < val_fraction < 1.0:
-            raise MisconfigurationException(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
+        check_number("val_fraction", val_fraction, 0, 1, low_open=True, high_open=True, error=MisconfigurationException)
         self.save_hyperparameters()
         self.image_size = image_size
         self.batch_size = batch_size

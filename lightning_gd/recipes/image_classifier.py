@@ -13,8 +13,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_gd.optim import OptimizerRecipe, WarmupCosineLR
-from lightning_gd.optim.warmup_cosine import per_step_config
+from lightning_gd.optim.recipe import OptimizerRecipe
+from lightning_gd.recipes._optim import module_recipe
+from lightning_gd.utils.checks import check_number
 
 __all__ = ["ImageClassifierModule"]
 
@@ -25,8 +26,9 @@ class ImageClassifierModule(LightningModule):
     The optimizer comes from an :class:`~lightning_gd.optim.OptimizerRecipe` (``lars-imagenet``,
     ``lamb-imagenet``: parameter groups without weight decay on BatchNorm and biases, peak LR and warm-up from the
     batch-size table, polynomial or cosine decay stepped every optimizer step), or from ``optimizer`` /
-    ``lr_scheduler`` callables; with neither, SGD (lr 0.1, momentum 0.9, no decay on norms and biases) with
-    :class:`~lightning_gd.optim.WarmupCosineLR`. Batches are ``(images, labels)``.
+    ``lr_scheduler`` callables over the default recipe ``MODULE_DEFAULTS["ImageClassifierModule"]``
+    (:mod:`lightning_gd.optim.specs`: SGD lr 0.1, momentum 0.9, no decay on norms and biases,
+    :class:`~lightning_gd.optim.WarmupDecayLR` with 5% warm-up and cosine to 10%). Batches are ``(images, labels)``.
 
     Logged: ``train/loss``, ``train/acc`` (top-1 on the training batch), ``val/loss``, ``val/acc1`` and
     ``val/acc{top_k}``. Works with :class:`~lightning_gd.strategies.ConAdvStrategy` (which calls ``self(x)`` for
@@ -40,8 +42,9 @@ class ImageClassifierModule(LightningModule):
         model_kwargs: Further ``timm.create_model`` arguments (``drop_rate``, ``zero_init_last``, ...).
         label_smoothing: Of the training cross entropy (0.1 in the ImageNet recipes).
         top_k: The second accuracy logged on validation (``val/acc5``); capped at ``num_classes``.
-        optimizer_recipe: An :class:`OptimizerRecipe` (in YAML: ``class_path: OptimizerRecipe`` with ``name``
-            and ``batch_size``, the global batch size).
+        optimizer_recipe: An :class:`OptimizerRecipe` or a recipe's name (in YAML: ``class_path: OptimizerRecipe``
+            with ``name`` and ``batch_size``, the global batch size). It replaces ``optimizer`` and
+            ``lr_scheduler`` (one warning when they are given too).
         optimizer: ``params -> Optimizer`` when no recipe is given.
         lr_scheduler: ``optimizer -> LRScheduler`` when no recipe is given.
         channels_last: Keep the model in channels-last memory format (faster convolutions on GPUs with bf16).
@@ -62,18 +65,15 @@ class ImageClassifierModule(LightningModule):
         model_kwargs: dict[str, Any] | None = None,
         label_smoothing: float = 0.1,
         top_k: int = 5,
-        optimizer_recipe: OptimizerRecipe | None = None,
+        optimizer_recipe: OptimizerRecipe | str | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise MisconfigurationException(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}")
+        check_number("label_smoothing", label_smoothing, 0, 1, high_open=True, error=MisconfigurationException)
         if num_classes < 2:
             raise MisconfigurationException(f"`num_classes` must be >= 2, got {num_classes!r}")
-        if optimizer_recipe is not None and (optimizer is not None or lr_scheduler is not None):
-            raise MisconfigurationException("Give either `optimizer_recipe` or `optimizer` / `lr_scheduler`, not both")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "optimizer_recipe"])
         self.model = timm.create_model(
             model_name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {})
@@ -82,9 +82,9 @@ class ImageClassifierModule(LightningModule):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.label_smoothing = label_smoothing
         self.channels_last = channels_last
-        self.optimizer_recipe = optimizer_recipe
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
+        self.optimizer_recipe, self.optimizer_factory, self.lr_scheduler_factory = module_recipe(
+            "ImageClassifierModule", optimizer_recipe, optimizer, lr_scheduler
+        )
         self.top_k = min(top_k, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, top_k=1)
         self.val_acc1 = MulticlassAccuracy(num_classes=num_classes, top_k=1)
@@ -116,23 +116,11 @@ class ImageClassifierModule(LightningModule):
     test_step = validation_step
 
     def configure_optimizers(self) -> Any:
-        if self.optimizer_recipe is not None:
-            return self.optimizer_recipe.build(self)
-        groups = OptimizerRecipe(weight_decay=0.0).param_groups(self)  # norms and biases without decay
-        if self.optimizer_factory is not None:
-            optimizer = self.optimizer_factory(groups)
-        else:
-            optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
-        if self.lr_scheduler_factory is None:
-            scheduler = WarmupCosineLR(optimizer, warmup_steps=0.05)
-        else:
-            scheduler = self.lr_scheduler_factory(optimizer)
-        return per_step_config(optimizer, scheduler, self.trainer.estimated_stepping_batches)
+        return self.optimizer_recipe.build(
+            self, optimizer=self.optimizer_factory, lr_scheduler=self.lr_scheduler_factory
+        )
 
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
-        if self.optimizer_recipe is not None:
-            self.optimizer_recipe.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
-        else:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.optimizer_recipe.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)

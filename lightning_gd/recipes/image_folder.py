@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from lightning_gd.recipes.resumable import ResumableDataModule
+from lightning_gd.recipes.stateful_data import ResumeMismatch
 from lightning_gd.utils.checks import check_positive_int
 
 __all__ = ["ImageFolderDataModule", "image_batch_size", "make_tiny_image_folder"]
@@ -113,7 +114,7 @@ class ImageFolderDataModule(ResumableDataModule):
         persistent_workers: bool = True,
         generate_tiny: bool = False,
         seed: int = 0,
-        resume_mismatch: Literal["error", "warn"] = "error",
+        resume_mismatch: ResumeMismatch = "error",
     ) -> None:
         super().__init__(resume_mismatch)
         check_positive_int("batch_size", batch_size, error=MisconfigurationException)

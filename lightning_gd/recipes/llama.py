@@ -90,7 +90,7 @@ class LlamaConfig:
             ValueError: for an unknown preset name or an unknown field.
         """
         if name not in PRESETS:
-            raise ValueError(f"Unknown Llama preset {name!r}; available: {', '.join(PRESETS)}")
+            raise ValueError(f"Unknown Llama preset `preset`={name!r}; available: {', '.join(PRESETS)}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - fields)
         if unknown:

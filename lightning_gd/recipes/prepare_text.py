@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from lightning_gd.recipes.text_corpus import _in_validation, _stdlib_files
+from lightning_gd.utils.checks import check_number, check_positive_int
 
 __all__ = ["TokenizerInfo", "prepare_text", "read_tokenizer_info"]
 
@@ -120,10 +121,8 @@ def prepare_text(
     """
     from litdata import TokensLoader, optimize
 
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"`num_workers` must be a positive integer, got {num_workers!r}")
+    check_number("val_fraction", val_fraction, 0, 1, low_open=True, high_open=True)
+    check_positive_int("num_workers", num_workers)
     if tokenizer is None:
         info = TokenizerInfo(kind="bytes", vocab_size=256, dtype="uint8")
     else:

@@ -2,14 +2,17 @@
 
 Three things make a resumed run read, augment and drop out exactly as the uninterrupted one:
 
-- **Position.** The training loader is a torchdata ``StatefulDataLoader``; Lightning saves its position in every
-  checkpoint (``loops.fit_loop.state_dict.combined_loader``) and restores it on resume.
+- **Position.** The training loader is a torchdata ``StatefulDataLoader``; Lightning saves its state in every
+  checkpoint (``loops.fit_loop.state_dict.combined_loader``) and restores it on resume. The position in it is our
+  sampler's own count of the samples read in the epoch, so it carries over to another worker count or world size
+  without touching torchdata's internal counters.
 - **Order and augmentation.** The order is a seeded ``DistributedSampler`` (a function of ``seed`` and the epoch
   only), and with ``per_sample_seed=True`` every sample is read under RNGs seeded by ``(seed, epoch, index)``
   (:func:`~lightning_gd.utils.rng.seeded_rngs`): random crops and flips do not depend on the global RNG, on the
   worker count or on the world size, and do not disturb the global streams that dropout uses.
 - **Global RNGs.** The data module's checkpoint entry holds every rank's global RNG states, put back just
-  before the first training batch after the resume.
+  before the first training batch after the resume, and the data settings checked on resume
+  (:class:`~lightning_gd.recipes.stateful_data.StatefulDataModule`, shared with the streaming data module).
 
 Subclasses build their loaders with :meth:`ResumableDataModule.resumable_loader` and
 :meth:`ResumableDataModule.evaluation_loader` and name what a saved position refers to in
@@ -18,35 +21,71 @@ Subclasses build their loaders with :meth:`ResumableDataModule.resumable_loader`
 
 from __future__ import annotations
 
-import copy
-import math
+import itertools
 import warnings
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from typing_extensions import override
 
-from lightning_gd.utils.checks import check_choice
-from lightning_gd.utils.rng import gather_rng_states, seeded_rngs, set_rng_states
+from lightning_gd._compat import torchdata_samples_read
+from lightning_gd.recipes.stateful_data import ResumeMismatch, ResumePlan, StatefulDataModule
+from lightning_gd.utils.rng import seeded_rngs
 
 __all__ = ["ResumableDataModule"]
 
-_STATE_VERSION = 1
+
+_POSITION = "lightning_gd_samples_read"  # our sampler's key inside torchdata's loader state
 
 
-class _EpochSampler(DistributedSampler):
-    """A seeded ``DistributedSampler`` that yields ``(epoch, index)``, so a sample knows its epoch in any process."""
+class _PositionSampler(DistributedSampler):
+    """A seeded ``DistributedSampler`` that owns the loader's position: the samples it has yielded this epoch.
+
+    torchdata's ``StatefulDataLoader`` saves a sampler that has ``state_dict`` / ``load_state_dict`` with the batch
+    it belongs to (also through its worker snapshots), so the position in a checkpoint is this plain count, not
+    torchdata's internal counters. ``resume_at(samples)`` makes the next epoch iterator skip that many samples
+    without reading them (the order is a function of ``seed`` and the epoch only). ``keyed=True`` yields
+    ``(epoch, index)``, so that a sample knows its epoch in any process.
+    """
+
+    def __init__(self, *args: Any, keyed: bool = False, num_workers: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.keyed, self.num_workers = keyed, num_workers
+        self.read = 0
+        self._start = 0
 
     @override
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        epoch = self.epoch
-        return ((epoch, i) for i in super().__iter__())
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: the body (and so taking the start) runs at the first draw, not at iter(). torchdata calls
+        # iter() twice while it restores a state and only draws from the second iterator.
+        epoch, start = self.epoch, self._start
+        self._start, self.read = 0, start
+        for index in itertools.islice(super().__iter__(), start, None):
+            self.read += 1
+            yield (epoch, index) if self.keyed else index
+
+    def resume_at(self, samples: int) -> None:
+        """Start the next iterator after ``samples`` samples of the epoch."""
+        self._start = samples
+
+    def state_dict(self) -> dict[str, int]:
+        return {_POSITION: self.read, "num_workers": self.num_workers, "num_replicas": self.num_replicas}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.resume_at(int(state_dict[_POSITION]))
+
+
+def _saved_position(state: Any) -> dict[str, int] | None:
+    """Our sampler's entry anywhere in a ``StatefulDataLoader`` state (``None`` in states written before it)."""
+    if isinstance(state, dict):
+        if _POSITION in state:
+            return state
+        found = (_saved_position(v) for v in state.values())
+        return next((f for f in found if f is not None), None)
+    return None
 
 
 class _SeededSamples(Dataset):
@@ -65,88 +104,61 @@ class _SeededSamples(Dataset):
             return self.dataset[index]
 
 
-def _loader_position(state: dict[str, Any]) -> tuple[int, int, int]:
-    """``(samples, batches, num_workers)`` of a ``StatefulDataLoader`` state, single- or multi-process."""
-    if "_snapshot" in state:
-        main = state["_snapshot"]["_main_snapshot"]
-        return (
-            int(main["_sampler_iter_state"]["samples_yielded"]),
-            int(main["_sampler_iter_yielded"]),
-            int(main["_num_workers"]),
-        )
-    return int(state["_sampler_iter_state"]["samples_yielded"]), int(state["_num_yielded"]), 0
-
-
-def _at_position(template: dict[str, Any], samples: int, batches: int, num_workers: int) -> dict[str, Any]:
-    """A fresh loader's state moved to ``samples``/``batches``: valid for a stateless sampler and dataset."""
-    state = copy.deepcopy(template)
-    if "_snapshot" in state:
-        snapshot = state["_snapshot"]
-        main = snapshot["_main_snapshot"]
-        snapshot["_snapshot_step"] = batches
-        snapshot["_last_yielded_worker_id"] = (batches - 1) % num_workers  # in-order: the next is batches % w
-        main["_sampler_iter_state"]["samples_yielded"] = samples
-        main["_sampler_iter_yielded"] = batches
-    else:
-        state["_sampler_iter_state"]["samples_yielded"] = samples
-        state["_sampler_iter_yielded"] = state["_num_yielded"] = batches
-    return state
-
-
 class _ResumableLoader(StatefulDataLoader):
     """A ``StatefulDataLoader`` whose saved position also loads under another worker count or world size.
 
-    Same worker count and world size: torchdata restores its own state unchanged. Otherwise the position
-    (samples read in this epoch) is carried over to the other layout, which is exact for a different worker
-    count because the sampler and the dataset are stateless (the order depends on seed and epoch only).
-    ``resume_plan`` is set by :class:`ResumableDataModule` from its checkpoint entry.
+    Same worker count and world size: torchdata restores its own state unchanged (bit-identical, worker seeds
+    included). Otherwise the position (the samples of the epoch the :class:`_PositionSampler` had yielded) starts
+    a fresh iterator after those samples, which is exact for a different worker count because the sampler and
+    the dataset are stateless (the order depends on seed and epoch only). ``resume_plan`` is set by
+    :class:`ResumableDataModule` from its checkpoint entry.
     """
 
-    resume_plan: dict[str, Any] | None = None
+    resume_plan: ResumePlan | None = None
     position_loaded: bool = False
+    sampler: _PositionSampler
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        samples, batches, num_workers = _loader_position(state_dict)
-        if num_workers == self.num_workers and not self._world_changed() and not self._restarting():
-            self.position_loaded = True
+        self.position_loaded = True
+        plan = self.resume_plan or ResumePlan()
+        saved = _saved_position(state_dict)
+        if saved is None:  # written before the position sampler: torchdata's own count (the same order)
+            self._start_at(torchdata_samples_read(state_dict), plan.world_size[0])
+            return
+        layout = (int(saved["num_workers"]), int(saved["num_replicas"]))
+        if layout == (self.num_workers, self.sampler.num_replicas) and not plan.restart_epoch:
             super().load_state_dict(state_dict)
             return
-        self._move_to(samples, batches)
+        self._start_at(int(saved[_POSITION]), layout[1])
 
     def seek(self, batches: int) -> int:
         """Start the next epoch iterator after ``batches`` batches without reading them; returns the batches skipped.
 
         For wrappers that save their own position (``ConAdvStrategy``'s look-ahead) instead of this loader's.
         """
-        return self._move_to(batches * (self.batch_size or 1), batches)
+        plan = self.resume_plan or ResumePlan()
+        return self._start_at(batches * (self.batch_size or 1), plan.world_size[0])
 
-    def _world_changed(self) -> bool:
-        old, new = (self.resume_plan or {}).get("world_size", (1, 1))
-        return old != new
-
-    def _restarting(self) -> bool:
-        return bool((self.resume_plan or {}).get("restart_epoch"))
-
-    def _move_to(self, samples: int, batches: int) -> int:
-        self.position_loaded = True
-        if self._restarting():
-            return 0  # the data settings changed: the epoch's data starts from its beginning
-        old_world, new_world = (self.resume_plan or {}).get("world_size", (1, 1))
-        if old_world != new_world:  # the same share of the epoch, re-partitioned over the new ranks
-            samples = samples * old_world // new_world
-            batches = samples // (self.batch_size or 1)
-        template = self.state_dict()  # a fresh iterator's state in this loader's own layout
-        super().load_state_dict(_at_position(template, samples, batches, self.num_workers))
-        return batches
+    def _start_at(self, samples: int, saved_world: int) -> int:
+        """Start the next iterator after ``samples`` of the epoch read at world size ``saved_world``."""
+        if (self.resume_plan or ResumePlan()).restart_epoch:
+            samples = 0  # the data settings changed: the epoch's data starts from its beginning
+        world = self.sampler.num_replicas
+        if saved_world != world:  # the same share of the epoch, re-partitioned over the new ranks
+            samples = samples * saved_world // world
+        self.sampler.resume_at(samples)
+        super().load_state_dict({})  # drop any iterator: the next one starts fresh, after `samples`
+        return samples // (self.batch_size or 1)
 
 
-class ResumableDataModule(LightningDataModule):
-    """Base of the data modules whose training data resumes bit-identically from a mid-epoch checkpoint.
+class ResumableDataModule(StatefulDataModule):
+    """Base of the data modules whose map-style training data resumes bit-identically from a mid-epoch checkpoint.
 
     A subclass builds its training loader with :meth:`resumable_loader`, its validation loaders with
     :meth:`evaluation_loader`, and returns from :meth:`position_settings` the settings that decide which
-    samples make up an epoch and in which order (batch size, seed, dataset size, ...). On resume:
+    samples make up an epoch and in which order (batch size, seed, dataset size, ...). The settings check, the
+    RNG states and the rule on resume are :class:`~lightning_gd.recipes.stateful_data.StatefulDataModule`'s:
 
     - same settings, world size and worker count: the run continues bit-identically;
     - another ``num_workers``: the position carries over exactly (one info message);
@@ -177,23 +189,13 @@ class ResumableDataModule(LightningDataModule):
                 return self.resumable_loader(MyDataset(1000), self.batch_size, self.seed, per_sample_seed=True)
     """
 
-    def __init__(self, resume_mismatch: Literal["error", "warn"] = "error") -> None:
-        super().__init__()
-        check_choice("resume_mismatch", resume_mismatch, ("error", "warn"), error=MisconfigurationException)
-        self.resume_mismatch = resume_mismatch
-        self._resume_plan: dict[str, Any] | None = None
-        self._pending_rng: dict[str, Any] | None = None
-        self._train_loader: _ResumableLoader | None = None
-        self._check_position = False
+    def __init__(self, resume_mismatch: ResumeMismatch = "error") -> None:
+        super().__init__(resume_mismatch)
         self._num_workers = 0
 
-    def position_settings(self) -> dict[str, Any]:
-        """The settings a saved data position refers to (plain values); checked on resume."""
-        raise NotImplementedError(f"{type(self).__name__} must implement position_settings()")
-
-    def _world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    @override
+    def _current_workers(self) -> int:
+        return int(getattr(self, "num_workers", self._num_workers))
 
     def resumable_loader(
         self,
@@ -216,12 +218,14 @@ class ResumableDataModule(LightningDataModule):
             loader_kwargs: Further ``DataLoader`` arguments (``pin_memory``, ``persistent_workers``, ...).
         """
         world_size, rank = self._world()
-        sampler_class = _EpochSampler if per_sample_seed else DistributedSampler
         if per_sample_seed:
             dataset = _SeededSamples(dataset, seed)
         # Seeded by `seed` and the epoch (Lightning calls set_epoch), never by the global RNG; one replica per
         # rank, so Lightning keeps this sampler under DDP instead of injecting its own.
-        sampler = sampler_class(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        sampler = _PositionSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True,
+            keyed=per_sample_seed, num_workers=num_workers,
+        )  # fmt: skip
         # A resumed run creates its iterator (and so draws this permutation) before Lightning calls set_epoch:
         # start at the restored epoch, or a run resumed in epoch 1 or later would read epoch 0's order.
         sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
@@ -236,11 +240,8 @@ class ResumableDataModule(LightningDataModule):
                 generator=torch.Generator().manual_seed(seed),  # worker seeds: not from the global RNG either
                 **loader_kwargs,
             )
-        loader.resume_plan = self._resume_plan
-        self._train_loader = loader
         self._num_workers = num_workers
-        self._check_position = self.trainer is not None and self.trainer.ckpt_path is not None
-        return loader
+        return self.track_train_loader(loader)
 
     @staticmethod
     def evaluation_loader(
@@ -254,81 +255,4 @@ class ResumableDataModule(LightningDataModule):
             num_workers=num_workers,
             generator=torch.Generator().manual_seed(seed),
             **loader_kwargs,
-        )
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """Data settings, world size, workers, and every rank's global RNG states (a collective under DDP)."""
-        world_size, _ = self._world()
-        rng = gather_rng_states(world_size)
-        return {"version": _STATE_VERSION, "settings": self.position_settings(), "world_size": world_size,
-                "num_workers": self._num_workers, "rng": rng}  # fmt: skip
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check the saved data settings against this run's and plan the resume (see the class docstring)."""
-        name = type(self).__name__
-        saved, current = state_dict.get("settings", {}), self.position_settings()
-        changed = [f"{k}={saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
-        world_size, rank = self._world()
-        old_world = int(state_dict.get("world_size", 1))
-        plan: dict[str, Any] = {"world_size": (old_world, world_size)}
-        if changed:
-            message = (
-                f"{name}: the checkpoint's data position was saved with other data settings"
-                f" ({', '.join(changed)}; checkpoint -> this run), e.g. a checkpoint of another recipe"
-            )
-            if self.resume_mismatch == "error":
-                raise MisconfigurationException(
-                    message + ". Resume with the same data settings, or pass `resume_mismatch='warn'` to continue"
-                    " with the new ones from the beginning of the epoch's data."
-                )
-            rank_zero_warn(message + ": the epoch's data restarts from its beginning.")
-            plan["restart_epoch"] = True
-        elif old_world != world_size:
-            rank_zero_warn(
-                f"{name}: resuming a checkpoint saved at world size {old_world} on world size {world_size}: the rest"
-                " of the epoch is re-partitioned over the ranks and ranks without a saved RNG state take rank 0's,"
-                " so the run continues from the same point of the epoch but not bit-identically to an"
-                " uninterrupted run."
-            )
-        elif "num_workers" in state_dict and int(state_dict["num_workers"]) != self._current_workers():
-            rank_zero_info(
-                f"{name}: resuming with num_workers={self._current_workers()} (checkpoint:"
-                f" {state_dict['num_workers']}); the data position carries over exactly."
-            )
-        rng = state_dict.get("rng") or []
-        self._pending_rng = rng[rank] if rank < len(rng) else (rng[0] if rng else None)
-        self._resume_plan = plan
-        if self._train_loader is not None:
-            self._train_loader.resume_plan = plan
-
-    def _current_workers(self) -> int:
-        return int(getattr(self, "num_workers", self._num_workers))
-
-    @override
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        trainer = self.trainer
-        if trainer is not None and trainer.training:
-            if self._pending_rng is not None:  # the RNG as the uninterrupted run had it before this step
-                set_rng_states(self._pending_rng)
-                self._pending_rng = None
-            if self._check_position:
-                self._check_position = False
-                self._warn_if_position_lost(trainer)
-        return batch
-
-    def _warn_if_position_lost(self, trainer: Any) -> None:
-        loader = self._train_loader
-        # Lightning's own test: a checkpoint is mid-epoch when its step count is not a whole number of epochs.
-        batches = trainer.num_training_batches
-        per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 0
-        mid_epoch = per_epoch > 0 and trainer.global_step % per_epoch != 0
-        restarted = self._resume_plan is not None and self._resume_plan.get("restart_epoch")
-        if loader is None or loader.position_loaded or not mid_epoch or restarted:
-            return
-        rank_zero_warn(
-            f"{type(self).__name__}: the checkpoint {trainer.ckpt_path!r} holds no data-loader position (it was"
-            f" written before the loaders were resumable): the data of epoch {trainer.current_epoch} restarts at"
-            " the beginning of the epoch, so the resumed run reads other batches than an uninterrupted run."
         )

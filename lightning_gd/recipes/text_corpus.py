@@ -14,7 +14,7 @@ from __future__ import annotations
 import sysconfig
 import zlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_gd.recipes.resumable import ResumableDataModule
-from lightning_gd.utils.checks import check_positive_int
+from lightning_gd.recipes.stateful_data import ResumeMismatch
+from lightning_gd.utils.checks import check_number, check_positive_int
 
 __all__ = ["TextCorpusDataModule"]
 
@@ -118,14 +119,13 @@ class TextCorpusDataModule(ResumableDataModule):
         val_windows: int = 512,
         seed: int = 1234,
         num_workers: int = 0,
-        resume_mismatch: Literal["error", "warn"] = "error",
+        resume_mismatch: ResumeMismatch = "error",
     ) -> None:
         super().__init__(resume_mismatch)
         for name in ("seq_len", "batch_size", "train_windows", "val_windows"):
             check_positive_int(name, locals()[name], error=MisconfigurationException)
         check_positive_int("num_workers", num_workers, minimum=0, error=MisconfigurationException)
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1:
-            raise MisconfigurationException(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
+        check_number("val_fraction", val_fraction, 0, 1, low_open=True, high_open=True, error=MisconfigurationException)
         self.save_hyperparameters()
         self.num_workers = num_workers
         self.root, self.files = self._resolve_files(data_dir, glob)
@@ -142,7 +142,10 @@ class TextCorpusDataModule(ResumableDataModule):
         else:
             root = Path(data_dir).expanduser()
             if not root.exists():
-                raise MisconfigurationException(f"`data_dir`={data_dir!r} does not exist")
+                raise MisconfigurationException(
+                    f"`data_dir`={data_dir!r} does not exist: give a directory or a file, or leave `data_dir` out to"
+                    " read the Python standard library's sources"
+                )
             if root.is_file():
                 return root.parent, [root]
         pattern = glob or "**/*.txt"
@@ -150,7 +153,10 @@ class TextCorpusDataModule(ResumableDataModule):
             f for f in root.glob(pattern) if f.is_file() and not _EXCLUDED_DIRS & set(f.relative_to(root).parts)
         )
         if not files:
-            raise MisconfigurationException(f"No files match `glob`={pattern!r} under `data_dir`={str(root)!r}")
+            raise MisconfigurationException(
+                f"No files match `glob`={pattern!r} under `data_dir`={str(root)!r}: give the pattern of your files"
+                " (e.g. '**/*.md')"
+            )
         return root, files
 
     @property

@@ -8,19 +8,20 @@ stores in the checkpoint, so a run resumed mid-epoch sees exactly the batches it
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gd._compat import litdata_loader_epoch
 from lightning_gd.recipes.prepare_text import TokenizerInfo, read_tokenizer_info
+from lightning_gd.recipes.stateful_data import ResumeMismatch, ResumePlan, StatefulDataModule
 from lightning_gd.utils.checks import check_positive_int
-from lightning_gd.utils.rng import gather_rng_states, set_rng_states
 
 __all__ = ["TokenStreamDataModule"]
 
@@ -49,7 +50,32 @@ def _collate(windows: list[Tensor]) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-class TokenStreamDataModule(LightningDataModule):
+@functools.cache
+def _planned_stream_loader() -> type:
+    """litdata's ``StreamingDataLoader`` following a :class:`~lightning_gd.recipes.stateful_data.ResumePlan`.
+
+    Built on first use: litdata is imported only when a stream is read.
+    """
+    from litdata import StreamingDataLoader
+
+    class _PlannedStreamingDataLoader(StreamingDataLoader):
+        resume_plan: ResumePlan | None = None
+        position_loaded: bool = False
+
+        @override
+        def load_state_dict(self, obj: dict[str, Any]) -> None:
+            self.position_loaded = True
+            if self.resume_plan is not None and self.resume_plan.restart_epoch:
+                # Other data settings: litdata's position refers to other data. Keep only its epoch, so that the
+                # next iterator (which counts one epoch on) starts that epoch's shuffle from its beginning.
+                self.current_epoch = litdata_loader_epoch(obj) - 1
+                return
+            super().load_state_dict(obj)
+
+    return _PlannedStreamingDataLoader
+
+
+class TokenStreamDataModule(StatefulDataModule):
     """Windows of ``seq_len`` tokens (plus the next token as target) streamed from prepared token data.
 
     The data comes from ``lightning-gd prepare-text`` (``litdata.optimize`` with ``TokensLoader``); each
@@ -58,8 +84,10 @@ class TokenStreamDataModule(LightningDataModule):
     share of the chunks. The loaders are litdata's ``StreamingDataLoader``, whose position Lightning saves in
     the checkpoint: a run resumed mid-epoch continues with the very next batch. The data module's own checkpoint
     entry holds every rank's global RNG states (dropout draws from them), put back before the first resumed
-    step, and the settings the position refers to: a checkpoint with another window, batch size, seed or
-    dataset gets one warning naming the difference.
+    step, and the settings the position refers to, checked on resume as every resumable data module does
+    (:class:`~lightning_gd.recipes.stateful_data.StatefulDataModule`): a checkpoint with another window, batch
+    size, seed, shuffle or dataset is refused naming the difference, or with ``resume_mismatch="warn"`` continues
+    with one warning from the beginning of the epoch's data.
 
     Args:
         train_dir: The prepared ``train`` split: a local directory or a URL litdata reads (``s3://bucket/train``).
@@ -69,10 +97,13 @@ class TokenStreamDataModule(LightningDataModule):
         seed: Seed of the shuffle.
         num_workers: Loader worker processes.
         shuffle: Shuffle training windows (validation is never shuffled).
+        resume_mismatch: What a checkpoint saved with other data settings does: ``"error"`` raises,
+            ``"warn"`` warns and starts the epoch's data from its beginning.
 
     Raises:
         MisconfigurationException: bad arguments, or a local directory that is not a litdata optimized dataset
-            (the message names the command that makes one).
+            (the message names the command that makes one); at resume, a checkpoint saved with other data
+            settings (with ``resume_mismatch="error"``).
 
     Example::
 
@@ -80,6 +111,8 @@ class TokenStreamDataModule(LightningDataModule):
         data = TokenStreamDataModule("data/corpus/train", seq_len=512, batch_size=8)
         trainer.fit(CausalLMModule(preset="125m", block_size=512), datamodule=data)
     """
+
+    workers_change_note = "litdata spreads the rest of the epoch over the new workers (no window twice, another order)"
 
     def __init__(
         self,
@@ -90,8 +123,9 @@ class TokenStreamDataModule(LightningDataModule):
         seed: int = 1234,
         num_workers: int = 0,
         shuffle: bool = True,
+        resume_mismatch: ResumeMismatch = "error",
     ) -> None:
-        super().__init__()
+        super().__init__(resume_mismatch)
         check_positive_int("seq_len", seq_len, error=MisconfigurationException)
         check_positive_int("batch_size", batch_size, error=MisconfigurationException)
         check_positive_int("num_workers", num_workers, minimum=0, error=MisconfigurationException)
@@ -106,7 +140,6 @@ class TokenStreamDataModule(LightningDataModule):
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.num_workers, self.shuffle = num_workers, shuffle
         self.tokenizer: TokenizerInfo | None = None if _is_url(train_dir) else read_tokenizer_info(train_dir)
-        self._pending_rng: dict[str, Any] | None = None
 
     @property
     def vocab_size(self) -> int | None:
@@ -130,37 +163,12 @@ class TokenStreamDataModule(LightningDataModule):
                 f" set --model.block_size {self.seq_len}"
             )
 
-    def _settings(self) -> dict[str, Any]:
+    def position_settings(self) -> dict[str, Any]:
+        """Split, window, batch size, seed and shuffle: what litdata's saved position refers to."""
         return {key: getattr(self, key) for key in _POSITION_KEYS}
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """The data settings and every rank's global RNG states (a collective under DDP)."""
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        return {"settings": self._settings(), "rng": gather_rng_states(world_size)}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("settings", {})
-        changed = [f"{k}={saved[k]!r} -> {v!r}" for k, v in self._settings().items() if k in saved and saved[k] != v]
-        if changed:
-            rank_zero_warn(
-                f"TokenStreamDataModule: the checkpoint was saved with other data settings ({', '.join(changed)};"
-                " checkpoint -> this run): the restored loader position refers to other data."
-            )
-        rng = state_dict.get("rng") or []
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        self._pending_rng = rng[rank] if rank < len(rng) else None
-
-    @override
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self._pending_rng is not None and self.trainer is not None and self.trainer.training:
-            set_rng_states(self._pending_rng)  # the RNG as the uninterrupted run had it before this step
-            self._pending_rng = None
-        return batch
-
     def _loader(self, path: str, shuffle: bool) -> Any:
-        from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
+        from litdata import StreamingDataset, TokensLoader
 
         dataset = StreamingDataset(
             path, item_loader=TokensLoader(block_size=self.seq_len + 1), shuffle=shuffle, seed=self.seed,
@@ -168,12 +176,12 @@ class TokenStreamDataModule(LightningDataModule):
         )  # fmt: skip
         if len(dataset) == 0:
             raise MisconfigurationException(f"{path!r} holds fewer than seq_len + 1 = {self.seq_len + 1} tokens")
-        return StreamingDataLoader(
+        return _planned_stream_loader()(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=_collate, drop_last=True
         )
 
     def train_dataloader(self) -> Any:
-        return self._loader(self.train_dir, self.shuffle)
+        return self.track_train_loader(self._loader(self.train_dir, self.shuffle))
 
     def val_dataloader(self) -> Any:
         if self.val_dir is None:

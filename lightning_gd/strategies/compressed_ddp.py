@@ -11,6 +11,9 @@ and puts every rank's state into the checkpoint.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lightning.fabric.utilities.types import _PATH
@@ -22,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_gd._compat import DDP_HOOK_METHOD, ddp_kwargs
 from lightning_gd.compression import COMPRESSORS, CompressorName, HookState, make_hook_state
 from lightning_gd.compression.hook import _DGC_START_DENSITY, WarmupDtype
 from lightning_gd.utils.logging import log_to_loggers
@@ -32,10 +36,21 @@ _CHECKPOINT_KEY = "compressed_ddp"
 _LOGGED = ("bytes_sent", "dense_bytes", "ratio", "density", "error_norm")
 
 
+@contextmanager
+def _on_rank_zero() -> Iterator[None]:
+    """Re-issue the block's warnings on rank zero only: the pure compression layer warns on every rank, and its
+    argument and optimizer checks say the same on each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        rank_zero_warn(str(w.message), category=w.category)
+
+
 class CompressedDDPStrategy(DDPStrategy):
     """DDP whose gradient allreduce is replaced by a compressed exchange with error-feedback memory.
 
-    Registered names (usable once ``lightning_gd`` is imported): ``ddp_<name>`` for every compressor of
+    Registered names (usable once ``lightning_gd.strategies`` is imported): ``ddp_<name>`` for every compressor of
     :data:`~lightning_gd.compression.COMPRESSORS` (``ddp_topk``, ``ddp_randomk``, ``ddp_sign``, ``ddp_qsgd``,
     ``ddp_powersgd``; ``lightning-gd compressors`` lists them), e.g. ``Trainer(strategy="ddp_topk", devices=4)``.
 
@@ -131,7 +146,8 @@ class CompressedDDPStrategy(DDPStrategy):
 
     def _new_hook_state(self) -> HookState:
         try:
-            return make_hook_state(self.compressor, **self.options)
+            with _on_rank_zero():
+                return make_hook_state(self.compressor, **self.options)
         except ValueError as err:
             raise MisconfigurationException(f"CompressedDDPStrategy({self.compressor!r}): {err}") from err
 
@@ -155,12 +171,13 @@ class CompressedDDPStrategy(DDPStrategy):
         if trainer.state.fn == TrainerFn.FITTING and not self._hook_registered:
             raise MisconfigurationException(
                 "CompressedDDPStrategy: the compression hook was not registered (Lightning did not call the"
-                " strategy's `_register_ddp_hooks`; was it renamed in this Lightning version?); training would"
+                f" strategy's `{DDP_HOOK_METHOD}`; was it renamed in this Lightning version?); training would"
                 " silently run as dense DDP"
             )
         for opt in trainer.optimizers:
             try:
-                self.hook_state.check_optimizer(opt.param_groups)
+                with _on_rank_zero():
+                    self.hook_state.check_optimizer(opt.param_groups)
             except ValueError as err:
                 raise MisconfigurationException(f"CompressedDDPStrategy({self.compressor!r}): {err}") from err
 
@@ -169,14 +186,15 @@ class CompressedDDPStrategy(DDPStrategy):
         different ranks once there are several buckets (a collective mismatch, then SIGABRT): one bucket."""
         model_mb = sum(p.numel() * p.element_size() for p in trainer.lightning_module.parameters()) / 2**20
         wanted = model_mb + 1.0
-        current = self._ddp_kwargs.get("bucket_cap_mb")
+        kwargs = ddp_kwargs(self)
+        current = kwargs.get("bucket_cap_mb")
         if current is not None and current < wanted:
             rank_zero_warn(
                 f"CompressedDDPStrategy({self.compressor}) on CPU/gloo: `bucket_cap_mb`={current} would split the"
                 f" model into several buckets, which this hook cannot order on gloo; using {wanted:.1f}"
             )
         if current is None or current < wanted:
-            self._ddp_kwargs["bucket_cap_mb"] = wanted
+            kwargs["bucket_cap_mb"] = wanted
 
     @override
     def _register_ddp_hooks(self) -> None:

@@ -16,13 +16,13 @@ The attack is :func:`~lightning_gd.adversarial.sign_attack`; the math lives in :
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
@@ -33,9 +33,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gd._compat import layer_sync
 from lightning_gd.adversarial import Normalization, add_auxiliary_bn, auxiliary_bn, sign_attack
-from lightning_gd.utils.checks import check_positive_int
+from lightning_gd.strategies.lookahead import LookaheadLoader
+from lightning_gd.utils.checks import check_number, check_positive_int
 from lightning_gd.utils.logging import log_to_loggers
+from lightning_gd.utils.ranks import gather_from_ranks
 
 __all__ = ["ConAdvStrategy"]
 
@@ -60,89 +63,6 @@ class _Pending:
 def _fingerprint(inputs: Tensor) -> Tensor:
     flat = inputs.detach().reshape(-1).double()
     return torch.stack([flat.sum(), (flat * flat).sum()])
-
-
-class _LookaheadLoader:
-    """Wraps the training dataloader: yields its batches in order and lets the strategy peek ``tau`` ahead.
-
-    Batches pulled early are kept and yielded when their turn comes, so the loop sees exactly the original
-    sequence. It is resumable (Lightning's ``state_dict`` / ``load_state_dict`` dataloader protocol): the state is
-    the number of batches trained on in the current epoch, and a mid-epoch resume skips that many batches, so a
-    resumed run sees the batches (and the saved adversarial batches) of the uninterrupted one. A loader with a
-    ``seek(batches)`` method (the recipes' ``ResumableDataModule`` loaders) skips them without reading them.
-    """
-
-    def __init__(self, loader: Any, epoch_fn: Callable[[], int]) -> None:
-        self.loader = loader
-        self._epoch_fn = epoch_fn
-        self._iterator: Any = None
-        self._buffer: dict[int, Any] = {}
-        self._pulled = 0
-        self._yielded = 0
-        self._exhausted = False
-        self.epoch = 0
-        self.consumed = 0
-        self._skip: tuple[int, int] | None = None
-
-    def __getattr__(self, name: str) -> Any:  # sampler, batch_sampler, dataset, ... (set_epoch etc.)
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> _LookaheadLoader:
-        self._buffer.clear()
-        self._pulled = self._yielded = self.consumed = 0
-        self._exhausted = False
-        self.epoch = self._epoch_fn()
-        skip, self._skip = self._skip, None
-        count = skip[1] if skip is not None and skip[0] == self.epoch else 0
-        seek = getattr(self.loader, "seek", None)
-        if count and seek is not None:  # a resumable loader starts after `count` batches without reading them
-            self._pulled = seek(count)
-            count = 0
-        self._iterator = iter(self.loader)
-        for _ in range(count):  # any other loader: read and drop the batches already trained on
-            if not self._pull():
-                break
-            self._buffer.pop(self._pulled - 1)
-        self._yielded = self.consumed = self._pulled
-        return self
-
-    def __next__(self) -> Any:
-        if self._yielded not in self._buffer and not self._pull():
-            raise StopIteration
-        item = self._buffer.pop(self._yielded)
-        self._yielded += 1
-        return item
-
-    def _pull(self) -> bool:
-        if self._exhausted or self._iterator is None:
-            return False
-        try:
-            self._buffer[self._pulled] = next(self._iterator)
-        except StopIteration:
-            self._exhausted = True
-            return False
-        self._pulled += 1
-        return True
-
-    def peek(self, index: int) -> Any | None:
-        """The batch at ``index`` of the current epoch, pulled early if needed; ``None`` past the end."""
-        if index < self._yielded:
-            return None
-        while self._pulled <= index:
-            if not self._pull():
-                return None
-        return self._buffer[index]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip = (int(state["epoch"]), int(state["consumed"]))
 
 
 class ConAdvStrategy(DDPStrategy):
@@ -229,13 +149,11 @@ class ConAdvStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> None:
         for name, value in (("epsilon", epsilon), ("step_size", step_size), ("adv_weight", adv_weight)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-                raise MisconfigurationException(f"`{name}` must be a number >= 0, got {value!r}")
+            if value is not None:
+                check_number(name, value, 0, error=MisconfigurationException)
         check_positive_int("tau", tau, error=MisconfigurationException)
-        if not 0.0 <= random_start <= 1.0:
-            raise MisconfigurationException(f"`random_start` must be in [0, 1], got {random_start!r}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise MisconfigurationException(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}")
+        check_number("random_start", random_start, 0, 1, error=MisconfigurationException)
+        check_number("label_smoothing", label_smoothing, 0, 1, high_open=True, error=MisconfigurationException)
         try:
             self.normalization = Normalization(mean=mean, std=std, pixel_range=pixel_range)
         except ValueError as err:
@@ -254,7 +172,7 @@ class ConAdvStrategy(DDPStrategy):
         self.concurrent = concurrent
         self.checkpoint_pending = checkpoint_pending
         self.seed = seed
-        self._loader: _LookaheadLoader | None = None
+        self._loader: LookaheadLoader | None = None
         self._pending: dict[int, _Pending] = {}
         self._transferred: dict[int, tuple[Any, Any]] = {}  # id(host batch) -> (host batch, device batch)
         self._generator: torch.Generator | None = None
@@ -272,7 +190,7 @@ class ConAdvStrategy(DDPStrategy):
 
     @override
     def setup(self, trainer: Trainer) -> None:
-        if self._layer_sync is not None:
+        if layer_sync(self) is not None:
             raise MisconfigurationException(
                 "ConAdvStrategy does not support `sync_batchnorm=True`: the SyncBatchNorm conversion drops the"
                 " auxiliary BatchNorm statistics. Use per-device BatchNorm (large per-device batches need no sync)."
@@ -301,7 +219,7 @@ class ConAdvStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None or trainer.state.stage != RunningStage.TRAINING:
             return dataloader
-        self._loader = _LookaheadLoader(dataloader, lambda: trainer.current_epoch)
+        self._loader = LookaheadLoader(dataloader, lambda: trainer.current_epoch)
         return self._loader
 
     @override
@@ -459,8 +377,10 @@ class ConAdvStrategy(DDPStrategy):
 
         stats: dict[str, Tensor] = {}
 
+        clean_step = module.training_step
+
         def step_fn(*a: Any, **kw: Any) -> Any:
-            out = module.training_step(*a, **kw)
+            out = clean_step(*a, **kw)
             if out is None:
                 return None
             clean = out["loss"] if isinstance(out, Mapping) else out
@@ -475,29 +395,13 @@ class ConAdvStrategy(DDPStrategy):
                 return {**out, "loss": total}
             return total
 
-        with self.precision_plugin.train_step_context():
-            out = self._redirect(step_fn, *args, **kwargs)
+        # Lightning's own step (its precision context and its forward redirection through the DDP wrapper, so DDP
+        # sees both passes) runs the module's `training_step`: for this call, that is `step_fn`.
+        with _instance_method(module, "training_step", step_fn):
+            out = super().training_step(*args, **kwargs)
         if stats:
             self._log(trainer, stats, staleness=step - current.made_at_step, pending=current)
         return out
-
-    def _redirect(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn`` inside the DDP wrapper's forward (so DDP sees both passes), like Lightning's redirection."""
-        module, wrapper = self.lightning_module, self.model
-        assert module is not None and wrapper is not None
-        if wrapper is module:
-            return fn(*args, **kwargs)
-        original_forward = module.forward
-
-        def wrapped_forward(*a: Any, **kw: Any) -> Any:
-            module.forward = original_forward  # type: ignore[method-assign]
-            return fn(*a, **kw)
-
-        module.forward = wrapped_forward  # type: ignore[method-assign]
-        try:
-            return wrapper(*args, **kwargs)
-        finally:
-            module.forward = original_forward  # type: ignore[method-assign]
 
     def _log(self, trainer: Trainer, stats: dict[str, Tensor], staleness: int, pending: _Pending) -> None:
         if trainer.global_step % max(1, trainer.log_every_n_steps) != 0:
@@ -550,12 +454,7 @@ class ConAdvStrategy(DDPStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any = None) -> None:
         # Called on every rank (rank zero writes): every rank's pending batches and generator go into the file.
-        local = self._local_state()
-        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
-            gathered: list[Any] = [None] * self.world_size
-            dist.all_gather_object(gathered, local)
-        else:
-            gathered = [local]
+        gathered = gather_from_ranks(self._local_state())
         checkpoint[_CHECKPOINT_KEY] = {"ranks": dict(enumerate(gathered)), "world_size": self.world_size}
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
@@ -600,6 +499,20 @@ class ConAdvStrategy(DDPStrategy):
             description="DDP with concurrent adversarial learning (ConAdv: stale-weight attacks, auxiliary BatchNorm)",
             override=True,
         )
+
+
+@contextlib.contextmanager
+def _instance_method(obj: Any, name: str, fn: Callable[..., Any]) -> Iterator[None]:
+    """``obj.<name>`` is ``fn`` inside the block (an instance attribute over the class's method), restored after."""
+    had, previous = name in vars(obj), vars(obj).get(name)
+    setattr(obj, name, fn)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(obj, name, previous)
+        else:
+            delattr(obj, name)
 
 
 ConAdvStrategy.register_strategies(StrategyRegistry)

@@ -6,10 +6,49 @@ module imports neither torch nor Lightning, so ``curvature/`` and ``compression/
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_choice", "check_positive_int"]
+__all__ = ["check_choice", "check_number", "check_positive_int"]
+
+
+def check_number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    error: type[Exception] = ValueError,
+) -> float:
+    """Return ``float(value)`` if it is a finite real number (not a bool) within the bounds; raise ``error``
+    naming it otherwise.
+
+    ``low`` / ``high`` are inclusive unless ``low_open`` / ``high_open``. The message says the range:
+    ``"`lr` must be a finite number >= 0, got -1"``, ``"`val_fraction` must be in (0, 1), got 1.0"``.
+
+    Example::
+
+        momentum = check_number("momentum", momentum, 0, 1, high_open=True)   # [0, 1)
+    """
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        if low is not None and high is not None:
+            need = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            need = f"a finite number {'>' if low_open else '>='} {low:g}"
+        elif high is not None:
+            need = f"a finite number {'<' if high_open else '<='} {high:g}"
+        else:
+            need = "a finite number"
+        raise error(f"`{name}` must be {need}, got {value!r}")
+    return float(value)
 
 
 def check_positive_int(name: str, value: Any, minimum: int = 1, error: type[Exception] = ValueError) -> int:

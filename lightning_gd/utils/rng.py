@@ -4,20 +4,51 @@ Lightning does not checkpoint the global RNGs that dropout and augmentations dra
 store them in their checkpoint entry and put them back before the first resumed training step.
 :func:`seeded_rngs` runs one sample's augmentation under RNGs seeded by the sample's own key, so the
 augmentation neither depends on nor disturbs the global streams.
+
+:func:`derive_seed` is the package's one way to turn a key (seed, step, rank, a name, ...) into a seed: the
+compressors' shared indices and rounding, and the per-sample augmentation. :func:`tuple_hash_seed` is the
+older derivation that two callbacks keep (see its docstring for why).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-__all__ = ["gather_rng_states", "rng_states", "seeded_rngs", "set_rng_states"]
+from lightning_gd.utils.ranks import gather_from_ranks
+
+__all__ = ["derive_seed", "gather_rng_states", "rng_states", "seeded_rngs", "set_rng_states", "tuple_hash_seed"]
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from ``parts`` (integers and names), the same in every process and Python version.
+
+    BLAKE2b of the parts joined by ``:``: nearby keys give unrelated seeds, and unlike ``hash`` the value does
+    not depend on the interpreter.
+
+    Example::
+
+        gen = torch.Generator().manual_seed(derive_seed("randomk", seed, step, bucket))
+    """
+    digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def tuple_hash_seed(*parts: int, bits: int = 63) -> int:
+    """``hash(parts)`` masked to ``bits`` bits: the older derivation, kept where its draws are published.
+
+    ``NoiseAnnealing`` (63 bits) and ``GradientFlossing`` (31 bits) seed their noise and trajectories this way;
+    their figures in ``benchmarks/RESULTS.md`` (delayed XOR, deep-MLP noise, strict saddles, local SGD) were
+    drawn with it, so switching them to :func:`derive_seed` would change those numbers. CPython's hash of a
+    tuple of integers is not randomized per process, so it is reproducible across runs and ranks.
+    """
+    return hash(tuple(parts)) & ((1 << bits) - 1)
 
 
 def rng_states() -> dict[str, Any]:
@@ -47,11 +78,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
 def gather_rng_states(world_size: int) -> list[dict[str, Any]]:
     """Every rank's :func:`rng_states`, indexed by rank (a collective when ``world_size > 1``)."""
     local = rng_states()
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        out: list[Any] = [None] * world_size
-        dist.all_gather_object(out, local)
-        return out
-    return [local]
+    return gather_from_ranks(local) if world_size > 1 else [local]
 
 
 @contextlib.contextmanager
@@ -64,12 +91,10 @@ def seeded_rngs(*key: int, restore: bool = True) -> Iterator[None]:
     ``restore=False`` skips saving and restoring the streams (about 80 us of the 90 us this costs): for
     processes whose global streams nobody else reads, such as DataLoader workers.
     """
-    # SeedSequence mixes the key's entries, so nearby keys give unrelated streams.
-    words = np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint32)
-    seed = int(words[0]) << 32 | int(words[1])
+    seed = derive_seed(*(int(k) for k in key))  # nearby keys give unrelated streams
     saved = (torch.get_rng_state(), np.random.get_state(), random.getstate()) if restore else None
     torch.default_generator.manual_seed(seed)
-    np.random.seed(int(words[0]))
+    np.random.seed(seed & 0xFFFF_FFFF)  # numpy's legacy seed takes 32 bits
     random.seed(seed)
     try:
         yield

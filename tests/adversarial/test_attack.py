@@ -74,9 +74,9 @@ def test_normalization_round_trip_and_scalar_channels():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(epsilon=-0.1), "`epsilon` must be a number >= 0"),
-        (dict(epsilon=0.1, step_size=-1.0), "`step_size` must be a number >= 0"),
-        (dict(epsilon=0.1, random_start=1.5), "`random_start` must be a probability"),
+        (dict(epsilon=-0.1), "`epsilon` must be a finite number >= 0"),
+        (dict(epsilon=0.1, step_size=-1.0), "`step_size` must be a finite number >= 0"),
+        (dict(epsilon=0.1, random_start=1.5), r"`random_start` must be in \[0, 1\]"),
     ],
 )
 def test_bad_budget(kwargs, match):

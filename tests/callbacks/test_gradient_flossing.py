@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gd.callbacks import GradientFlossing
 from lightning_gd.dynamics import RecurrentDynamics, recurrent_dynamics
 from tests.helpers.ddp import run_ddp_script
+from tests.helpers.trainer import quiet_trainer
 
 
 class RNNTask(LightningModule):
@@ -49,9 +50,7 @@ def _loader(n: int = 32, T: int = 8) -> DataLoader:
 
 
 def _trainer(tmp_path, callbacks: list, max_steps: int = 4, **kwargs) -> Trainer:
-    args = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-            "enable_model_summary": False, "default_root_dir": tmp_path, **kwargs}  # fmt: skip
-    return Trainer(accelerator="cpu", max_steps=max_steps, callbacks=callbacks, **args)
+    return quiet_trainer(tmp_path, max_steps=max_steps, callbacks=callbacks, **kwargs)
 
 
 def _small(**kwargs) -> GradientFlossing:
@@ -179,12 +178,12 @@ def test_setup_errors(tmp_path) -> None:
     ("kwargs", "match"),
     [
         ({"k": 0}, "`k` must be a positive integer, got 0"),
-        ({"k": 2, "weight": 0.0}, "`weight` must be a positive finite number, got 0.0"),
+        ({"k": 2, "weight": 0.0}, "`weight` must be a finite number > 0, got 0.0"),
         ({"k": 2, "target": float("nan")}, "`target` must be a finite number, got nan"),
         ({"k": 2, "pre_train_steps": -1}, "`pre_train_steps` must be an integer >= 0, got -1"),
         ({"k": 2, "every_n_steps": 0}, "`every_n_steps` must be a positive integer, got 0"),
         ({"k": 2, "warmup": 100, "sequence_length": 100}, "`warmup` must be smaller than `sequence_length` = 100"),
-        ({"k": 2, "lr": -1.0}, "`lr` must be a positive finite number, got -1.0"),
+        ({"k": 2, "lr": -1.0}, "`lr` must be a finite number > 0, got -1.0"),
         ({"k": 2, "dynamics": 3}, "`dynamics` must be an attribute name or None, got 3"),
         ({"k": 2, "max_rounds": 0}, "`max_rounds` must be a positive integer, got 0"),
     ],

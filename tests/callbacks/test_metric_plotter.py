@@ -49,7 +49,7 @@ def test_history_is_checkpointed(tmp_path):
     ("kwargs", "match"),
     [
         ({"metrics": []}, "`metrics` must name at least one metric, got []"),
-        ({"every_n_steps": 0}, "`every_n_steps` must be >= 1, got 0"),
+        ({"every_n_steps": 0}, "`every_n_steps` must be a positive integer, got 0"),
         ({"filename": "x.jpg"}, "`filename` must end with .png, got 'x.jpg'"),
     ],
 )

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gd.callbacks import NoiseAnnealing
 from tests.helpers.ddp import run_ddp_script
 from tests.helpers.models import TinyClassifier, classification_loader
+from tests.helpers.trainer import quiet_trainer
 
 
 class FlatParameter(LightningModule):
@@ -49,9 +50,7 @@ def _dummy_loader(n: int = 8) -> DataLoader:
 
 
 def _trainer(tmp_path, callbacks: list, max_steps: int, **kwargs) -> Trainer:
-    args = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-            "enable_model_summary": False, "default_root_dir": tmp_path, **kwargs}  # fmt: skip
-    return Trainer(accelerator="cpu", max_steps=max_steps, callbacks=callbacks, **args)
+    return quiet_trainer(tmp_path, max_steps=max_steps, callbacks=callbacks, **kwargs)
 
 
 def test_gradient_noise_variance_follows_eta_over_one_plus_t_to_the_gamma(tmp_path) -> None:
@@ -199,14 +198,14 @@ def test_resumed_run_draws_the_same_noise(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"eta": -0.1}, "`eta` must be a non-negative finite number, got -0.1"),
-        ({"gamma": -1}, "`gamma` must be a non-negative finite number, got -1"),
+        ({"eta": -0.1}, "`eta` must be a finite number >= 0, got -0.1"),
+        ({"gamma": -1}, "`gamma` must be a finite number >= 0, got -1"),
         ({"target": "activations"}, r"`target` must be one of \('gradient', 'weights'\), got 'activations'"),
         ({"schedule": "cosine"}, r"`schedule` must be one of \('polynomial', 'step'\), got 'cosine'"),
         ({"schedule": "step", "gamma": 1.5}, "`gamma` must be at most 1 with schedule='step', got 1.5"),
-        ({"radius": 0.0}, "`radius` must be a positive finite number, got 0.0"),
+        ({"radius": 0.0}, "`radius` must be a finite number > 0, got 0.0"),
         ({"perturb_interval": 0}, "`perturb_interval` must be a positive integer, got 0"),
-        ({"grad_norm_threshold": float("inf")}, "`grad_norm_threshold` must be a non-negative finite number"),
+        ({"grad_norm_threshold": float("inf")}, "`grad_norm_threshold` must be a finite number >= 0"),
         ({"per_rank": "yes"}, "`per_rank` must be a bool, got 'yes'"),
     ],
 )

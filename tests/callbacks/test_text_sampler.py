@@ -39,9 +39,9 @@ def test_module_without_generate_is_refused_at_setup(tmp_path):
     ("kwargs", "match"),
     [
         ({"prompt": ""}, "`prompt` must not be empty, got ''"),
-        ({"max_new_tokens": 0}, "`max_new_tokens` must be >= 1, got 0"),
-        ({"temperature": -1.0}, "`temperature` must be >= 0, got -1.0"),
-        ({"top_k": 0}, "`top_k` must be >= 1 or None, got 0"),
+        ({"max_new_tokens": 0}, "`max_new_tokens` must be a positive integer, got 0"),
+        ({"temperature": -1.0}, "`temperature` must be a finite number >= 0, got -1.0"),
+        ({"top_k": 0}, "`top_k` must be a positive integer, got 0"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_the_value(kwargs, match):

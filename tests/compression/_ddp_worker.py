@@ -1,15 +1,13 @@
-"""One rank of a 2-process gloo DDP job exercising ``compressed_allreduce_hook`` (run by the tests).
+"""The ranks of a 2-process gloo DDP job exercising ``compressed_allreduce_hook`` (run by the tests).
 
-Usage: ``python _ddp_worker.py RANK WORLD_SIZE PORT OUT_DIR``. Every scenario records, per step
-and bucket, the local gradient entering the hook, the averaged tensor it returns, the bucket's
-parameter names, and the hook statistics; ``OUT_DIR/rank{RANK}.pt`` receives the records and the
-test process checks them against hand computations.
+``test_compression_ddp.py`` runs :func:`run` on two ranks through ``tests/helpers/ddp.py``'s job runner. Every
+scenario records, per step and bucket, the local gradient entering the hook, the averaged tensor it returns, the
+bucket's parameter names, and the hook statistics; ``OUT_DIR/rank{RANK}.pt`` receives the records and the test
+process checks them against hand computations.
 """
 
-import importlib.util
 import os
 import sys
-import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -19,20 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-
-def _stub_parent_package() -> None:
-    """Import ``lightning_gd.compression`` without running ``lightning_gd/__init__`` (which loads
-    Lightning, ~10 s): faster start-up and proof that the compression layer needs no Lightning."""
-    spec = importlib.util.find_spec("lightning_gd")
-    assert spec is not None and spec.submodule_search_locations is not None
-    pkg = types.ModuleType("lightning_gd")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules.setdefault("lightning_gd", pkg)
-
-
-_stub_parent_package()
-
-from lightning_gd.compression import (  # noqa: E402
+from lightning_gd.compression import (
     QSGD,
     CompressionHookState,
     Compressor,
@@ -199,9 +184,11 @@ SCENARIOS: dict[str, Callable[[int], Any]] = {
 }
 
 
-def main() -> None:
-    rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", port
+def run(rank: int, world: int, out_dir: str) -> None:
+    """One rank (``torch.multiprocessing.spawn``'s entry point): every scenario, saved to ``OUT_DIR/rank{rank}.pt``.
+
+    ``tests/helpers/ddp.py``'s runner sets ``MASTER_ADDR`` / ``MASTER_PORT`` for the job.
+    """
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -210,7 +197,3 @@ def main() -> None:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

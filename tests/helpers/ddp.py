@@ -31,6 +31,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from tests.helpers.timeouts import scaled_timeout
+
 __all__ = ["free_port", "run_ddp_script", "write_result"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,8 +55,11 @@ def write_result(result: dict[str, Any], rank: int) -> None:
 _INFRA_ERRORS = ("Address already in use", "EADDRINUSE", "Connection reset by peer", "DistNetworkError")
 
 
-def run_ddp_script(source: str, tmp_path: Path, num_procs: int = 2, timeout: float = 240.0) -> list[dict[str, Any]]:
+def run_ddp_script(source: str, tmp_path: Path, num_procs: int = 2, timeout: float = 300.0) -> list[dict[str, Any]]:
     """Run ``source`` as ``python script.py OUT`` and return the ranks' results in rank order.
+
+    ``timeout`` (seconds, for a quiet machine) is scaled by :func:`~tests.helpers.timeouts.scaled_timeout` (the
+    ``LIGHTNING_GD_TEST_TIMEOUT_FACTOR`` variable and the machine's load) when the job starts.
 
     A job that fails with a networking error of the machine (a port taken between choosing and binding it, a reset
     connection; ``_INFRA_ERRORS``) is run once more on another port; any other failure fails at once.
@@ -71,6 +76,7 @@ def run_ddp_script(source: str, tmp_path: Path, num_procs: int = 2, timeout: flo
 
 
 def _run_once(source: str, tmp_path: Path, num_procs: int, timeout: float) -> list[dict[str, Any]]:
+    timeout = scaled_timeout(timeout)
     script = tmp_path / "ddp_job.py"
     script.write_text(textwrap.dedent(source))
     out = tmp_path / "ddp_out"
@@ -95,7 +101,7 @@ def _run_once(source: str, tmp_path: Path, num_procs: int, timeout: float) -> li
             timeout=timeout,
         )
     except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"DDP job timed out after {timeout}s\n{err.stdout}\n{err.stderr}") from err
+        raise AssertionError(f"DDP job timed out after {timeout:.0f}s\n{err.stdout}\n{err.stderr}") from err
     log = f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
     assert proc.returncode == 0, f"DDP job failed with exit code {proc.returncode}\n{log}"
     results = []

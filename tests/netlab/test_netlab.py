@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is not an installed package
 
 from benchmarks.netlab import NetLab, NetLabError, probe_netns  # noqa: E402
+from tests.helpers.timeouts import scaled_timeout  # noqa: E402
 
 _OK, _WHY = probe_netns("lgdtprobe")
 pytestmark = pytest.mark.skipif(not _OK, reason=f"cannot create network namespaces here: {_WHY}")
@@ -32,7 +33,8 @@ def test_ddp_job_across_shaped_link(tmp_path: Path) -> None:
         mbit = lab.measure_rate(seconds=0.5, port=29411)
         # tbf lets one burst through at line rate; TCP start-up costs a little: within a factor, not exact.
         assert 50 < mbit < 130, mbit
-        lab.run_ranks([sys.executable, str(TINY_JOB), "--out", str(tmp_path), "--steps", "3"], timeout=45, port=29511)
+        job = [sys.executable, str(TINY_JOB), "--out", str(tmp_path), "--steps", "3"]
+        lab.run_ranks(job, timeout=scaled_timeout(120), port=29511)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in results] == [0, 1]
     assert all(r["world_size"] == 2 and r["steps"] == 3 for r in results)
@@ -49,7 +51,7 @@ def test_crashing_rank_stops_the_other_and_cleans_up(tmp_path: Path) -> None:
         "import os, sys, time; r = int(os.environ['RANK']); r or time.sleep(60); sys.exit(r)",
     ]
     with pytest.raises(NetLabError, match="rank 1 exited with 1"), NetLab("1gbit", prefix="lgdt", verbose=False) as lab:
-        lab.run_ranks(crash, timeout=20)
+        lab.run_ranks(crash, timeout=min(50.0, scaled_timeout(20)))  # below rank 0's 60 s sleep
     assert not {"lgdt0", "lgdt1"} & _netns()
     with pytest.raises(NetLabError, match="timeout after 1"), NetLab("1gbit", prefix="lgdt", verbose=False) as lab:
         lab.run_ranks(sleeper, timeout=1)
@@ -71,7 +73,7 @@ def test_missing_tools_refused() -> None:
     """Without `ip`/`tc` on the PATH the CLI refuses with a clear message and exit status 2, creating nothing."""
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.netlab", "--prefix", "lgdt"],
-        cwd=ROOT, env={"PATH": "/nonexistent"}, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env={"PATH": "/nonexistent"}, capture_output=True, text=True, timeout=scaled_timeout(60),
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "needs the `ip` and `tc` tools" in proc.stderr

@@ -10,7 +10,7 @@ from timm.optim.muon import Muon
 from torch import nn
 
 from lightning_gd.cli import LightningGDCLI, _resolve_config_names, main
-from lightning_gd.optim import MFAC, Conda, DiffGrad, OptimizerRecipe, WarmupCosineLR
+from lightning_gd.optim import MFAC, Conda, DiffGrad, OptimizerRecipe, WarmupDecayLR
 from lightning_gd.recipes import CausalLMModule
 from tests.helpers.models import TinyClassifier, classification_loader
 
@@ -78,7 +78,7 @@ def test_named_recipes_build_the_right_optimizer_and_step(name, cls):
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     out = OptimizerRecipe.from_name(name).build(net, total_steps=10)
     opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
-    assert type(opt) is cls and isinstance(sched, WarmupCosineLR) and out["lr_scheduler"]["interval"] == "step"
+    assert type(opt) is cls and isinstance(sched, WarmupDecayLR) and out["lr_scheduler"]["interval"] == "step"
     before = [p.detach().clone() for p in net.parameters()]
     net(torch.randn(5, 4)).square().mean().backward()
     opt.step()
@@ -126,7 +126,7 @@ def test_imagenet_tables():
         ({"optimizer": "adamq"}, r"Unknown `optimizer`='adamq'; valid names: .*conda.*diffgrad.*kron.*lamb.*mfac"),
         ({"schedule": "cosin"}, r"Unknown `schedule`='cosin'; valid names: cosine, linear, polynomial, wsd, constant"),
         ({"lr_scaling": "log"}, r"valid names: linear, sqrt, none"),
-        ({"lr": -1.0}, "`lr` must be >= 0"),
+        ({"lr": -1.0}, "`lr` must be a finite number >= 0"),
         ({"batch_size": 0}, "`batch_size`"),
     ],
 )

@@ -2,11 +2,15 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_gd.optim import WarmupCosineLR
+from lightning_gd.optim import WarmupDecayLR
+from lightning_gd.optim.recipe import decay_groups
 from lightning_gd.recipes import CausalLMModule, TextCorpusDataModule
-from lightning_gd.recipes.causal_lm import _param_groups
+from tests.helpers.trainer import quiet_trainer
 
 
 @pytest.fixture
@@ -18,17 +22,13 @@ def corpus(tmp_path):
 
 
 def _trainer(tmp_path, **kw):
-    defaults = dict(
-        accelerator="cpu", max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=2, val_check_interval=30, num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path),
-    )  # fmt: skip
-    return Trainer(**{**defaults, **kw})
+    return quiet_trainer(tmp_path, **{"max_steps": 30, "limit_val_batches": 2, "val_check_interval": 30,
+                                      "num_sanity_val_steps": 0, **kw})  # fmt: skip
 
 
 def test_param_groups_exclude_norms_and_embeddings_from_decay():
     module = CausalLMModule(overrides={"n_layer": 1})
-    decay, no_decay = _param_groups(module.model)
+    decay, no_decay = decay_groups(module.model)
     names = {id(p): n for n, p in module.model.named_parameters()}
     assert all(p.ndim == 2 for p in decay["params"])
     assert {names[id(p)] for p in no_decay["params"]} == {
@@ -52,7 +52,7 @@ def test_default_optimizer_and_schedule_train_the_model(tmp_path, corpus):
     opt = trainer.optimizers[0]
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
     sched = trainer.lr_scheduler_configs[0].scheduler
-    assert isinstance(sched, WarmupCosineLR) and sched.total_steps == 30
+    assert isinstance(sched, WarmupDecayLR) and sched.total_steps == 30
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * sched.lr_factor(30))
 
 
@@ -83,3 +83,49 @@ def test_resume_continues_step_and_schedule(tmp_path, corpus):
     assert resumed.global_step == 10
     sched = resumed.lr_scheduler_configs[0].scheduler
     assert sched.last_epoch == 10 and sched.total_steps == 5  # the schedule saved with the run continues
+
+
+class _FlopsSeen(Callback):
+    """What ``flops_per_batch`` says at each batch end, where ``ThroughputMonitor`` reads it."""
+
+    def __init__(self) -> None:
+        self.train: list[int] = []
+        self.val: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.train.append(pl_module.flops_per_batch)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.val.append(pl_module.flops_per_batch)
+
+
+def _counted(module, batch, backward):
+    """FLOPs of the module's loss on ``batch`` as torch's counter sees them (math attention: plain matmuls)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        if backward:
+            module._loss(batch)[0].backward()
+        else:
+            with torch.no_grad():
+                module._loss(batch)
+    module.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def test_flops_per_batch_match_the_counter_for_training_and_validation(tmp_path):
+    # Training batches of 2 x 16 tokens and validation batches of 3 x 8: the validation figure must be a forward
+    # pass of the validation batch, not the training batch's forward + backward (3.0x too high before).
+    gen = torch.Generator().manual_seed(0)
+    tokens = {
+        "train": torch.randint(0, 256, (4, 16), generator=gen),
+        "val": torch.randint(0, 256, (3, 8), generator=gen),
+    }
+    loaders = {
+        k: DataLoader(TensorDataset(x, x.roll(-1, 1)), batch_size=2 if k == "train" else 3) for k, x in tokens.items()
+    }
+    module = CausalLMModule(overrides={"block_size": 16, "n_layer": 2})
+    seen = _FlopsSeen()
+    trainer = _trainer(tmp_path, max_steps=2, val_check_interval=2, limit_val_batches=1, callbacks=[seen])
+    trainer.fit(module, train_dataloaders=loaders["train"], val_dataloaders=loaders["val"])
+    assert seen.train == [_counted(module, next(iter(loaders["train"])), backward=True)] * 2
+    assert seen.val == [_counted(module, next(iter(loaders["val"])), backward=False)]
+    assert seen.val[0] < seen.train[0] // 3  # fewer tokens, and forward only

@@ -114,7 +114,7 @@ def test_bad_config_values():
         LlamaConfig(n_head=4, n_kv_head=3)
     with pytest.raises(ValueError, match="n_layer"):
         LlamaConfig(n_layer=0)
-    with pytest.raises(ValueError, match="Unknown Llama preset 'huge'"):
+    with pytest.raises(ValueError, match="Unknown Llama preset `preset`='huge'; available: tiny, 125m"):
         LlamaConfig.from_name("huge")
     with pytest.raises(ValueError, match="n_layers"):
         LlamaConfig.from_name("tiny", n_layers=3)

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightning_gd.recipes import DigitsDataModule, ImageFolderDataModule
 from lightning_gd.recipes.resumable import ResumableDataModule
-from lightning_gd.strategies.conadv import _LookaheadLoader
+from lightning_gd.strategies.lookahead import LookaheadLoader
 from lightning_gd.utils.rng import seeded_rngs
 
 
@@ -124,7 +125,7 @@ def test_conadv_lookahead_seeks_a_resumable_loader_without_reading_the_skipped_b
     dm = _Counting()
     full = [int(i) for batch in dm.train_dataloader() for i in batch]
     dm.dataset.reads = 0
-    lookahead = _LookaheadLoader(dm.train_dataloader(), lambda: 0)
+    lookahead = LookaheadLoader(dm.train_dataloader(), lambda: 0)
     lookahead.load_state_dict({"epoch": 0, "consumed": 3})
     iter(lookahead)
     assert lookahead.consumed == 3 and lookahead.peek(2) is None  # batch indices continue from the saved position
@@ -133,6 +134,27 @@ def test_conadv_lookahead_seeks_a_resumable_loader_without_reading_the_skipped_b
     while (batch := next(lookahead, None)) is not None:  # continues the iterator begun above
         rest += [int(i) for i in batch]
     assert rest == full[6:] and dm.dataset.reads == len(full) - 6  # the 3 batches trained on were not read
+
+
+@pytest.mark.parametrize(("saved_workers", "resumed_workers"), [(0, 0), (2, 2), (2, 0)])
+def test_a_loader_state_written_before_the_position_sampler_still_resumes_exactly(saved_workers, resumed_workers):
+    # The earlier loaders were a StatefulDataLoader over a plain seeded DistributedSampler: their position is
+    # torchdata's own count (read through lightning_gd._compat).
+    dm = _Counting()
+    full = [int(i) for batch in dm.train_dataloader() for i in batch]
+    sampler = DistributedSampler(dm.dataset, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
+    old = StatefulDataLoader(dm.dataset, batch_size=2, sampler=sampler, num_workers=saved_workers, drop_last=True)
+    it = iter(old)
+    head = [int(i) for _ in range(3) for i in next(it)]
+    state = old.state_dict()
+    del it
+    assert "lightning_gd_samples_read" not in str(state)  # the old format
+    resumed = _Counting()
+    resumed.num_workers = resumed_workers
+    loader = resumed.resumable_loader(resumed.dataset, batch_size=2, seed=0, num_workers=resumed_workers)
+    loader.load_state_dict(state)
+    rest = [int(i) for batch in loader for i in batch]
+    assert head + rest == full
 
 
 def test_a_subclass_without_position_settings_and_bad_arguments_say_what_is_wrong(images):

@@ -2,8 +2,7 @@
 
 import json
 import os
-import subprocess
-import sys
+import warnings
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_gd.cli import main as cli_main
 from lightning_gd.recipes import CausalLMModule, TokenStreamDataModule
 from lightning_gd.recipes.prepare_text import prepare_text
 
@@ -90,18 +90,17 @@ def test_hf_tokenizer_and_a_bad_tokenizer_file(corpus, tmp_path):
     assert not (tmp_path / "never").exists()  # refused before any work
 
 
-def test_cli_prepare_text_refuses_a_bad_tokenizer_and_a_missing_input(tmp_path):
+def test_cli_prepare_text_refuses_a_bad_tokenizer_and_a_missing_input(tmp_path, capsys):
     bad = tmp_path / "tok.json"
     bad.write_text("[]")
     for args, message in [
         (["--tokenizer", str(bad)], f"--tokenizer '{bad}' is not a Hugging Face tokenizer.json"),
         ([str(tmp_path / "missing")], "does not exist"),
     ]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "lightning_gd", "prepare-text", *args, "--output", str(tmp_path / "o")],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["prepare-text", *args, "--output", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err, err
 
 
 def test_not_an_optimized_dataset_names_the_command(tmp_path):
@@ -159,3 +158,49 @@ def test_cli_links_the_window_to_the_block_size(tmp_path, monkeypatch):
     assert cli.datamodule.hparams.seq_len == 256
     assert cli.model.config.block_size == 256
     assert cli.model(torch.zeros(1, 256, dtype=torch.long)).shape == (1, 256, 256)
+
+
+def _first_batches(loader, n):
+    it = iter(loader)
+    return [next(it)[0].clone() for _ in range(n)]
+
+
+def test_other_settings_are_refused_or_with_warn_restart_the_epoch(prepared):
+    # The rule every resumable data module shares (StatefulDataModule): an error naming the change, or with
+    # resume_mismatch="warn" one warning and the epoch's data from its beginning.
+    out, _ = prepared
+    saved = TokenStreamDataModule(str(out / "train"), seq_len=16, batch_size=4, seed=3)
+    loader = saved.train_dataloader()
+    _first_batches(loader, 2)
+    position, entry = loader.state_dict(), saved.state_dict()
+    assert entry["settings"]["seq_len"] == 16 and len(entry["rng"]) == 1
+    with pytest.raises(MisconfigurationException, match=r"TokenStreamDataModule.*seq_len=16 -> 8.*resume_mismatch"):
+        TokenStreamDataModule(str(out / "train"), seq_len=8, batch_size=4, seed=3).load_state_dict(entry)
+    fresh = _first_batches(TokenStreamDataModule(str(out / "train"), seq_len=8, batch_size=4, seed=3)
+                           .train_dataloader(), 1)  # fmt: skip
+    warned = TokenStreamDataModule(str(out / "train"), seq_len=8, batch_size=4, seed=3, resume_mismatch="warn")
+    with pytest.warns(UserWarning, match=r"seq_len=16 -> 8.*restarts from its beginning"):
+        warned.load_state_dict(entry)
+    resumed = warned.train_dataloader()
+    resumed.load_state_dict(position)
+    assert torch.equal(_first_batches(resumed, 1)[0], fresh[0])  # the epoch's first batch, not the third
+
+
+def test_a_checkpoint_entry_written_before_the_shared_base_still_loads(prepared):
+    # Entries of the earlier TokenStreamDataModule hold only the settings and the RNG states.
+    out, _ = prepared
+    dm = TokenStreamDataModule(str(out / "train"), seq_len=16, batch_size=4, seed=3)
+    old = {"settings": dict(dm.position_settings()), "rng": dm.state_dict()["rng"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm.load_state_dict(old)
+    assert dm._pending_rng is not None and not dm._resume_plan.restart_epoch
+
+
+def test_litdata_loader_epoch_reads_the_saved_epoch(prepared):
+    from lightning_gd._compat import litdata_loader_epoch
+
+    out, _ = prepared
+    loader = TokenStreamDataModule(str(out / "train"), seq_len=16, batch_size=4, seed=3).train_dataloader()
+    _first_batches(loader, 1)
+    assert litdata_loader_epoch(loader.state_dict()) == 1  # litdata counts epochs from 1

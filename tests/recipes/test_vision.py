@@ -2,6 +2,7 @@
 digits quickstart with its two PNGs, and the errors a person meets first (missing data, missing extra)."""
 
 import csv
+import re
 import sys
 
 import pytest
@@ -88,10 +89,13 @@ def test_imagenet_recipes_are_listed_and_the_missing_folder_fails_before_trainin
     (tmp_path / "nosplit").mkdir()
     with pytest.raises(MisconfigurationException, match="has no 'train' folder"):
         ImageFolderDataModule(str(tmp_path / "nosplit"))
-    # Through the CLI (jsonargparse wraps it in a ValueError): at instantiation, before any training step.
-    with pytest.raises(ValueError, match="ImageFolder root .* not found"):
+    # Through the CLI: one line at instantiation, before any training step.
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", "resnet50-lars-4k", "--data.init_args.data_dir", str(tmp_path / "missing"),
               "--trainer.accelerator", "cpu", "--trainer.devices", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert re.search("lightning-gd: error: .*ImageFolder root .* not found", err), err
 
 
 def test_tiny_image_folder_goes_through_timm_transforms(tmp_path):

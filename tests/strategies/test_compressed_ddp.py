@@ -121,20 +121,20 @@ def test_density_warmup_start(single_process_group):
     ("kwargs", "match"),
     [
         ({"warmup_dtype": "float16"}, r"`warmup_dtype` must be one of \('float32', 'bfloat16'\), got 'float16'"),
-        ({"density_warmup_start": 0.0}, r"density_warmup_start must be in \(0, 1\], got density_warmup_start=0.0"),
+        ({"density_warmup_start": 0.0}, r"`density_warmup_start` must be in \(0, 1\], got 0.0"),
         ({"compressor": "powersgd", "density_warmup_start": 0.1}, "density_warmup_start=0.1 is not supported by"),
         ({"compressor": "top_k"}, "`compressor` must be one of .*'powersgd'\\), got 'top_k'"),
-        ({"density": 0.0}, "density must be in \\(0, 1\\], got density=0.0"),
-        ({"density": 1.5}, "density must be in \\(0, 1\\], got density=1.5"),
+        ({"density": 0.0}, "`density` must be in \\(0, 1\\], got 0.0"),
+        ({"density": 1.5}, "`density` must be in \\(0, 1\\], got 1.5"),
         ({"compressor": "qsgd", "levels": 0}, "levels must be an integer in \\[1, .*\\], got levels=0"),
         ({"warmup_steps": -1}, "`warmup_steps` must be an integer >= 0, got -1"),
-        ({"momentum_correction": 1.0}, "momentum_correction must be in \\[0, 1\\), got momentum_correction=1.0"),
+        ({"momentum_correction": 1.0}, "`momentum_correction` must be in \\[0, 1\\), got 1.0"),
         ({"compressor": "sign", "momentum_correction": 0.9}, "momentum_correction=0.9 needs a sparse compressor"),
         ({"ddp_comm_hook": lambda s, b: None}, "drop `ddp_comm_hook`"),
         ({"density_warmup_steps": -2}, "`density_warmup_steps` must be an integer >= 0, got -2"),
         ({"compressor": "sign", "density_warmup_steps": 5}, "density_warmup_steps=5 needs a sparse compressor"),
         ({"compressor": "sign", "density": 0.5}, "density=0.5 applies to topk, randomk, not to 'sign'"),
-        ({"compressor": "powersgd", "min_numel": 10}, "min_numel=10 is not supported by PowerSGD"),
+        ({"compressor": "powersgd", "min_numel": 10}, "min_numel=10 is not supported by 'powersgd'"),
         ({"compressor": "powersgd", "powersgd_rank": 0}, "`powersgd_rank` must be a positive integer, got 0"),
         ({"compressor_options": {"density": 0.1}, "density": 0.2}, "`density` is given twice"),
         (
@@ -367,10 +367,15 @@ def test_checkpoint_of_the_old_format_resumes_exactly(name, single_process_group
     saved = torch.load(old, weights_only=False)
     assert "kind" in saved["compressed_ddp"] and "format_version" not in saved["compressed_ddp"]  # the old layout
     full = _resumable_fit(_OLD[name])
-    assert torch.equal(_resumable_fit(_OLD[name], ckpt_path=old), full)
+    # The fixtures' first 4 steps ran on another torch build, whose float kernels differ in the last bit (measured:
+    # 3e-8 after 8 steps with torch 2.14.1); a lost or mis-mapped memory moves the weights by 2e-2 to 5e-2. So the
+    # old checkpoints are held to 1e-6 here; bit-for-bit resume of today's format is tested with checkpoints that
+    # the same torch writes (test_compressed_ddp_multiprocess.py, tests/test_resume*.py).
+    resumed = _resumable_fit(_OLD[name], ckpt_path=old)
+    assert (resumed - full).abs().max().item() < 1e-6
     forgetful = tmp_path / "no_memory.ckpt"
     torch.save({k: v for k, v in saved.items() if k != "compressed_ddp"}, forgetful)
-    assert not torch.equal(_resumable_fit(_OLD[name], ckpt_path=forgetful), full)  # the memories mattered
+    assert (_resumable_fit(_OLD[name], ckpt_path=forgetful) - full).abs().max().item() > 1e-3  # the memories mattered
 
 
 def test_checkpoint_of_another_compressor_fails_naming_both(single_process_group):

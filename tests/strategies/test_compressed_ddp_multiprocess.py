@@ -12,6 +12,7 @@ from tests.helpers.ddp import run_ddp_script
 from tests.helpers.models import TinyClassifier, classification_loader
 
 _CONVERGENCE = """
+import warnings
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning_gd.strategies import CompressedDDPStrategy
@@ -44,8 +45,11 @@ for name, strategy in configs.items():
     model = Recorder(in_dim=32, hidden=64, classes=4, batchnorm=False, dropout=0.0, lr=0.2, momentum=momentum)
     trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=150, logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, classification_loader(n=1024, in_dim=32, classes=4, batch_size=32, shuffle=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, classification_loader(n=1024, in_dim=32, classes=4, batch_size=32, shuffle=True))
     out[name] = {"last10": sum(model.losses[-10:]) / 10,
+                 "momentum_warnings": sum("optimizer momentum" in str(w.message) for w in caught),
                  "weights": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
                  "ratio": float(trainer.callback_metrics.get("compression/ratio", torch.tensor(1.0)))}
 write_result(out, trainer.global_rank)
@@ -67,6 +71,9 @@ def test_every_compressor_trains_like_dense_ddp_and_memory_matters(tmp_path):
     corrected, naive = r0["topk_momentum_correction"]["last10"], r0["topk_sgd_momentum"]["last10"]
     assert corrected < 0.8 * naive
     assert r0["dense_momentum"]["last10"] < corrected
+    # The warning about the memory fighting the momentum is said once, by rank zero.
+    assert [r0["topk_sgd_momentum"]["momentum_warnings"], r1["topk_sgd_momentum"]["momentum_warnings"]] == [1, 0]
+    assert r0["topk_momentum_correction"]["momentum_warnings"] == 0
 
 
 _RESUME = """

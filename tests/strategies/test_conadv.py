@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_gd.strategies import ConAdvStrategy
+from tests.helpers.trainer import quiet_trainer
 
 
 @pytest.fixture(autouse=True)
@@ -63,9 +64,7 @@ def _data(n=64, in_dim=6, classes=3, seed=0):
 
 
 def _trainer(strategy, steps, **kw):
-    kw.setdefault("logger", False)
-    return Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=steps, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, **kw)  # fmt: skip
+    return quiet_trainer(devices=1, strategy=strategy, max_steps=steps, **kw)
 
 
 def _fgsm(weights, x, y, eps):
@@ -134,6 +133,34 @@ def test_dict_batches_with_configured_keys_and_aux_batchnorm():
     assert not torch.equal(bn.running_mean, bn.aux_running_mean)
 
 
+def test_both_passes_run_inside_the_ddp_wrapper_through_lightnings_own_step():
+    # Lightning's Strategy.training_step redirects the module's training_step through the DDP wrapper's forward;
+    # the strategy hooks its adversarial pass into that call, so both passes run inside DDP's forward.
+    inside: list[bool] = []
+
+    class Inside(LinearRecorder):
+        def forward(self, x):
+            if not x.requires_grad:  # the clean and the adversarial pass (the attack's input needs a gradient)
+                self.flags.append(bool(inside))
+            return super().forward(x)
+
+    class Probe(Callback):
+        def on_train_start(self, trainer, pl_module):
+            wrapper = trainer.strategy.model
+            assert wrapper is not pl_module  # the DDP wrapper
+            wrapper.register_forward_pre_hook(lambda m, a: inside.append(True))
+            wrapper.register_forward_hook(lambda m, a, o: inside.clear())  # returns None: the output is kept
+
+    module = Inside()
+    module.flags = []
+    x, y = _data()
+    _trainer(ConAdvStrategy(epsilon=0.1, pixel_range=None), 3, callbacks=[Probe()]).fit(
+        module, DataLoader(TensorDataset(x, y), batch_size=16)
+    )
+    assert len(module.flags) == 6 and all(module.flags)  # 3 steps x (clean, adversarial), all inside the wrapper
+    assert "training_step" not in vars(module)  # the module's own method again after each step
+
+
 def test_unknown_batch_format_names_the_expected_one():
     strategy = ConAdvStrategy(pixel_range=None)
     with pytest.raises(MisconfigurationException, match=r"`\(inputs, targets, \.\.\.\)` tuple/list .* `input_key`='x'"):
@@ -147,8 +174,8 @@ def test_unknown_batch_format_names_the_expected_one():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(epsilon=-1.0), "`epsilon` must be a number >= 0"),
-        (dict(step_size=-0.1), "`step_size` must be a number >= 0"),
+        (dict(epsilon=-1.0), "`epsilon` must be a finite number >= 0"),
+        (dict(step_size=-0.1), "`step_size` must be a finite number >= 0"),
         (dict(tau=0), "`tau` must be a positive integer"),
         (dict(tau=1.5), "`tau` must be a positive integer"),
         (dict(random_start=1.2), "`random_start` must be in"),

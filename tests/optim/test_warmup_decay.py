@@ -4,12 +4,12 @@ import re
 import pytest
 import torch
 
-from lightning_gd.optim import WarmupCosineLR
+from lightning_gd.optim import WarmupCosineLR, WarmupDecayLR
 
 
 def _lrs(n, **kw):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = WarmupCosineLR(opt, **kw)
+    sched = WarmupDecayLR(opt, **kw)
     out = []
     for _ in range(n):
         out.append(opt.param_groups[0]["lr"])
@@ -29,7 +29,7 @@ def test_hand_computed_schedule():
 
 def test_fractional_warmup_and_late_total_steps():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-    sched = WarmupCosineLR(opt, warmup_steps=0.1)  # total unknown yet
+    sched = WarmupDecayLR(opt, warmup_steps=0.1)  # total unknown yet
     sched.set_total_steps(100)  # 10 warm-up steps
     assert opt.param_groups[0]["lr"] == pytest.approx(2.0 / 11)
     for _ in range(10):
@@ -41,12 +41,12 @@ def test_fractional_warmup_and_late_total_steps():
 def test_resume_from_state_dict_continues_the_schedule():
     full = _lrs(20, warmup_steps=4, total_steps=20)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = WarmupCosineLR(opt, warmup_steps=4, total_steps=20)
+    sched = WarmupDecayLR(opt, warmup_steps=4, total_steps=20)
     for _ in range(7):
         opt.step()
         sched.step()
     opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched2 = WarmupCosineLR(opt2, warmup_steps=4, total_steps=20)
+    sched2 = WarmupDecayLR(opt2, warmup_steps=4, total_steps=20)
     opt2.load_state_dict(opt.state_dict())
     sched2.load_state_dict(sched.state_dict())
     resumed = []
@@ -60,21 +60,21 @@ def test_resume_from_state_dict_continues_the_schedule():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"warmup_steps": -1}, "`warmup_steps` must be >= 0, got -1"),
-        ({"warmup_steps": 1.5}, "`warmup_steps` as a fraction must be in [0, 1), got 1.5"),
-        ({"total_steps": 0}, "`total_steps` must be >= 1, got 0"),
+        ({"warmup_steps": -1}, "`warmup_steps` must be a finite number >= 0, got -1"),
+        ({"warmup_steps": 1.5}, "`warmup_steps` as a fraction of `total_steps` must be in [0, 1), got 1.5"),
+        ({"total_steps": 0}, "`total_steps` must be a finite number >= 1, got 0"),
         ({"min_lr_ratio": 2.0}, "`min_lr_ratio` must be in [0, 1], got 2.0"),
     ],
 )
 def test_bad_arguments_name_the_argument_and_the_value(kwargs, match):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match=re.escape(match)):
-        WarmupCosineLR(opt, **kwargs)
+        WarmupDecayLR(opt, **kwargs)
 
 
 def test_set_total_steps_names_the_bad_value():
-    sched = WarmupCosineLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
-    with pytest.raises(ValueError, match=re.escape("`total_steps` must be >= 1, got -5")):
+    sched = WarmupDecayLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
+    with pytest.raises(ValueError, match=re.escape("`total_steps` must be a finite number >= 1, got -5")):
         sched.set_total_steps(-5)
 
 
@@ -106,4 +106,26 @@ def test_decay_shapes_by_hand(kwargs, after_warmup):
 def test_bad_decay_arguments(kwargs, match):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match=match):
-        WarmupCosineLR(opt, **kwargs)
+        WarmupDecayLR(opt, **kwargs)
+
+
+def test_the_earlier_name_still_works_in_code_checkpoints_and_yaml(tmp_path, monkeypatch):
+    # WarmupCosineLR is the earlier name: the same schedule, and a state saved under it loads into WarmupDecayLR.
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    old = WarmupCosineLR(opt, warmup_steps=2, total_steps=10, decay="linear")
+    assert isinstance(old, WarmupDecayLR)
+    for _ in range(5):
+        opt.step()
+        old.step()
+    new = WarmupDecayLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), warmup_steps=2, total_steps=10)
+    new.load_state_dict(old.state_dict())
+    assert new.decay == "linear" and new.get_last_lr() == old.get_last_lr()
+    from lightning_gd.cli import LightningGDCLI, _resolve_config_names
+
+    monkeypatch.chdir(tmp_path)
+    for path in ("WarmupCosineLR", "lightning_gd.optim.warmup_cosine.WarmupCosineLR"):
+        scheduler = f"{{class_path: {path}, init_args: {{warmup_steps: 7}}}}"
+        args = _resolve_config_names(["--config", "quickstart", "--model.lr_scheduler", scheduler])
+        cli = LightningGDCLI(args=args, run=False)
+        built = cli.model.lr_scheduler_factory(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
+        assert type(built) is WarmupCosineLR and built.warmup_steps == 7
