@@ -41,7 +41,7 @@ from lightning_gd.curvature import DenseOperator, HessianOperator, hutchinson_tr
 from lightning_gd.recipes.llama import Llama, LlamaConfig
 
 warnings.filterwarnings("ignore")
-GRID = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+GRID = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 TARGETS = (0.01, 0.005)
 
 
