@@ -38,8 +38,8 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -50,7 +50,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _compression_task import make_batch, make_model
+from _harness import FIGURES, run_ranks, save_figure
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -72,22 +73,7 @@ CONFIGS = [
     "ours QSGD 16 levels",
 ]
 
-FIG = Path(__file__).resolve().parent / "figures" / "compression_bytes_and_time.png"
-
-
-def make_model(seed: int = 0, widths: tuple[int, ...] = (1024, 2048, 2048, 2048, 1024)) -> nn.Module:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i in range(len(widths) - 1):
-        layers.append(nn.Linear(widths[i], widths[i + 1]))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def make_batch(rank: int, batch: int, in_dim: int = 1024, classes: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1234 + rank)
-    return torch.randn(batch, in_dim, generator=gen), torch.randint(classes, (batch,), generator=gen)
+FIG = FIGURES / "compression_bytes_and_time.png"
 
 
 def make_compressor(name: str) -> Any:
@@ -116,11 +102,11 @@ def _recording_hook(state, bucket):  # noqa: ANN001, ANN201
     return default_hooks.allreduce_hook(None, bucket)
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(args: argparse.Namespace, out: str) -> None:
+    """One rank (``_harness.run_ranks`` gives it RANK, WORLD_SIZE and the master's address)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
     x, y = make_batch(rank, args.batch)
     n_params = sum(p.numel() for p in make_model().parameters())
     times: dict[str, list[float]] = {c: [] for c in CONFIGS}
@@ -192,12 +178,6 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({"times": times, "sent": sent, "extra": extra}))
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _median_time(fn: Any, repeats: int) -> float:
@@ -287,11 +267,15 @@ def main() -> None:
     parser.add_argument("--micro-repeats", type=int, default=5)
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--json", type=str, default=None, help="also dump raw results here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one rank: its output directory
     args = parser.parse_args()
 
     t_start = time.time()
+    if args.worker is not None:
+        _worker(args, args.worker)
+        return
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(2, _free_port(), args, out), nprocs=2, join=True)
+        run_ranks([sys.executable, __file__, *sys.argv[1:], "--worker", out], world_size=2, timeout=3600)
         r0 = json.loads((Path(out) / "rank0.json").read_text())
     m = micro(args, r0["extra"]["bucket_numels"])
     n_params = sum(p.numel() for p in make_model().parameters())
@@ -365,10 +349,7 @@ def _plot(r0: dict, m: dict, dense: float) -> None:
     axes[2].invert_yaxis()
     axes[2].legend(loc="lower right")
     fig.suptitle("2-rank CPU DDP (gloo), 12.6M-param MLP: bytes, step time, compression cost")
-    fig.tight_layout()
-    FIG.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(FIG, dpi=110)
-    print(f"figure: {FIG}")
+    save_figure(fig, FIG, dpi=110)
 
 
 if __name__ == "__main__":

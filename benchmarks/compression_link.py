@@ -66,10 +66,9 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # `benchmarks.netlab` when run as a script
+from _harness import FIGURES, save_figure  # noqa: E402  (also puts the repository on sys.path)
 
-FIG = HERE / "figures" / "compression_link.png"
+FIG = FIGURES / "compression_link.png"
 ALL_STRATEGIES = ["dense", "bf16", "powersgd1", "powersgd4", "topk", "sign", "qsgd", "nocomm"]
 LABELS = {
     "dense": "dense DDP (fp32)", "bf16": "torch bf16 hook", "powersgd1": "PowerSGD rank 1",
@@ -155,7 +154,7 @@ def _worker(cfg: dict[str, Any]) -> None:
     seed = cfg["seed"]
 
     if cfg["model"] == "mlp12m":
-        from compression_bytes_and_time import make_model
+        from _compression_task import make_model
 
         class Task(IterableDataset):
             def __iter__(self) -> Any:
@@ -406,10 +405,7 @@ def plot(data: dict[str, Any], summary: dict[str, Any], path: Path = FIG) -> Non
     axes[0].set_ylabel("dense / compressed (log)")
     axes[1].legend(fontsize=8)
     fig.suptitle(f"2 CPU ranks (gloo) across a tbf-shaped veth link, {data['args']['model']}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"figure: {path}")
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:
@@ -433,7 +429,6 @@ def main() -> None:
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args()
     if args.worker:
-        sys.path.insert(0, str(HERE))
         _worker(json.loads(args.worker))
         return
     data = _load(args.analyze.split(",")) if args.analyze else run(args)

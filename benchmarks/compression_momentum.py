@@ -7,11 +7,11 @@ SGD momentum 0.9 the memory version ends *worse* (issue: 0.077-0.083) than the v
 ``torch.optim.SGD(momentum=0)`` (DGC momentum correction + factor masking): does it recover the quality of dense
 SGD with momentum 0.9?
 
-Setup: the task and model of ``compression_convergence.py`` in its easy setting (noise 1.0, 4 clusters per
-class, ~99% test accuracy reachable: the loss scale of the issue), MLP 64-256-256-10 (85K parameters, one DDP
-bucket), batch 32 per rank through Lightning's DistributedSampler, ``--steps`` steps, SGD lr 0.1 for every row
-(momentum 0.9 where stated, ``dampening=0``, no Nesterov). Each row x seed is its own 2-process Lightning job;
-seeds change the initialisation, the data and the sampler order, identically for every row.
+Setup: the task and model of ``compression_convergence.py`` (``_compression_task.py``) in its easy setting (noise
+1.0, 4 clusters per class, ~99% test accuracy reachable: the loss scale of the issue), MLP 64-256-256-10 (85K
+parameters, one DDP bucket), batch 32 per rank through Lightning's DistributedSampler, ``--steps`` steps, SGD lr 0.1
+for every row (momentum 0.9 where stated, ``dampening=0``, no Nesterov). Each row x seed is its own 2-process
+Lightning job; seeds change the initialisation, the data and the sampler order, identically for every row.
 
 Reported per row: last-10-step mean of the training minibatch loss (both ranks averaged) as mean and min-max over
 seeds, the full-training-set loss and test accuracy of the final model.
@@ -34,13 +34,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compression_convergence import common_args, plot_curves, run_all, run_worker  # noqa: E402
+from _compression_task import common_args, plot_curves, run_all, run_worker
+from _harness import FIGURES
 
 TOPK = {"compressor": "topk", "density": 0.01}
 CONFIGS = {
@@ -101,7 +99,7 @@ def main() -> None:
         suffix = "" if default else f"_lr{args.lr:g}_noise{args.noise:g}_c{args.clusters}"
         plot_curves(
             res,
-            Path(__file__).resolve().parent / "figures" / f"compression_momentum{suffix}.png",
+            FIGURES / f"compression_momentum{suffix}.png",
             f"2-rank CPU DDP, top-k 1%, SGD lr {args.lr}, task noise {args.noise:g} / {args.clusters} clusters:"
             " training loss (both ranks, 20-step mean)",
         )

@@ -26,15 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _harness import FIGURES, save_figure
 from lightning.pytorch import Trainer, seed_everything
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gd.adversarial import Normalization, sign_attack  # noqa: E402
 from lightning_gd.optim import WarmupDecayLR  # noqa: E402
@@ -88,7 +85,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "figures" / "conadv_digits.png"))
+    parser.add_argument("--out", default=str(FIGURES / "conadv_digits.png"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = []
@@ -123,9 +120,7 @@ def main() -> None:
     ax.set_ylim(0, 1)
     ax.set_title(f"digits, batch {args.batch_size}, {args.steps} steps, {len(args.seeds)} seeds")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out)
-    print(f"wrote {args.out}")
+    save_figure(fig, args.out, dpi=100)
 
 
 if __name__ == "__main__":

@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
+import _harness  # noqa: F401  (the checkout on sys.path)
 import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gd.recipes.image_classifier import ImageClassifierModule  # noqa: E402
 from lightning_gd.strategies import ConAdvStrategy  # noqa: E402

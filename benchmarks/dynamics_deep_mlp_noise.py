@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import statistics
 import tempfile
 import time
@@ -37,6 +36,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _harness import FIGURES, save_figure  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
@@ -46,7 +46,7 @@ from lightning_gd.callbacks import NoiseAnnealing  # noqa: E402
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
-FIGURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures", "dynamics_deep_mlp_noise.png")
+FIGURE = FIGURES / "dynamics_deep_mlp_noise.png"
 
 
 def teacher_data(n: int = 4096, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -149,10 +149,7 @@ def main() -> None:
     clip = f", clip {args.clip:g}" if args.clip else ""
     ax.set_title(f"20-layer MLP, {init} init, {opt}{clip}, {args.seeds} seeds")
     ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(FIGURE), exist_ok=True)
-    fig.savefig(FIGURE, dpi=100)
-    print(f"figure: {FIGURE}")
+    save_figure(fig, FIGURE, dpi=100)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _harness import FIGURES, save_figure  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
@@ -45,7 +46,7 @@ from lightning_gd.dynamics import RecurrentDynamics, recurrent_dynamics  # noqa:
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
-FIGURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures", "dynamics_delayed_xor.png")
+FIGURE = FIGURES / "dynamics_delayed_xor.png"
 
 
 def xor_data(n: int, d: int, T: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -188,10 +189,7 @@ def main() -> None:
     ax1.set_ylabel("Lyapunov exponent lambda_i (per step)")
     ax1.set_title("seed 0: spectrum over training (GradientFlossing.history)")
     ax1.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(FIGURE), exist_ok=True)
-    fig.savefig(FIGURE, dpi=100)
-    print(f"figure: {FIGURE}")
+    save_figure(fig, FIGURE, dpi=100)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -33,6 +32,7 @@ import warnings
 import lightning as L
 import torch
 import torch.nn.functional as F
+from _harness import FIGURES, save_figure  # noqa: E402
 from lightning.pytorch import Callback
 from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
 from lightning.pytorch.strategies import DDPStrategy
@@ -45,7 +45,7 @@ from lightning_gd.callbacks import NoiseAnnealing
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
-FIGURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures", "dynamics_local_sgd_noise.png")
+FIGURE = FIGURES / "dynamics_local_sgd_noise.png"
 PERIOD = 8
 
 
@@ -156,11 +156,8 @@ def main() -> None:
     ax.set_ylabel("validation loss of the averaged model")
     ax.set_title(f"local SGD, 2 CPU ranks, averaging every {PERIOD} steps, {args.seeds} seeds")
     ax.legend()
-    fig.tight_layout()
-    path = FIGURE if args.eta == 1e-4 else FIGURE.replace(".png", f"_eta{args.eta:g}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    print(f"figure: {path}")
+    path = FIGURE if args.eta == 1e-4 else FIGURE.with_name(f"dynamics_local_sgd_noise_eta{args.eta:g}.png")
+    save_figure(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

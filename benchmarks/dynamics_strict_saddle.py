@@ -25,7 +25,6 @@ Command (2-core CPU, well under a minute)::
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 import warnings
@@ -36,6 +35,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from _harness import FIGURES, save_figure  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
@@ -45,7 +45,7 @@ from lightning_gd.callbacks import NoiseAnnealing, SharpnessTracker  # noqa: E40
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
-FIGURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures", "dynamics_strict_saddle.png")
+FIGURE = FIGURES / "dynamics_strict_saddle.png"
 STEPS = 80
 
 
@@ -158,10 +158,7 @@ def main() -> None:
         axes[1, col].set_xlabel("optimizer step")
         axes[0, col].legend()
         axes[1, col].legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(FIGURE), exist_ok=True)
-    fig.savefig(FIGURE, dpi=100)
-    print(f"figure: {FIGURE}")
+    save_figure(fig, FIGURE, dpi=100)
 
 
 if __name__ == "__main__":

@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from optim_lm_common import corpus, first_step_reaching, train  # noqa: E402
+from _harness import FIGURES, save_figure  # noqa: E402
+from _optim_lm import corpus, first_step_reaching, train  # noqa: E402
 
 from lightning_gd.optim import OptimizerRecipe  # noqa: E402
 
@@ -41,7 +38,7 @@ def main() -> None:
     parser.add_argument("--val-batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--gap", type=int, default=50)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "figures" / "optim_conda_vs_adamw.png"))
+    parser.add_argument("--out", default=str(FIGURES / "optim_conda_vs_adamw.png"))
     args = parser.parse_args()
     data = corpus(128, args.batch_size)
     variants = {
@@ -88,9 +85,7 @@ def main() -> None:
     ax.set_title(f"Quickstart model: Conda vs AdamW, {len(args.seeds)} seeds, {args.steps} steps")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
-    print(f"\nwrote {args.out}")
+    save_figure(fig, args.out, dpi=120)
 
 
 if __name__ == "__main__":

@@ -14,18 +14,15 @@ Writes ``benchmarks/figures/optim_llm_recipes.png`` and prints the validation lo
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from optim_lm_common import corpus, train  # noqa: E402
+from _harness import FIGURES, save_figure  # noqa: E402
+from _optim_lm import corpus, train  # noqa: E402
 
 from lightning_gd.optim import OptimizerRecipe  # noqa: E402
 
@@ -39,7 +36,7 @@ def main() -> None:
     parser.add_argument("--val-every", type=int, default=25)
     parser.add_argument("--val-batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "figures" / "optim_llm_recipes.png"))
+    parser.add_argument("--out", default=str(FIGURES / "optim_llm_recipes.png"))
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     parser.add_argument("--eager", action="store_true", help="run torch.compile'd code eagerly (timm's Kron)")
     args = parser.parse_args()
@@ -74,9 +71,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
     ax_val.legend()
     fig.suptitle(f"Named LLM recipes on the quickstart model, {args.steps} steps of {args.batch_size}x128 bytes")
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    save_figure(fig, args.out, dpi=120)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from _harness import FIGURES, save_figure  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-grads", type=int, default=64)
     parser.add_argument("--damp", type=float, default=1e-4)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "figures" / "optim_mfac_mlp.png"))
+    parser.add_argument("--out", default=str(FIGURES / "optim_mfac_mlp.png"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = _data()
@@ -110,9 +110,7 @@ def main() -> None:
     ax.set_title(f"Digits MLP: M-FAC vs SGD and Adam (best lr each, {len(args.seeds)} seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    save_figure(fig, args.out, dpi=120)
 
 
 if __name__ == "__main__":

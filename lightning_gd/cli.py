@@ -29,6 +29,7 @@ _DEBUG = "LIGHTNING_GD_DEBUG"  # set to 1: a configuration mistake shows its tra
 
 _HELP = """\
 usage: lightning-gd {fit,validate,test,predict} [--config RECIPE_OR_YAML] [--help] [--debug] [OPTIONS]
+       lightning-gd analyze --config RECIPE_OR_YAML --ckpt_path CKPT [--compare CKPT] [--analysis.OPTION VALUE]
        lightning-gd {recipes [NAME ...],optimizers,compressors,prepare-text}
 
 Gradient-descent research tools as PyTorch Lightning plugins: a LightningCLI that runs the built-in recipes by
@@ -37,6 +38,7 @@ name, e.g. `lightning-gd fit --config quickstart`.
 subcommands:
   fit, validate, test, predict
                  the LightningCLI subcommands (`lightning-gd fit --help` lists every option)
+  analyze        a curvature report of a checkpoint: eigenvalues, trace, density, loss landscapes (`--help`)
   recipes        the built-in recipes; `lightning-gd recipes NAME` shows one recipe's commands and variants
   optimizers     the named optimizer recipes (--model.optimizer_recipe NAME)
   compressors    the compressed-DDP strategies (--trainer.strategy ddp_NAME)
@@ -182,6 +184,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args[:1] == ["optimizers"]:
         _print_optimizers()
+        return
+    if args[:1] == ["analyze"]:
+        from lightning_gd.analysis import main as analyze_main
+
+        analyze_main(args[1:])
         return
     # The arguments are passed explicitly (recipe names resolved); LightningCLI warns when it also sees them in
     # sys.argv, so hide them from it while it parses.

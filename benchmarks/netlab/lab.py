@@ -25,6 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from benchmarks._harness import rank_env
+
 __all__ = ["NetLab", "NetLabError", "RankResult", "probe_netns", "parse_rate"]
 
 _RATE_SCRIPT = Path(__file__).with_name("_rate.py")
@@ -296,13 +298,10 @@ class NetLab:
             raise NetLabError("the lab is not set up")
         procs = []
         for rank in range(2):
-            rank_env = dict(os.environ if env is None else env)
-            rank_env.update(
-                MASTER_ADDR=ADDR0, MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK=str(rank), LOCAL_RANK="0",
-                GLOBAL_RANK=str(rank), RANK=str(rank), GLOO_SOCKET_IFNAME=self.ifaces[rank],
-            )  # fmt: skip
+            env_r = rank_env(rank, 2, port, addr=ADDR0, one_rank_per_node=True, base=env)
+            env_r["GLOO_SOCKET_IFNAME"] = self.ifaces[rank]
             kw: dict[str, Any] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True} if capture else {}
-            procs.append(self._spawn(self.ns[rank], cmd, env=rank_env, **kw))
+            procs.append(self._spawn(self.ns[rank], cmd, env=env_r, **kw))
         deadline = time.monotonic() + timeout
         failed: str | None = None
         try:

@@ -242,6 +242,58 @@ class _MemoryPlan:
         )
 
 
+def _memory_plan(trainer: Trainer, pl_module: LightningModule, memory_budget: int | None) -> _MemoryPlan | None:
+    """The budget of a check in parameter-sized vectors (``None``: 25% of the device's memory, the smallest over
+    ranks); ``None`` for a module without trainable parameters. Call on every rank (a collective under DDP)."""
+    params = [p for p in pl_module.parameters() if p.requires_grad]
+    if not params:
+        return None
+    numel = sum(p.numel() for p in params)
+    vector = numel * _work_dtype(params[0].dtype).itemsize
+    device = params[0].device
+    budget = memory_budget
+    if budget is None:
+        budget = int(_AUTO_BUDGET_FRACTION * _device_memory_bytes(device))
+        if trainer.world_size > 1:  # every rank must plan the same products (Lanczos restarts, chunks)
+            smallest = trainer.strategy.reduce(torch.tensor(float(budget), device=device), reduce_op="min")
+            budget = int(smallest.item())
+    return _MemoryPlan(budget=budget, vector_bytes=vector, numel=numel, auto=memory_budget is None)
+
+
+def _reduce_fn(trainer: Trainer) -> Callable[[Tensor], Tensor]:
+    """The mean over the trainer's data-parallel ranks (the identity on one process)."""
+    if trainer.world_size == 1:
+        return lambda t: t
+    return lambda t: trainer.strategy.reduce(t, reduce_op="mean")
+
+
+def _reduced_operator(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    batches: list[Any],
+    loss_fn: LossFn | None,
+    hvp: HvpMethod,
+    mode: OperatorMode,
+    params: list[Tensor] | None = None,
+    curvature: Curvature = "hessian",
+    output_fn: OutputFn | None = None,
+    spec: LossSpec | None = None,
+) -> ReducedOperator:
+    """The curvature of the mean loss over ``batches`` with respect to ``params`` (default: every trainable
+    parameter), averaged over the data-parallel ranks: the operator of the curvature callbacks and of ``lightning-gd
+    analyze``. The Hessian of ``loss_fn`` (default: the module's ``training_step``, logging silenced), or the GGN /
+    empirical Fisher of ``output_fn``'s outputs (default: the module's ``curvature_outputs``) under ``spec``."""
+    op: CurvatureOperator
+    if curvature == "hessian":
+        loss = _mean_loss(loss_fn or _training_step_loss)
+        op = HessianOperator(pl_module, loss, batches, params=params, hvp=hvp, mode=mode)
+    else:
+        cls = GGNOperator if curvature == "ggn" else EmpiricalFisherOperator
+        outputs = _concatenated(output_fn or _module_outputs)
+        op = cls(pl_module, outputs, spec, batches, params=params, hvp=hvp, mode=mode)
+    return ReducedOperator(op, _reduce_fn(trainer))
+
+
 class _CurvatureCallback(Callback):
     """Base of :class:`HessianTraceMonitor` and :class:`SharpnessTracker` (see their docs for arguments)."""
 
@@ -353,20 +405,9 @@ class _CurvatureCallback(Callback):
 
     def _plan_memory(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Turn ``memory_budget`` into vector counts (``_fit_budget``); raise if it cannot hold one product's."""
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        if not params:
-            return  # refused in setup
-        numel = sum(p.numel() for p in params)
-        vector = numel * _work_dtype(params[0].dtype).itemsize
-        device = params[0].device
-        budget = self.memory_budget
-        if budget is None:
-            budget = int(_AUTO_BUDGET_FRACTION * _device_memory_bytes(device))
-            if trainer.world_size > 1:  # every rank must plan the same products (Lanczos restarts, chunks)
-                smallest = trainer.strategy.reduce(torch.tensor(float(budget), device=device), reduce_op="min")
-                budget = int(smallest.item())
-        plan = _MemoryPlan(budget=budget, vector_bytes=vector, numel=numel, auto=self.memory_budget is None)
-        self._fit_budget(plan, trainer)
+        plan = _memory_plan(trainer, pl_module, self.memory_budget)
+        if plan is not None:  # None: no trainable parameter, refused in setup
+            self._fit_budget(plan, trainer)
 
     def _fit_budget(self, plan: _MemoryPlan, trainer: Trainer) -> None:
         """Set the vector counts of a check from ``plan``; raise ``plan.too_small(...)`` when it cannot fit."""
@@ -467,14 +508,10 @@ class _CurvatureCallback(Callback):
         """The rank-averaged curvature operator on ``batches``, over every trainable parameter or one group's."""
         params = None if group is None else self._group_params(pl_module, group)
         hvp = self._hvp_in_use or self.hvp
-        if self.curvature == "hessian":
-            loss_fn = _mean_loss(self.loss_fn or _training_step_loss)
-            op: CurvatureOperator = HessianOperator(pl_module, loss_fn, batches, params=params, hvp=hvp, mode=self.mode)
-        else:
-            cls = GGNOperator if self.curvature == "ggn" else EmpiricalFisherOperator
-            output_fn = _concatenated(self.output_fn or _module_outputs)
-            op = cls(pl_module, output_fn, self._spec, batches, params=params, hvp=hvp, mode=self.mode)
-        return ReducedOperator(op, self._reduce_fn(trainer))
+        return _reduced_operator(
+            trainer, pl_module, batches, self.loss_fn, hvp, self.mode, params=params, curvature=self.curvature,
+            output_fn=self.output_fn, spec=self._spec,
+        )  # fmt: skip
 
     def _group_params(self, pl_module: LightningModule, group: str) -> list[Tensor]:
         named = dict(pl_module.named_parameters())
@@ -482,9 +519,7 @@ class _CurvatureCallback(Callback):
 
     @staticmethod
     def _reduce_fn(trainer: Trainer) -> Callable[[Tensor], Tensor]:
-        if trainer.world_size == 1:
-            return lambda t: t
-        return lambda t: trainer.strategy.reduce(t, reduce_op="mean")
+        return _reduce_fn(trainer)
 
     def _remember_hvp(self, op: CurvatureOperator) -> None:
         base = op.base if isinstance(op, ReducedOperator) else op

@@ -444,18 +444,8 @@ class SharpnessTracker(_CurvatureCallback):
             lr = _lr_floor(max(lrs))
             return op, gd_threshold(lr) if lr == lr else math.nan, False, {}
         clip = {i: self._clip.factors.get(i, 1.0) for i in sorted({m.optimizer_index for m in moments})}
-        diags = [
-            adam_preconditioner(m.exp_avg_sq, m.step, m.beta1, m.beta2, m.eps, clip_factor=clip[m.optimizer_index])
-            for m in moments
-        ]
-        thresholds = [adam_threshold(m.beta1, _lr_floor(m.lr)) for m in moments]
-        diag, threshold = combine_preconditioners(diags, thresholds)
-        # Coordinates Adam has had no gradient for (sparse or compressed gradients) are left out: see
-        # curvature/preconditioned.py, "Sparse or compressed gradients".
-        unmoved = torch.cat([adam_unmoved(m.exp_avg_sq, m.step, m.beta2, m.eps).flatten() for m in moments])
-        share = float(unmoved.double().mean())
+        diag, threshold, share = _adam_update_preconditioner(moments, clip)
         if share > 0:
-            diag = diag.masked_fill(unmoved.to(diag.device), math.inf)
             if not self._said_unmoved and name == _ALL:
                 self._said_unmoved = True
                 notes.append(
@@ -597,6 +587,25 @@ class SharpnessTracker(_CurvatureCallback):
         self._modes = {k: bool(v) for k, v in state_dict.get("preconditioned_groups", {}).items()}
         in_use = state_dict.get("preconditioned_in_use")
         self._preconditioned = None if in_use is None else bool(in_use)
+
+
+def _adam_update_preconditioner(moments: Sequence[Any], clip: Mapping[int, float]) -> tuple[Tensor, float, float]:
+    """Cohen et al.'s ``P`` over the measured coordinates (combined over the optimizers and groups that own them,
+    each divided by its optimizer's clipping factor), its threshold, and the share of coordinates Adam never moved,
+    left out with an infinite ``P`` (curvature/preconditioned.py, "Sparse or compressed gradients"). Used by
+    ``SharpnessTracker`` and ``lightning-gd analyze``; ``moments`` from ``utils.optim_state.adam_moments``.
+    """
+    diags = [
+        adam_preconditioner(m.exp_avg_sq, m.step, m.beta1, m.beta2, m.eps, clip_factor=clip.get(m.optimizer_index, 1.0))
+        for m in moments
+    ]
+    thresholds = [adam_threshold(m.beta1, _lr_floor(m.lr)) for m in moments]
+    diag, threshold = combine_preconditioners(diags, thresholds)
+    unmoved = torch.cat([adam_unmoved(m.exp_avg_sq, m.step, m.beta2, m.eps).flatten() for m in moments])
+    share = float(unmoved.double().mean())
+    if share > 0:
+        diag = diag.masked_fill(unmoved.to(diag.device), math.inf)
+    return diag, threshold, share
 
 
 def _lr_floor(lr: float) -> float:

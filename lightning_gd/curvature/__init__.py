@@ -10,6 +10,8 @@
 * :func:`lanczos`: extreme eigenpairs (block Lanczos; Golub & Meurant 2010), every copy of a repeated one.
 * :func:`spectral_density`: stochastic Lanczos quadrature density (Ghorbani et al. 2019;
   PyHessian, Yao et al. 2020).
+* :mod:`lightning_gd.curvature.landscape`: the loss along lines and planes through the parameters, along
+  eigenvectors or filter-normalized random directions (Li et al. 2018).
 
 Nothing here imports Lightning; the callbacks build on these functions.
 """

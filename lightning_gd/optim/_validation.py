@@ -1,9 +1,13 @@
-"""The optimizers' ``betas`` check (every other number is :func:`lightning_gd.utils.checks.check_number`)."""
+"""What the optimizers share: the ``betas`` check (every other number is
+:func:`lightning_gd.utils.checks.check_number`) and the closure of ``step``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from lightning_gd.utils.checks import check_number
 
@@ -18,3 +22,11 @@ def _check_betas(value: Any, name: str = "betas") -> tuple[float, float]:
         check_number(f"{name}[0]", value[0], 0, 1, high_open=True),
         check_number(f"{name}[1]", value[1], 0, 1, high_open=True),
     )
+
+
+def _closure_loss(closure: Callable[[], Tensor] | None) -> Tensor | None:
+    """The torch.optim contract: re-evaluate the model with gradients on (``step`` runs under ``no_grad``)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gd.optim._validation import _check_betas
+from lightning_gd.optim._validation import _check_betas, _closure_loss
 from lightning_gd.utils.checks import check_number, check_positive_int
 
 __all__ = ["Conda"]
@@ -99,10 +99,7 @@ class Conda(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
             weight_decay, gap = group["weight_decay"], group["update_proj_gap"]

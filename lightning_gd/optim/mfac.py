@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_gd.optim._validation import _closure_loss
 from lightning_gd.utils.checks import check_number, check_positive_int
 
 __all__ = ["MFAC"]
@@ -128,10 +129,7 @@ class MFAC(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         if not any(p.grad is not None for p in self._params()):
             return loss
         state = self._window()

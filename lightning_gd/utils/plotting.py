@@ -35,8 +35,11 @@ def new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, plt.Axe
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def save_figure(trainer: Trainer, fig: Figure, log_dir: str, filename: str, tag: str | None = None) -> str:
-    """Write ``fig`` to ``<log_dir>/<filename>`` and to every TensorBoard logger under ``tag``.
+def save_figure(
+    trainer: Trainer, fig: Figure, log_dir: str, filename: str, tag: str | None = None, step: int | None = None
+) -> str:
+    """Write ``fig`` to ``<log_dir>/<filename>`` and to every TensorBoard logger under ``tag``, at ``step``
+    (default: the trainer's global step).
 
     Call on global rank zero only, with ``log_dir`` from :func:`run_dir` (called on every rank). Returns
     the PNG's path.
@@ -47,5 +50,6 @@ def save_figure(trainer: Trainer, fig: Figure, log_dir: str, filename: str, tag:
     fig.savefig(path)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_figure(tag or os.path.splitext(filename)[0], fig, global_step=trainer.global_step)
+            name = tag or os.path.splitext(filename)[0]
+            logger.experiment.add_figure(name, fig, global_step=trainer.global_step if step is None else step)
     return path

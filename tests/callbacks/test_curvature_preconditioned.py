@@ -313,3 +313,38 @@ def test_coordinates_adam_never_moved_are_left_out_and_a_gradient_mask_is_no_cli
     s_all = P.rsqrt()
     kept_in = torch.linalg.eigvalsh(s_all[:, None] * H * s_all[None, :])[-1].item()
     assert kept_in > 1e4 * exact  # what the tracker reported before: dominated by the 1/eps entries
+
+
+_DDP_SCRIPT = """
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning_gd.callbacks import SharpnessTracker
+from tests.helpers.ddp import write_result
+from tests.helpers.models import TinyClassifier, classification_loader
+
+
+def fit(callbacks):
+    seed_everything(0)
+    model = TinyClassifier(dropout=0.0, optimizer="adam", lr=0.01)
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, gradient_clip_val=0.05,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=callbacks, default_root_dir=".")
+    trainer.fit(model, classification_loader(n=128, shuffle=True))
+    return trainer, [p.detach().flatten().tolist() for p in model.parameters()]
+
+
+_, plain = fit([])
+sharp = SharpnessTracker(every_n_steps=2, max_overhead=None, preconditioned=True, plot=False, max_iter=20)
+trainer, measured = fit([sharp])
+write_result({"same_weights": plain == measured, "history": sharp.history}, trainer.global_rank)
+"""
+
+
+def test_clipping_factor_under_ddp_is_the_same_on_every_rank_and_training_is_untouched(tmp_path):
+    from tests.helpers.ddp import run_ddp_script
+
+    r0, r1 = run_ddp_script(_DDP_SCRIPT, tmp_path)
+    assert r0["same_weights"] and r1["same_weights"]  # the recording hooks only read gradients
+    assert r0["history"] == r1["history"]  # averaged gradients: the same factor and number on every rank
+    factors = [v for _, v in r0["history"]["sharpness/clip_factor"]]
+    assert len(factors) == 2 and all(0 < c < 1 for c in factors)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gd.callbacks import GradientFlossing
 from lightning_gd.dynamics import RecurrentDynamics, recurrent_dynamics
 from tests.helpers.ddp import run_ddp_script
+from tests.helpers.trainer import quiet_trainer
 
 
 class RNNTask(LightningModule):
@@ -49,9 +50,7 @@ def _loader(n: int = 32, T: int = 8) -> DataLoader:
 
 
 def _trainer(tmp_path, callbacks: list, max_steps: int = 4, **kwargs) -> Trainer:
-    args = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-            "enable_model_summary": False, "default_root_dir": tmp_path, **kwargs}  # fmt: skip
-    return Trainer(accelerator="cpu", max_steps=max_steps, callbacks=callbacks, **args)
+    return quiet_trainer(tmp_path, max_steps=max_steps, callbacks=callbacks, **kwargs)
 
 
 def _small(**kwargs) -> GradientFlossing:

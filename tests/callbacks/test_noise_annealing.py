@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gd.callbacks import NoiseAnnealing
 from tests.helpers.ddp import run_ddp_script
 from tests.helpers.models import TinyClassifier, classification_loader
+from tests.helpers.trainer import quiet_trainer
 
 
 class FlatParameter(LightningModule):
@@ -49,9 +50,7 @@ def _dummy_loader(n: int = 8) -> DataLoader:
 
 
 def _trainer(tmp_path, callbacks: list, max_steps: int, **kwargs) -> Trainer:
-    args = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-            "enable_model_summary": False, "default_root_dir": tmp_path, **kwargs}  # fmt: skip
-    return Trainer(accelerator="cpu", max_steps=max_steps, callbacks=callbacks, **args)
+    return quiet_trainer(tmp_path, max_steps=max_steps, callbacks=callbacks, **kwargs)
 
 
 def test_gradient_noise_variance_follows_eta_over_one_plus_t_to_the_gamma(tmp_path) -> None:

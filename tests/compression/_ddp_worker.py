@@ -1,9 +1,9 @@
-"""One rank of a 2-process gloo DDP job exercising ``compressed_allreduce_hook`` (run by the tests).
+"""The ranks of a 2-process gloo DDP job exercising ``compressed_allreduce_hook`` (run by the tests).
 
-Usage: ``python _ddp_worker.py RANK WORLD_SIZE PORT OUT_DIR``. Every scenario records, per step
-and bucket, the local gradient entering the hook, the averaged tensor it returns, the bucket's
-parameter names, and the hook statistics; ``OUT_DIR/rank{RANK}.pt`` receives the records and the
-test process checks them against hand computations.
+``test_compression_ddp.py`` runs :func:`run` on two ranks through ``tests/helpers/ddp.py``'s job runner. Every
+scenario records, per step and bucket, the local gradient entering the hook, the averaged tensor it returns, the
+bucket's parameter names, and the hook statistics; ``OUT_DIR/rank{RANK}.pt`` receives the records and the test
+process checks them against hand computations.
 """
 
 import os
@@ -184,9 +184,11 @@ SCENARIOS: dict[str, Callable[[int], Any]] = {
 }
 
 
-def main() -> None:
-    rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", port
+def run(rank: int, world: int, out_dir: str) -> None:
+    """One rank (``torch.multiprocessing.spawn``'s entry point): every scenario, saved to ``OUT_DIR/rank{rank}.pt``.
+
+    ``tests/helpers/ddp.py``'s runner sets ``MASTER_ADDR`` / ``MASTER_PORT`` for the job.
+    """
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -195,7 +197,3 @@ def main() -> None:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,63 +1,45 @@
 """``compressed_allreduce_hook`` in a real 2-process gloo DDP job on CPU.
 
-The job (``_ddp_worker.py``) runs once per module; every scenario records, per step and bucket, the
-local gradient entering the hook and the averaged gradient leaving it. Here the outputs are
-recomputed by hand from both ranks' inputs.
+The job (``_ddp_worker.py``, launched by ``tests/helpers/ddp.py``) runs once per module; every scenario records,
+per step and bucket, the local gradient entering the hook and the averaged gradient leaving it. Here the outputs
+are recomputed by hand from both ranks' inputs.
 """
 
 import math
-import os
-import socket
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from lightning_gd.compression import QSGD, RandomK
-from tests.helpers.timeouts import scaled_timeout
+from tests.helpers.ddp import run_ddp_script
 
-WORKER = Path(__file__).with_name("_ddp_worker.py")
 WORLD = 2
-TIMEOUT_S = 120.0  # on a quiet machine; scaled by scaled_timeout
+# The job: two ranks of _ddp_worker.run (torch.multiprocessing; the runner gives MASTER_ADDR / MASTER_PORT and
+# retries a port taken meanwhile), then one result per rank naming its records.
+_JOB = """
+import os
+import sys
 
+import torch.multiprocessing as mp
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.compression._ddp_worker import run
+from tests.helpers.ddp import write_result
+
+if __name__ == "__main__":
+    out = os.path.abspath(sys.argv[1])
+    os.makedirs(out, exist_ok=True)
+    mp.spawn(run, args=({world}, out), nprocs={world}, join=True)
+    for rank in range({world}):
+        write_result({{"records": os.path.join(out, f"rank{{rank}}.pt")}}, rank)
+"""
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("ddp_compression")
-    port = str(_free_port())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(r), str(WORLD), port, str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
-    logs = []
-    timeout = scaled_timeout(TIMEOUT_S)
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"DDP job timed out after {timeout:.0f}s")
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-4000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = run_ddp_script(_JOB.format(world=WORLD), tmp_path_factory.mktemp("ddp_compression"), num_procs=WORLD)
+    return [torch.load(r["records"], weights_only=False) for r in results]
 
 
 def _k(density: float, n: int) -> int:

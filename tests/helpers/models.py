@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["TinyClassifier", "classification_loader", "classification_tensors"]
+__all__ = ["TinyClassificationData", "TinyClassifier", "classification_loader", "classification_tensors"]
 
 
 def classification_tensors(n: int = 64, in_dim: int = 8, classes: int = 3, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -76,3 +76,17 @@ class TinyClassifier(LightningModule):
         if hp.optimizer == "adam":
             return torch.optim.Adam(self.parameters(), lr=hp.lr)
         return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum)
+
+
+class TinyClassificationData(LightningDataModule):
+    """:func:`classification_loader` as a data module, so a LightningCLI YAML can name it (``class_path``)."""
+
+    def __init__(self, n: int = 64, batch_size: int = 16, seed: int = 0, shuffle: bool = False) -> None:
+        super().__init__()
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+
+    def train_dataloader(self) -> DataLoader:
+        return classification_loader(n=self.n, batch_size=self.batch_size, seed=self.seed, shuffle=self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return classification_loader(n=32, batch_size=self.batch_size, seed=self.seed + 1)

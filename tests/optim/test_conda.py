@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_gd.optim import Conda
+from tests.helpers.optim import run_and_resume
 
 
 def _param(values):
@@ -88,25 +89,9 @@ def test_state_dict_round_trip_continues_identically():
     def make(w):
         return Conda([w], lr=0.01, weight_decay=0.01, update_proj_gap=2)
 
-    w = torch.nn.Parameter(w0.clone())
-    opt = make(w)
-    for g in grads:
-        w.grad = g.clone()
-        opt.step()
-    w2 = torch.nn.Parameter(w0.clone())
-    opt2 = make(w2)
-    for g in grads[:3]:
-        w2.grad = g.clone()
-        opt2.step()
-    saved = opt2.state_dict()
+    full, resumed, saved = run_and_resume(make, w0, grads, split=3)
     assert all(torch.is_tensor(v) for v in saved["state"][0].values())  # the basis is a tensor, no Python object
-    w3 = torch.nn.Parameter(w2.detach().clone())
-    opt3 = make(w3)
-    opt3.load_state_dict(saved)
-    for g in grads[3:]:
-        w3.grad = g.clone()
-        opt3.step()
-    assert torch.equal(w3.detach(), w.detach())
+    assert torch.equal(resumed, full)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_gd.optim import DiffGrad
+from tests.helpers.optim import run_and_resume
 
 
 def _sigmoid(x):
@@ -46,23 +47,8 @@ def test_previous_gradient_is_a_copy():
 def test_state_dict_round_trip_continues_identically():
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(3, 2, generator=gen) for _ in range(6)]
-    w = torch.nn.Parameter(torch.ones(3, 2))
-    opt = DiffGrad([w], lr=0.01, weight_decay=0.01)
-    for g in grads:
-        w.grad = g.clone()
-        opt.step()
-    w2 = torch.nn.Parameter(torch.ones(3, 2))
-    opt2 = DiffGrad([w2], lr=0.01, weight_decay=0.01)
-    for g in grads[:3]:
-        w2.grad = g.clone()
-        opt2.step()
-    w3 = torch.nn.Parameter(w2.detach().clone())
-    opt3 = DiffGrad([w3], lr=0.01, weight_decay=0.01)
-    opt3.load_state_dict(opt2.state_dict())
-    for g in grads[3:]:
-        w3.grad = g.clone()
-        opt3.step()
-    assert torch.equal(w3.detach(), w.detach())
+    full, resumed, _ = run_and_resume(lambda w: DiffGrad([w], lr=0.01, weight_decay=0.01), torch.ones(3, 2), grads, 3)
+    assert torch.equal(resumed, full)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightning_gd.optim import WarmupDecayLR
 from lightning_gd.optim.recipe import decay_groups
 from lightning_gd.recipes import CausalLMModule, TextCorpusDataModule
+from tests.helpers.trainer import quiet_trainer
 
 
 @pytest.fixture
@@ -21,12 +22,8 @@ def corpus(tmp_path):
 
 
 def _trainer(tmp_path, **kw):
-    defaults = dict(
-        accelerator="cpu", max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=2, val_check_interval=30, num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path),
-    )  # fmt: skip
-    return Trainer(**{**defaults, **kw})
+    return quiet_trainer(tmp_path, **{"max_steps": 30, "limit_val_batches": 2, "val_check_interval": 30,
+                                      "num_sanity_val_steps": 0, **kw})  # fmt: skip
 
 
 def test_param_groups_exclude_norms_and_embeddings_from_decay():

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_gd.strategies import ConAdvStrategy
+from tests.helpers.trainer import quiet_trainer
 
 
 @pytest.fixture(autouse=True)
@@ -63,9 +64,7 @@ def _data(n=64, in_dim=6, classes=3, seed=0):
 
 
 def _trainer(strategy, steps, **kw):
-    kw.setdefault("logger", False)
-    return Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=steps, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, **kw)  # fmt: skip
+    return quiet_trainer(devices=1, strategy=strategy, max_steps=steps, **kw)
 
 
 def _fgsm(weights, x, y, eps):

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import torch
+from _harness import quiet_trainer
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from lightning_gd.optim import OptimizerRecipe
@@ -50,17 +51,12 @@ def train(
     seed_everything(seed, verbose=False)
     module = CausalLMModule(preset="tiny", block_size=seq_len, optimizer_recipe=recipe)
     record = _Record()
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=steps,
         val_check_interval=val_every,
         check_val_every_n_epoch=None,
         limit_val_batches=val_batches,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[record],
     )
     start = time.perf_counter()
