@@ -85,7 +85,10 @@ def lanczos(
     residual), plus ``k`` for the returned eigenvectors (and 1 transient after a breakdown), all parameter-sized,
     in the working dtype: float32
     for float32 and half-precision operators, float64 for float64 ones. The operator is applied to
-    vectors of its own dtype; Ritz values come from a float64 projected matrix.
+    vectors of its own dtype; Ritz values come from a float64 projected matrix. On a sharded operator (see
+    :class:`~lightning_gd.curvature.CurvatureOperator`) each rank stores the same number of vectors, each its own
+    part (``op.numel`` entries), ``init`` and the eigenvectors are this rank's parts, ``k`` and ``max_iter`` are
+    bounded by the global dimension, and every rank returns the same eigenvalues.
 
     Args:
         op: Symmetric operator (e.g. :class:`~lightning_gd.curvature.HessianOperator`).

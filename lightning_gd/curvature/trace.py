@@ -96,7 +96,10 @@ def hutchinson_trace(
     ``"hutchinson"`` (probes and products; ``+ 2`` with ``per_param``), and ``3 k + 4 p + 2`` for
     ``"hutch++"`` with ``k = num_probes // 3`` (the sketch ``Q``, ``A Q`` and the QR's copy): Hutch++
     grows with ``num_probes``, Hutchinson does not; ``"xtrace"`` holds ``4 s + 2`` with ``s = num_probes // 2``
-    (the probes, their products, ``Q`` and ``A Q``), ``+ 4`` with ``per_param``.
+    (the probes, their products, ``Q`` and ``A Q``), ``+ 4`` with ``per_param``. On a sharded operator (see
+    :class:`~lightning_gd.curvature.CurvatureOperator`) these are vectors of each rank's part, the probes are the
+    global probes an unsharded operator gets from the same generator, the QR is Gram-Schmidt with all-reduced
+    coefficients, and every rank returns the same estimate.
 
     Returns:
         A :class:`TraceEstimate`.
