@@ -220,9 +220,11 @@ class LightningGDCLI(LightningCLI):
         # Tag checkpoints with the recipe (the first --config's file stem): resuming another recipe's warns.
         if (recipe := self._recipe_name(config)) is not None:
             self.trainer.callbacks.append(RecipeTag(recipe))
-        self.trainer.callbacks.append(ScheduleLengthCheck(config.get("resume_schedule", "checkpoint")))
-        if not any(isinstance(c, GracefulStop) for c in self.trainer.callbacks):
-            self.trainer.callbacks.append(GracefulStop())
+        callbacks = self.trainer.callbacks  # each added unless the config has its own
+        if not any(isinstance(c, ScheduleLengthCheck) for c in callbacks):
+            callbacks.append(ScheduleLengthCheck(config.get("resume_schedule") or "checkpoint"))
+        if not any(isinstance(c, GracefulStop) for c in callbacks):
+            callbacks.append(GracefulStop())
         if config.get("resume_mismatch") == "warn":  # one flag for every resume check that can refuse
             for owner in (self.datamodule, self.trainer.strategy):
                 if hasattr(owner, "resume_mismatch"):
@@ -231,6 +233,7 @@ class LightningGDCLI(LightningCLI):
             _continue_metrics(self.trainer, self._resumed_dir, self._resume_step)
 
     def _run_subcommand(self, subcommand: str) -> None:
+        # LightningCLI's (private) runner of the subcommand: the one place around fit() to scope a warnings filter.
         with warnings.catch_warnings():
             if self._resumed_dir is not None:  # ModelCheckpoint's "exists and is not empty": it is the run's own
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
