@@ -35,6 +35,7 @@ CURVATURE = (
     "sharpness/lambda_max",
     "sharpness/threshold",
     "sharpness/edge_of_stability",
+    "sharpness/clip_factor",
     "sharpness/num_hvps",
 )
 

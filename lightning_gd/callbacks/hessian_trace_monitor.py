@@ -1,6 +1,7 @@
 """Log the Hessian trace of the training loss, with a standard error, and the SGD linear-stability ratio.
 
-Hutchinson 1989 and Meyer et al. 2021 (Hutch++) for the estimator; Wu & Su 2023, "The Implicit
+Hutchinson 1989, Meyer et al. 2021 (Hutch++) and Epperly, Tropp & Webber 2024 (XTrace) for the estimators; Wu &
+Su 2023, "The Implicit
 Regularization of Dynamical Stability in Stochastic Gradient Descent": at a linearly stable minimum of
 SGD, tr(H) <= 2 / lr (GD only constrains lambda_max).
 """
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gd.callbacks._curvature import (
@@ -30,7 +32,8 @@ from lightning_gd.curvature.trace import TraceMethod
 
 __all__ = ["HessianTraceMonitor"]
 
-_METHODS: tuple[str, ...] = get_args(TraceMethod)
+TraceChoice = Literal["auto", "hutchinson", "hutch++", "xtrace"]
+_METHODS: tuple[str, ...] = get_args(TraceChoice)
 _MIN_PROBES = {"hutchinson": 1, "hutch++": 3, "xtrace": 4}  # products one estimate needs at least
 _PROBES_PER_MATMAT = 10  # probes per product call when the memory budget allows (hutchinson_trace's default)
 
@@ -56,14 +59,20 @@ class HessianTraceMonitor(_CurvatureCallback):
 
     Measuring never perturbs training: weights, gradients, buffers (BatchNorm statistics), RNG states and
     train/eval modes are left exactly as they were (see :class:`~lightning_gd.curvature.HessianOperator`).
-    Under DDP every rank joins: with ``method="hutchinson"`` the probes are split across ranks (each rank's
-    probes see its own batch, whose Hessians average to the global batch's) and the estimates are combined;
-    with ``"hutch++"`` every product is averaged over ranks. FSDP and DeepSpeed ZeRO-3 are refused at setup.
+    Under DDP every rank joins and the products are split across ranks: each rank estimates the trace of its own
+    batch's Hessian (whose mean over ranks is the global batch's) with ``num_probes / world_size`` products
+    (Hutchinson's probes, or Hutch++'s and XTrace's sketch and residual probes, at least 1, 3 and 4), and the
+    unbiased estimates are averaged, their variances added. FSDP and DeepSpeed ZeRO-3 are refused at setup.
 
     Args:
         every_n_steps: Measure after every this many optimizer steps (see ``max_overhead``).
         num_probes: Rademacher probes per estimate (in total, over all ranks).
-        method: ``"hutchinson"`` or ``"hutch++"`` (fewer probes for low-rank-dominated spectra).
+        method: ``"auto"`` (default), ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``. Hutch++ and XTrace take the
+            top of the spectrum exactly from a sketch and need far fewer products to a given accuracy on Hessians,
+            whose few outlier eigenvalues carry much of the trace; XTrace the fewest (``benchmarks/RESULTS.md``,
+            "time to 1%"). But a sketch costs memory: 2 parameter-sized vectors per product. ``"auto"`` picks
+            XTrace when its sketch fits ``memory_budget`` (and ``num_probes >= 4``), Hutchinson (2 vectors per
+            probe in one call, whatever ``num_probes``) otherwise, and says so.
         batch: ``"current"`` measures on the batch just trained on; ``"fixed"`` on the first ``num_batches``
             training batches, kept (and checkpointed) for the whole run so that values are comparable.
         num_batches: Batches averaged in ``"fixed"`` mode.
@@ -93,10 +102,11 @@ class HessianTraceMonitor(_CurvatureCallback):
             memory, for its parameter-sized vectors (in the working dtype: float32, float64 for float64 models).
             ``"hutchinson"`` needs 2 per probe pushed through one product call (probe and product; + 2 with
             ``per_layer``), so the probes per call are ``min(10, budget // 2)``: memory does not grow with
-            ``num_probes``. ``"hutch++"`` also holds its sketch: ``3 (num_probes // 3) + 4 p + 2`` vectors for
-            ``p`` probes per call. ``None``: 25% of the device's memory (a GPU's total memory; the host's
-            physical memory on CPU), the smallest over ranks. A budget that cannot hold one product's vectors
-            raises at the start of fitting, stating the numbers.
+            ``num_probes``. ``"hutch++"`` also holds its sketch: ``3 (num_probes // 3) + 4 p + 2`` vectors for ``p``
+            probes per call; ``"xtrace"`` ``4 (num_probes // 2) + 2 + p`` (+ 4 with per-parameter traces), with
+            ``num_probes`` per rank under DDP. ``None``: 25% of the device's memory (a GPU's total memory; the host's
+            physical memory on CPU), the smallest over ranks. A budget that cannot hold one product's vectors raises
+            at the start of fitting, stating the numbers.
 
     Example::
 
@@ -114,7 +124,7 @@ class HessianTraceMonitor(_CurvatureCallback):
         self,
         every_n_steps: int = 100,
         num_probes: int = 30,
-        method: TraceMethod = "hutchinson",
+        method: TraceChoice = "auto",
         batch: BatchMode = "current",
         num_batches: int = 1,
         per_layer: bool = False,
@@ -141,6 +151,7 @@ class HessianTraceMonitor(_CurvatureCallback):
             )
         self.num_probes = num_probes
         self.method = method
+        self._method: TraceMethod = "hutchinson" if method == "auto" else method  # resolved at the start of fitting
         self.per_layer = per_layer
         self._probes_per_matmat = _PROBES_PER_MATMAT  # sized from memory_budget at the start of fitting
 
@@ -148,28 +159,40 @@ class HessianTraceMonitor(_CurvatureCallback):
         return {**super()._key_args(), "method": self.method, "num_probes": self.num_probes}
 
     def _fit_budget(self, plan: _MemoryPlan, trainer: Trainer) -> None:
-        owner = f"HessianTraceMonitor(method={self.method!r}, num_probes={self.num_probes})"
-        m = self._local_probes(trainer.world_size)
-        if self.method == "hutchinson":
-            fixed = 2 if self._per_param else 0  # the running per-parameter sum and one chunk's
-            probes = min(_PROBES_PER_MATMAT, m, (plan.vectors - fixed) // 2)
-            if probes < 1:
-                raise plan.too_small(owner, fixed + 2, "one Hessian-vector product (a probe and its product)")
-        elif self.method == "hutch++":
-            sketch = 3 * (m // 3) + 2  # Q, A Q and the QR's copy, plus the sketch product's chunk
-            probes = min(_PROBES_PER_MATMAT, m, (plan.vectors - sketch) // 4)
-            if probes < 1:
-                raise plan.too_small(owner, sketch + 4, "Hutch++ (its sketch and one probe)")
-        else:
-            sketch = 4 * (m // 2) + 2 + (4 if self._per_param else 0)  # probes, products, Q, A Q; diagonal
-            probes = min(_PROBES_PER_MATMAT, m, plan.vectors - sketch)
-            if probes < 1:
-                raise plan.too_small(owner, sketch + 1, "XTrace (its probes, products, Q and A Q)")
+        if self.method == "auto":
+            # XTrace reaches a given accuracy with the fewest products (benchmarks/RESULTS.md, "time to 1%"), but
+            # holds its sketch: 2 vectors per product. Hutchinson holds 2 per probe in one call, whatever num_probes.
+            need = self._vectors("xtrace", trainer.world_size, _PROBES_PER_MATMAT)
+            self._method = "xtrace" if self.num_probes >= 4 and plan.vectors >= need else "hutchinson"
+            if self._method == "hutchinson":
+                rank_zero_info(
+                    f"HessianTraceMonitor(method='auto'): Hutchinson, not XTrace: XTrace's sketch of"
+                    f" {self._local_probes(trainer.world_size)} products needs {need} parameter-sized vectors, the"
+                    f" memory budget holds {plan.vectors}."
+                )
+        owner = f"HessianTraceMonitor(method={self._method!r}, num_probes={self.num_probes})"
+        fixed = self._vectors(self._method, trainer.world_size, 0)
+        per_call = 2 if self._method == "hutchinson" else (4 if self._method == "hutch++" else 1)
+        probes = min(_PROBES_PER_MATMAT, self._local_probes(trainer.world_size), (plan.vectors - fixed) // per_call)
+        if probes < 1:
+            what = {"hutchinson": "one Hessian-vector product (a probe and its product)",
+                    "hutch++": "Hutch++ (its sketch and one probe)",
+                    "xtrace": "XTrace (its probes, products, Q and A Q)"}[self._method]  # fmt: skip
+            raise plan.too_small(owner, fixed + per_call, what)
         self._probes_per_matmat = probes
+
+    def _vectors(self, method: str, world_size: int, probes_per_call: int) -> int:
+        """Parameter-sized vectors an estimate holds, beyond autograd's product memory."""
+        m = max(math.ceil(self.num_probes / world_size), _MIN_PROBES[method])
+        if method == "hutchinson":
+            return (2 if self._per_param else 0) + 2 * probes_per_call  # the per-parameter sums; probe and product
+        if method == "hutch++":
+            return 3 * (m // 3) + 2 + 4 * probes_per_call  # Q, A Q, the QR's copy, the sketch product's chunk
+        return 4 * (m // 2) + 2 + (4 if self._per_param else 0) + probes_per_call  # probes, products, Q, A Q
 
     def _local_probes(self, world_size: int) -> int:
         """Products each rank spends: the total split over ranks, at least what one estimate needs."""
-        return max(math.ceil(self.num_probes / world_size), _MIN_PROBES[self.method])
+        return max(math.ceil(self.num_probes / world_size), _MIN_PROBES[self._method])
 
     def _measure(
         self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator, batches: list[Any]
@@ -179,7 +202,7 @@ class HessianTraceMonitor(_CurvatureCallback):
             # Split the products: rank r estimates tr(H_r) of its own batch with its own probes (Hutchinson's, or
             # Hutch++'s / XTrace's sketch and residual probes); tr(mean H_r) is the mean of the unbiased estimates.
             local = hutchinson_trace(
-                op.base, self._local_probes(P), method=self.method, generator=self._generator(trainer, rank),
+                op.base, self._local_probes(P), method=self._method, generator=self._generator(trainer, rank),
                 per_param=self._per_param, probes_per_matmat=self._probes_per_matmat,
             )  # fmt: skip
             stats = torch.tensor([local.value, local.stderr**2], dtype=torch.float64, device=pl_module.device)
@@ -193,7 +216,7 @@ class HessianTraceMonitor(_CurvatureCallback):
             num_hvps = local.num_matvecs
         else:
             est = hutchinson_trace(
-                op, self.num_probes, method=self.method, generator=self._generator(trainer),
+                op, self.num_probes, method=self._method, generator=self._generator(trainer),
                 per_param=self._per_param, probes_per_matmat=self._probes_per_matmat,
             )  # fmt: skip
             value, stderr, per_param, num_hvps = est.value, est.stderr, est.per_param, est.num_matvecs

@@ -132,3 +132,12 @@ def test_cli_rejects_a_bad_choice_while_parsing(tmp_path, capsys, callback, key,
 def test_literal_choices_still_checked_in_python():
     with pytest.raises(MisconfigurationException, match="`hvp` must be one of .*'bogus'"):
         SharpnessTracker(hvp="bogus")
+
+
+def test_auto_trace_method_is_xtrace_when_its_sketch_fits_the_memory_budget(tmp_path):
+    roomy = HessianTraceMonitor(every_n_steps=2, max_overhead=None)
+    numel = sum(p.numel() for p in TinyClassifier(dropout=0.0, batchnorm=False).parameters())
+    tight = HessianTraceMonitor(every_n_steps=1, max_overhead=None, memory_budget=20 * numel * 4)  # 20 vectors
+    _fit(tmp_path, [roomy, tight], max_steps=2, logger=False)
+    assert roomy._method == "xtrace" and roomy.last_metrics["hessian/num_hvps"] == 30
+    assert tight._method == "hutchinson" and tight.last_metrics["hessian/num_hvps"] == 30

@@ -322,7 +322,7 @@ def test_bf16_autocast_training_is_measured_in_float32(tmp_path):
     seed_everything(0)
     model = TinyClassifier(dropout=0.0)
     sharp = SharpnessTracker(max_overhead=None, every_n_steps=4, batch="fixed", tol=1e-6, max_iter=200)
-    trace = HessianTraceMonitor(max_overhead=None, every_n_steps=4, num_probes=8, batch="fixed")
+    trace = HessianTraceMonitor(max_overhead=None, every_n_steps=4, num_probes=8, batch="fixed", method="hutchinson")
     _trainer(tmp_path, [sharp, trace], max_steps=4, precision="bf16-mixed").fit(model, classification_loader())
     # The same weights measured in float64 without autocast: bf16 would be off by ~1e-2 relative.
     H = _exact_hessian(model.double(), _first_batch())

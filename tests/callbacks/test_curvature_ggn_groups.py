@@ -75,7 +75,8 @@ def test_ggn_and_fisher_in_a_real_trainer_match_their_dense_formulas(tmp_path):
     assert m["sharpness_ggn/threshold"] == pytest.approx(2 / 0.1)
     for cb, dense, key in ((ggn, G, "ggn"), (fisher, Fi, "fisher")):
         t = cb.last_metrics
-        assert abs(t[f"{key}/trace"] - torch.trace(dense).item()) < 4 * t[f"{key}/trace_stderr"]
+        exact = torch.trace(dense).item()
+        assert abs(t[f"{key}/trace"] - exact) < 4 * t[f"{key}/trace_stderr"] + 1e-9 * abs(exact)  # XTrace may be exact
     H = _exact_hessian(model, _first_batch())
     assert hess.last_metrics["sharpness/lambda_max"] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=1e-6)
     assert len({cb.state_key for cb in (sharp, ggn, fisher, hess)}) == 4
@@ -96,7 +97,8 @@ def test_groups_restrict_the_operator_to_their_parameters(tmp_path):
     for name, block in blocks.items():
         assert m[f"sharpness/{name}/lambda_max"] == pytest.approx(torch.linalg.eigvalsh(block)[-1].item(), rel=1e-6)
         assert m[f"sharpness/{name}/edge_of_stability"] == pytest.approx(m[f"sharpness/{name}/lambda_max"] * 0.1 / 2)
-        assert abs(t[f"hessian/{name}/trace"] - torch.trace(block).item()) < 4 * t["hessian/trace_stderr"]
+        exact = torch.trace(block).item()
+        assert abs(t[f"hessian/{name}/trace"] - exact) < 4 * t["hessian/trace_stderr"] + 1e-9 * abs(exact)
     assert t["hessian/first/trace"] + t["hessian/last/trace"] == pytest.approx(t["hessian/trace"], rel=1e-9)
     assert m["sharpness/lambda_max"] >= max(m["sharpness/first/lambda_max"], m["sharpness/last/lambda_max"])
 
