@@ -32,7 +32,11 @@ class Shot:
 # What a reader must see. Each check is a JavaScript expression that must become true within the timeout.
 NAVIGATION = "document.querySelectorAll('.md-nav__link').length > 20"
 IMAGES = "[...document.images].length > 0 && [...document.images].every(i => i.complete && i.naturalWidth > 0)"
-MATH = "document.querySelectorAll('mjx-container').length > 0 && !document.querySelector('mjx-merror')"
+# Typeset, without errors, and drawn: the glyphs' fonts loaded (their styles missing leaves invisible formulas).
+MATH = (
+    "document.querySelectorAll('mjx-container').length > 0 && !document.querySelector('mjx-merror')"
+    " && [...document.fonts].some(f => f.family.startsWith('MJXTEX') && f.status === 'loaded')"
+)
 HIGHLIGHT = "document.querySelectorAll('.highlight code span.kn, .highlight code span.n').length > 10"
 SEARCH = "document.querySelectorAll('.md-search-result__item').length > 0"
 

@@ -164,6 +164,7 @@ def public_api() -> dict[str, tuple[ApiModule, ...]]:
     return {page: tuple(entries) for page, entries in pages.items() if entries}
 
 
+@functools.cache
 def documented_paths() -> dict[str, str]:
     """Public dotted path -> the path it is documented at, for every name and its re-exports.
 
@@ -228,6 +229,25 @@ def on_files(files: Any, config: Any) -> Any:
         relative = path.relative_to(_MATHJAX).as_posix()
         files.append(File.generated(config, f"javascripts/mathjax/{relative}", abs_src_path=str(path)))
     return files
+
+
+_FIGURE_LINK = re.compile(r"\]\((?:\.\./)+benchmarks/figures/(?P<name>[^)\s]+)\)")
+_API_REF = re.compile(r"\]\[(?P<path>lightning_gd(?:\.\w+)+)\]")
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    """Point the pages' links at what the site serves, so that the same Markdown also reads right on GitHub.
+
+    * ``![..](../../benchmarks/figures/x.png)`` (the file in the repository) -> the site's ``figures/x.png``;
+    * ``[`SharpnessTracker`][lightning_gd.callbacks.SharpnessTracker]`` (the import path users write) -> the path
+      the reference documents it at (``lightning_gd.callbacks.sharpness_tracker.SharpnessTracker``). A path that is
+      not public stays as written, and the strict build fails on it.
+    """
+    del config, files
+    up = "../" * page.file.src_uri.count("/")
+    markdown = _FIGURE_LINK.sub(lambda m: f"]({up}figures/{m['name']})", markdown)
+    table = documented_paths()
+    return _API_REF.sub(lambda m: f"][{_resolve(m['path'], table) or m['path']}]", markdown)
 
 
 def _mathjax_files() -> list[Path]:

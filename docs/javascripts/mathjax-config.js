@@ -14,9 +14,6 @@ window.MathJax = {
   },
 };
 
-document$.subscribe(() => {
-  MathJax.startup.output.clearCache();
-  MathJax.typesetClear();
-  MathJax.texReset();
-  MathJax.typesetPromise();
-});
+// No `document$.subscribe(...)` re-typesetting as in Material's example: it serves instant navigation, which this
+// site does not use (every page is a full load, typeset by MathJax's own start-up), and MathJax 3.2's clearCache()
+// there leaves the formulas without their glyphs' styles: invisible math (seen in docs/check_in_browser.sh).
