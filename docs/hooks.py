@@ -27,6 +27,9 @@ from typing import Any
 
 import griffe
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from example_blocks import example_blocks  # noqa: E402 - docs/example_blocks.py, shared with tests/test_docstring_examples.py
+
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "benchmarks" / "figures"
 
@@ -263,39 +266,21 @@ def _mathjax_files() -> list[Path]:
 # griffe extension
 
 _ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc):`(?P<target>[^`]+)`")
-_EXAMPLE = re.compile(r"^(?P<indent>[ ]*)(?P<title>Examples?)::[ ]*$")
 
 
 def _example_blocks_to_fences(text: str) -> str:
     """``Example::`` + its indented block -> a bold title and a fenced code block (``pycon`` for doctests)."""
     lines = text.splitlines()
     out: list[str] = []
-    i = 0
-    while i < len(lines):
-        match = _EXAMPLE.match(lines[i])
-        if not match:
-            out.append(lines[i])
-            i += 1
-            continue
-        indent = len(match["indent"])
-        j = i + 1
-        block: list[str] = []
-        while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > indent):
-            block.append(lines[j])
-            j += 1
-        while block and not block[-1].strip():
-            block.pop()
-        while block and not block[0].strip():
-            block.pop(0)
-        width = min((len(b) - len(b.lstrip()) for b in block if b.strip()), default=0)
-        code = [b[width:] for b in block]
-        language = "pycon" if any(c.startswith(">>>") for c in code) else "python"
-        pad = " " * indent
-        out += [f"{pad}**{match['title']}**", "", f"{pad}```{language}"]
-        out += [f"{pad}{c}" if c else "" for c in code]
+    done = 0
+    for block in example_blocks(lines):
+        pad = " " * block.indent
+        out += lines[done : block.start]
+        out += [f"{pad}**{block.title}**", "", f"{pad}```{'pycon' if block.is_doctest else 'python'}"]
+        out += [f"{pad}{c}" if c else "" for c in block.code]
         out += [f"{pad}```", ""]
-        i = j
-    return "\n".join(out)
+        done = block.end
+    return "\n".join(out + lines[done:])
 
 
 class RstToMarkdown(griffe.Extension):

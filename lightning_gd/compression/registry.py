@@ -41,8 +41,9 @@ class CompressorEntry:
 
     Example::
 
+        >>> from lightning_gd.compression import COMPRESSORS
         >>> COMPRESSORS["topk"].options
-        {'density': 0.01}
+        {'density': 0.01, 'sampled': False}
     """
 
     class_path: str
