@@ -79,8 +79,14 @@ class CompressedDDPStrategy(DDPStrategy):
     residual fights the momentum buffer (a warning says so). For SGD with momentum use ``momentum_correction=m``
     (DGC: the velocity is accumulated locally and compressed, sent coordinates masked) together with
     ``torch.optim.SGD(momentum=0)``; the strategy refuses an optimizer that has its own momentum in that mode.
-    Gradient accumulation compresses only on synchronizing steps (DDP's no_sync). DeepSpeed and FSDP are
-    different strategies: use DeepSpeed's 1-bit Adam/LAMB there; this one is DDP only.
+    Gradient accumulation compresses only on synchronizing steps (DDP's no_sync).
+
+    **DeepSpeed and FSDP users:** this is a DDP strategy (it compresses DDP's gradient buckets), and a Trainer takes
+    one strategy, so it cannot be combined with ``DeepSpeedStrategy`` or FSDP. DeepSpeed's own compressed
+    communication is ZeRO++, at ZeRO stage 3 only: ``zero_quantized_gradients``, ``zero_quantized_weights`` and
+    ``zero_hpz_partition_size`` in ``zero_optimization`` (``DeepSpeedStrategy(config=...)``); at ZeRO-1/2 DeepSpeed
+    sends dense gradients, and DeepSpeed 0.19 no longer ships 1-bit Adam/LAMB. A model that fits on one device needs
+    no ZeRO: use these ``ddp_*`` strategies for top-k, sign, QSGD or PowerSGD with error feedback.
 
     Args:
         compressor: A registered compressor name.
