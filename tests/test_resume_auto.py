@@ -188,3 +188,14 @@ def test_a_user_yaml_without_loggers_resumes_in_lightning_logs(tmp_path, monkeyp
     code, lines = _fit(capfd, config="own.yaml")
     assert code == 0 and lines[0].startswith(f"lightning-gd: resuming from {saved} (step 3 of 8)"), lines
     assert sorted(p.name for p in Path("lightning_logs").iterdir()) == ["version_0"]
+
+
+def test_a_start_error_is_printed_by_rank_zero_only(tmp_path, monkeypatch, capfd):
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\0" * 10)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # as in rank 1 of a torchrun job
+    code, lines = _fit(capfd, "--ckpt_path", str(bad))
+    assert code == 2 and lines == []

@@ -16,7 +16,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-__all__ = ["TINY_QUICKSTART", "SignalAtStep", "TouchAtStep"]
+__all__ = ["TINY_QUICKSTART", "PidFile", "SignalAtStep", "TouchAtStep"]
 
 #: ``lightning-gd fit --config quickstart`` arguments that shrink it to seconds: 16 steps an epoch, validation (and
 #: last.ckpt) every 2 steps, one layer with dropout.
@@ -55,3 +55,18 @@ class TouchAtStep(Callback):
         if trainer.is_global_zero and trainer.global_step >= self.step and not os.path.exists(self.path):
             with open(self.path, "w") as f:
                 f.write(str(trainer.global_step))
+
+
+class PidFile(Callback):
+    """Write this process's id to ``<folder>/rank<R>.pid`` when training starts (again after every restart), so
+    that another process can kill one rank."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, f"rank{trainer.global_rank}.pid")
+        with open(path + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(path + ".tmp", path)
