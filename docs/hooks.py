@@ -1,7 +1,7 @@
 """Build-time pieces of the documentation site (``mkdocs.yml`` loads this file twice).
 
 * As MkDocs hooks (``hooks:``): the figures of ``benchmarks/figures/`` join the site as ``figures/*.png`` (one copy,
-  where the benchmarks write them), and the API reference pages ``api/*.md`` are written from the package's
+  where the benchmarks write them), ``benchmarks/RESULTS.md`` is the Results page, and the API reference pages ``api/*.md`` are written from the package's
   ``__all__`` lists, so a new public name gets its entry without editing a page.
 * As a griffe extension (``RstToMarkdown``, listed under mkdocstrings' ``extensions``): the docstrings are written
   for both Sphinx-style readers and this site; the extension turns their reST pieces into Markdown before
@@ -32,6 +32,7 @@ from example_blocks import example_blocks  # noqa: E402 - docs/example_blocks.py
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "benchmarks" / "figures"
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
 def _mathjax_dir() -> Path:
@@ -228,6 +229,9 @@ def on_files(files: Any, config: Any) -> Any:
         files.append(File.generated(config, f"figures/{png.name}", abs_src_path=str(png)))
     for page in public_api():
         files.append(File.generated(config, f"api/{page}.md", content=api_page_markdown(page)))
+    # The Results page is benchmarks/RESULTS.md itself (one copy): its figure links, figures/x.png, resolve the same
+    # way from the site's root.
+    files.append(File.generated(config, "results.md", abs_src_path=str(RESULTS)))
     for path in _mathjax_files():
         relative = path.relative_to(_MATHJAX).as_posix()
         files.append(File.generated(config, f"javascripts/mathjax/{relative}", abs_src_path=str(path)))
