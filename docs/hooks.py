@@ -1,8 +1,9 @@
 """Build-time pieces of the documentation site (``mkdocs.yml`` loads this file twice).
 
 * As MkDocs hooks (``hooks:``): the figures of ``benchmarks/figures/`` join the site as ``figures/*.png`` (one copy,
-  where the benchmarks write them), ``benchmarks/RESULTS.md`` is the Results page, and the API reference pages ``api/*.md`` are written from the package's
-  ``__all__`` lists, so a new public name gets its entry without editing a page.
+  where the benchmarks write them), ``benchmarks/RESULTS.md`` is the Results page, and the API reference pages
+  ``api/*.md`` are written from the package's ``__all__`` lists, so a new public name gets its entry without
+  editing a page.
 * As a griffe extension (``RstToMarkdown``, listed under mkdocstrings' ``extensions``): the docstrings are written
   for both Sphinx-style readers and this site; the extension turns their reST pieces into Markdown before
   mkdocstrings parses them: an ``Example::`` block becomes a highlighted code block (``pycon`` for ``>>>``
