@@ -1,4 +1,4 @@
-"""The quickstart table of README.md and RESULTS.md, from the command line the README gives.
+"""The quickstart table of docs/getting-started.md and RESULTS.md, from the command line the README gives.
 
 Runs, in an empty working directory (a temporary one unless ``--workdir``):
 

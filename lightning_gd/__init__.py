@@ -9,6 +9,7 @@ the strategies' names (``ddp_topk``, ...) with Lightning. The ``lightning-gd`` c
 
 Example::
 
+    # not run: a script: LightningCLI() parses this process's command line
     import lightning_gd
     from lightning.pytorch.cli import LightningCLI
 
@@ -78,8 +79,11 @@ def register() -> None:
 
     Example::
 
-        lightning_gd.register()
-        LightningCLI()  # class_path: CausalLMModule, strategy: ddp_sign, ...
+        >>> import lightning_gd
+        >>> from lightning.pytorch.strategies import StrategyRegistry
+        >>> lightning_gd.register()  # then LightningCLI() knows class_path: CausalLMModule, strategy: ddp_sign, ...
+        >>> "ddp_sign" in StrategyRegistry
+        True
     """
     for name in _GLUE:
         module = importlib.import_module(f"{__name__}.{name}")

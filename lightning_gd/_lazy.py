@@ -26,6 +26,7 @@ def lazy_attributes(
 
     Example::
 
+        # not run: module-level code of a package's __init__.py
         # in lightning_gd/recipes/__init__.py
         __getattr__, __dir__ = lazy_attributes(__name__, {"Llama": ".llama", "LlamaConfig": ".llama"})
     """

@@ -61,6 +61,7 @@ class LightningGDCLI(LightningCLI):
 
     Example::
 
+        # not run: a script: LightningGDCLI() parses this process's command line
         # my_train.py: the same command line, with your own defaults
         from lightning_gd.cli import LightningGDCLI
         LightningGDCLI()

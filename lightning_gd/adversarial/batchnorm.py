@@ -44,6 +44,7 @@ def add_auxiliary_bn(model: nn.Module, separate_affine: bool = False) -> int:
 
     Example::
 
+        >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
         >>> add_auxiliary_bn(model)
         1
@@ -96,10 +97,17 @@ def auxiliary_bn(model: nn.Module) -> Iterator[nn.Module]:
 
     Example::
 
-        add_auxiliary_bn(model)
-        loss = F.cross_entropy(model(clean), y)          # main statistics
-        with auxiliary_bn(model):
-            loss = loss + F.cross_entropy(model(adversarial), y)   # auxiliary statistics
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+        >>> clean, adversarial, y = torch.randn(8, 4), torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> add_auxiliary_bn(model)
+        1
+        >>> loss = F.cross_entropy(model(clean), y)  # main statistics
+        >>> with auxiliary_bn(model):
+        ...     loss = loss + F.cross_entropy(model(adversarial), y)  # auxiliary statistics
+        >>> int(model[1].aux_num_batches_tracked), int(model[1].num_batches_tracked)
+        (1, 1)
     """
     if getattr(model, _ACTIVE_FLAG, False):
         raise RuntimeError("auxiliary_bn(model) is already active for this model; it cannot be nested")

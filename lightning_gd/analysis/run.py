@@ -110,6 +110,7 @@ class AnalysisSettings:
 
     Example::
 
+        # not run: a shell command on a trained checkpoint (tests/analysis runs analyze on one)
         lightning-gd analyze --config quickstart --ckpt_path runs/quickstart/version_0/checkpoints/last.ckpt \\
             --analysis.num_batches 2 --analysis.grid_2d 11
     """

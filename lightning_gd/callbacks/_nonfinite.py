@@ -25,6 +25,7 @@ class NonFiniteGuard:
 
     Example::
 
+        # not run: inside a callback's hook, under a Trainer
         self._nonfinite = NonFiniteGuard("GradientFlossing", "Lyapunov exponents", "this flossing step is skipped")
         if not self._nonfinite.finite_everywhere(trainer, loss):   # a collective under DDP: call on every rank
             return

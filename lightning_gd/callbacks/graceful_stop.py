@@ -64,8 +64,10 @@ class GracefulStop(Callback):
 
     Example::
 
-        trainer = Trainer(callbacks=[GracefulStop()], plugins=[AtomicCheckpointIO()])
-        trainer.fit(model)  # Ctrl-C: checkpoints/interrupted.ckpt, loss_curves.png, ..., exit status 130
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_gd.plugins import AtomicCheckpointIO
+        >>> trainer = Trainer(callbacks=[GracefulStop()], plugins=[AtomicCheckpointIO()])
+        >>> # trainer.fit(model); Ctrl-C: checkpoints/interrupted.ckpt, loss_curves.png, ..., exit status 130
     """
 
     def __init__(

@@ -147,8 +147,9 @@ class GradientFlossing(Callback):
 
     Example::
 
-        trainer = L.Trainer(callbacks=[GradientFlossing(k=32, pre_train_steps=500, every_n_steps=1000,
-                                                        floss_steps=100, sequence_length=300, warmup=30)])
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[GradientFlossing(k=32, pre_train_steps=500, every_n_steps=1000,
+        ...                                                 floss_steps=100, sequence_length=300, warmup=30)])
     """
 
     def __init__(

@@ -110,7 +110,8 @@ class HessianTraceMonitor(_CurvatureCallback):
 
     Example::
 
-        trainer = Trainer(callbacks=[HessianTraceMonitor(every_n_steps=50, num_probes=30)])
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[HessianTraceMonitor(every_n_steps=50, num_probes=30)])
 
     Raises:
         MisconfigurationException: for a bad argument (naming it and its value), a model without trainable

@@ -33,7 +33,8 @@ class MetricPlotter(Callback):
 
     Example::
 
-        trainer = Trainer(callbacks=[MetricPlotter(metrics=["train/loss", "val/loss"])])
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[MetricPlotter(metrics=["train/loss", "val/loss"])])
     """
 
     def __init__(

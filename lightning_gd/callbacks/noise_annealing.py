@@ -159,8 +159,9 @@ class NoiseAnnealing(Callback):
 
     Example::
 
-        trainer = L.Trainer(callbacks=[NoiseAnnealing(eta=0.3, gamma=0.55)])  # Neelakantan et al.
-        trainer = L.Trainer(callbacks=[NoiseAnnealing(eta=0.0, grad_norm_threshold=1e-3, radius=0.1)])  # Jin et al.
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[NoiseAnnealing(eta=0.3, gamma=0.55)])  # Neelakantan et al.
+        >>> trainer = L.Trainer(callbacks=[NoiseAnnealing(eta=0.0, grad_norm_threshold=1e-3, radius=0.1)])  # Jin et al.
     """
 
     def __init__(

@@ -28,8 +28,9 @@ class ResumeProgressBar(TQDMProgressBar):
 
     Example::
 
-        trainer = Trainer(max_steps=1000, callbacks=[ResumeProgressBar()])
-        trainer.fit(model, ckpt_path="last.ckpt")  # "Epoch 0: 110/1000" when resumed at batch 110, not "110/890"
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(max_steps=1000, callbacks=[ResumeProgressBar()])
+        >>> # trainer.fit(model, ckpt_path="last.ckpt"): "Epoch 0: 110/1000" when resumed at batch 110, not "110/890"
     """
 
     def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False) -> None:

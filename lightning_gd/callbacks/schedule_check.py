@@ -34,8 +34,9 @@ class ScheduleLengthCheck(Callback):
 
     Example::
 
-        trainer = Trainer(max_steps=2000, callbacks=[ScheduleLengthCheck(use="this_run")])
-        trainer.fit(model, ckpt_path="run_to_1000_steps.ckpt")
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(max_steps=2000, callbacks=[ScheduleLengthCheck(use="this_run")])
+        >>> # trainer.fit(model, ckpt_path="run_to_1000_steps.ckpt"): the schedule stretches to 2000 steps
     """
 
     def __init__(self, use: ScheduleLength = "checkpoint") -> None:

@@ -237,7 +237,8 @@ class SharpnessTracker(_CurvatureCallback):
 
     Example::
 
-        trainer = Trainer(callbacks=[SharpnessTracker(every_n_steps=20, smallest=True, density_every_n_steps=500)])
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[SharpnessTracker(every_n_steps=20, smallest=True, density_every_n_steps=500)])
 
     Raises:
         MisconfigurationException: for a bad argument (naming it and its value), a model without trainable

@@ -39,7 +39,8 @@ class TextSampler(Callback):
 
     Example::
 
-        trainer = Trainer(callbacks=[TextSampler(prompt="def main(", max_new_tokens=300)])
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[TextSampler(prompt="def main(", max_new_tokens=300)])
     """
 
     def __init__(

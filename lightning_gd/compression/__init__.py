@@ -9,7 +9,7 @@ Example::
 
     >>> from lightning_gd.compression import make_hook_state
     >>> state = make_hook_state("topk", density=0.01, warmup_steps=10)
-    >>> state.register(ddp_model)
+    >>> # state.register(ddp_model): on a DistributedDataParallel model, before its first backward
 """
 
 from lightning_gd._lazy import lazy_attributes

@@ -36,6 +36,7 @@ class CompressedTensor:
 
     Example::
 
+        >>> from lightning_gd.compression import TopK
         >>> c = TopK(0.5).compress(torch.tensor([1.0, -3.0, 0.5, 2.0]))
         >>> [t.dtype for t in c.payload]
         [torch.float32, torch.int32]
@@ -84,6 +85,7 @@ class Compressor(abc.ABC):
 
     Example::
 
+        >>> from lightning_gd.compression import TopK
         >>> comp = TopK(0.01)
         >>> c = comp.compress(torch.randn(1000), key=0)
         >>> comp.decompress(c).count_nonzero().item()
@@ -162,6 +164,7 @@ class Compressor(abc.ABC):
 
         Example::
 
+            >>> from lightning_gd.compression import RandomK
             >>> comp = RandomK(0.1, seed=3)
             >>> _ = comp.compress(torch.randn(100), key=0)
             >>> comp.state_dict()["counters"]

@@ -24,6 +24,7 @@ class ErrorFeedback:
 
     Example::
 
+        >>> from lightning_gd.compression import TopK
         >>> ef, comp = ErrorFeedback(), TopK(0.5)
         >>> g = torch.tensor([1.0, -3.0, 0.5, 2.0])
         >>> p = ef.compensate("w", g)  # p_t = g_t + e_t

@@ -84,11 +84,11 @@ class CompressionHookState:
 
     Example::
 
-        >>> state = CompressionHookState(TopK(0.01), warmup_steps=10, module=model)
-        >>> state.register(ddp_model)  # = ddp_model.register_comm_hook(state, compressed_allreduce_hook)
-        >>> ...  # train
-        >>> state.stats()["ratio"]  # dense bytes / sent bytes of the last step
-        50.0
+        # not run: needs a DDP process group (tests/compression runs it in 2 gloo processes)
+        state = CompressionHookState(TopK(0.01), warmup_steps=10, module=model)
+        state.register(ddp_model)  # = ddp_model.register_comm_hook(state, compressed_allreduce_hook)
+        ...  # train
+        state.stats()["ratio"]  # dense bytes / sent bytes of the last step: 50.0
     """
 
     single_bucket_on_gloo = False
@@ -170,6 +170,7 @@ class CompressionHookState:
 
         Example::
 
+            >>> from lightning_gd.compression import TopK
             >>> CompressionHookState(TopK(0.01), warmup_steps=1, density_warmup_steps=4).density_at(3)
             0.05
         """
@@ -408,8 +409,9 @@ def compressed_allreduce_hook(
 
     Example::
 
-        >>> state = CompressionHookState(RandomK(0.01, seed=0), warmup_steps=2)
-        >>> ddp_model.register_comm_hook(state, compressed_allreduce_hook)
+        # not run: needs a DDP process group (tests/compression runs it in 2 gloo processes)
+        state = CompressionHookState(RandomK(0.01, seed=0), warmup_steps=2)
+        ddp_model.register_comm_hook(state, compressed_allreduce_hook)
     """
     return state._run(bucket)
 

@@ -42,10 +42,11 @@ class HookState(Protocol):
 
     Example::
 
+        >>> from lightning_gd.compression import CompressionHookState, TopK
         >>> state = CompressionHookState(TopK(0.01), warmup_steps=10)
         >>> isinstance(state, HookState)
         True
-        >>> state.register(ddp_model)  # before the first backward
+        >>> # state.register(ddp_model): before the first backward
     """
 
     step: int

@@ -35,6 +35,7 @@ class MomentumCorrection:
 
     Example::
 
+        >>> from lightning_gd.compression import TopK
         >>> mc, comp = MomentumCorrection(0.9), TopK(0.25)
         >>> v = mc.accumulate(0, torch.tensor([1.0, -3.0, 0.5, 2.0]))  # v_t
         >>> c = comp.compress(v, key=0)

@@ -47,8 +47,9 @@ def powersgd_state_dict(state: PowerSGDState) -> dict[str, Any]:
 
     Example::
 
-        >>> sd = powersgd_state_dict(powersgd_state)
-        >>> torch.save({"powersgd": sd}, "ckpt.pt")
+        # not run: needs the PowerSGD state of a DDP process group (tests/compression runs it in 2 gloo processes)
+        sd = powersgd_state_dict(powersgd_state)
+        torch.save({"powersgd": sd}, "ckpt.pt")
     """
     out: dict[str, Any] = {
         name: {str(k): t.detach().cpu().clone() for k, t in getattr(state, name).items()} for name in _TENSOR_DICTS
@@ -80,8 +81,9 @@ def load_powersgd_state_dict(
 
     Example::
 
-        >>> state = PowerSGDState(process_group=None, matrix_approximation_rank=2, start_powerSGD_iter=10)
-        >>> load_powersgd_state_dict(state, torch.load("ckpt.pt")["powersgd"], device="cuda:0")
+        # not run: needs a DDP process group and a GPU (device="cuda:0")
+        state = PowerSGDState(process_group=None, matrix_approximation_rank=2, start_powerSGD_iter=10)
+        load_powersgd_state_dict(state, torch.load("ckpt.pt")["powersgd"], device="cuda:0")
     """
     for name in _TENSOR_DICTS:
         setattr(
@@ -125,8 +127,9 @@ class PowerSGDHookState:
 
     Example::
 
-        >>> state = PowerSGDHookState(powersgd_rank=2, warmup_steps=10)
-        >>> state.register(ddp_model)
+        # not run: needs a DDP process group (tests/compression runs it in 2 gloo processes)
+        state = PowerSGDHookState(powersgd_rank=2, warmup_steps=10)
+        state.register(ddp_model)
     """
 
     single_bucket_on_gloo = True  # torch's hook issues collectives from future callbacks

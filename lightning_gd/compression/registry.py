@@ -1,8 +1,9 @@
 """The compressors by name: class, default options and a one-line description, as data.
 
 The Lightning strategy names (``ddp_<name>``), its ``compressor`` choices and argument checks, ``lightning-gd
-compressors`` and the README table all read :data:`COMPRESSORS`. A new compressor is one module (a
-:class:`~lightning_gd.compression.Compressor` subclass) plus one entry here.
+compressors`` and the table of the compressed-DDP guide (``docs/guides/compressed-ddp.md``) all read
+:data:`COMPRESSORS`. A new compressor is one module (a :class:`~lightning_gd.compression.Compressor` subclass) plus
+one entry here.
 
 The entries name their classes by import path, so that the registry is readable without importing torch
 (``lightning-gd compressors`` answers at once); :attr:`CompressorEntry.cls` imports the class.
@@ -40,8 +41,9 @@ class CompressorEntry:
 
     Example::
 
+        >>> from lightning_gd.compression import COMPRESSORS
         >>> COMPRESSORS["topk"].options
-        {'density': 0.01}
+        {'density': 0.01, 'sampled': False}
     """
 
     class_path: str

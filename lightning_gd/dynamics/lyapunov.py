@@ -101,10 +101,14 @@ def lyapunov_spectrum(
 
     Example::
 
-        rnn = nn.RNN(3, 64)
-        lam = lyapunov_spectrum(recurrent_step(rnn), torch.zeros(8, 64), torch.randn(200, 8, 3), k=10, warmup=50)
-        loss = (lam**2).mean()  # gradient flossing (Engelken 2023)
-        loss.backward()  # reaches rnn.weight_hh_l0
+        >>> from torch import nn
+        >>> from lightning_gd.dynamics import recurrent_step
+        >>> rnn = nn.RNN(3, 16)
+        >>> lam = lyapunov_spectrum(recurrent_step(rnn), torch.zeros(8, 16), torch.randn(100, 8, 3), k=4, warmup=20)
+        >>> loss = (lam**2).mean()  # gradient flossing (Engelken 2023)
+        >>> loss.backward()
+        >>> rnn.weight_hh_l0.grad is not None  # the loss reaches the recurrent weights
+        True
     """
     check_positive_int("k", k)
     check_positive_int("warmup", warmup, minimum=0)

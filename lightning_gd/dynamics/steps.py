@@ -93,9 +93,12 @@ def recurrent_dynamics(module: nn.Module) -> RecurrentDynamics:
 
     Example::
 
-        lstm = nn.LSTM(4, 32, num_layers=2)
-        dyn = recurrent_dynamics(lstm)  # dyn.state_size == 2 * 2 * 32
-        h1 = dyn.step(torch.zeros(5, dyn.state_size), torch.randn(5, 4))
+        >>> lstm = nn.LSTM(4, 32, num_layers=2)
+        >>> dyn = recurrent_dynamics(lstm)
+        >>> dyn.state_size  # 2 layers x (h, c) x 32
+        128
+        >>> dyn.step(torch.zeros(5, dyn.state_size), torch.randn(5, 4)).shape
+        torch.Size([5, 128])
     """
     if isinstance(module, _RNN_LAYERS):
         if module.bidirectional:
@@ -143,6 +146,9 @@ def recurrent_step(module: nn.Module) -> StepFn:
 
     Example::
 
-        lam = lyapunov_spectrum(recurrent_step(nn.GRU(3, 16)), torch.zeros(16), torch.randn(100, 3), k=4)
+        >>> from lightning_gd.dynamics import lyapunov_spectrum
+        >>> lam = lyapunov_spectrum(recurrent_step(nn.GRU(3, 16)), torch.zeros(16), torch.randn(100, 3), k=4)
+        >>> lam.shape
+        torch.Size([4])
     """
     return recurrent_dynamics(module).step

@@ -68,11 +68,13 @@ class Conda(Optimizer):
 
     Example::
 
-        hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n]
-        rest = [p for n, p in model.named_parameters() if not (p.ndim == 2 and "embed" not in n)]
-        opt = Conda([{"params": hidden}, {"params": rest, "conda": False}], lr=0.01, betas=(0.9, 0.99), scale=0.25)
-        loss.backward()
-        opt.step()
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+        >>> hidden = [p for p in model.parameters() if p.ndim == 2]  # Conda on hidden matrices
+        >>> rest = [p for p in model.parameters() if p.ndim != 2]  # AdamW for the rest
+        >>> opt = Conda([{"params": hidden}, {"params": rest, "conda": False}], lr=0.01, betas=(0.9, 0.99), scale=0.25)
+        >>> model(torch.randn(4, 8)).square().mean().backward()
+        >>> opt.step()
     """
 
     def __init__(

@@ -43,9 +43,11 @@ class DiffGrad(Optimizer):
 
     Example::
 
-        opt = DiffGrad(model.parameters(), lr=1e-3)
-        loss.backward()
-        opt.step()
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = DiffGrad(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
     """
 
     def __init__(

@@ -64,10 +64,13 @@ class MFAC(Optimizer):
 
     Example::
 
-        opt = MFAC(small_model.parameters(), lr=1e-3, num_grads=64, damp=1e-4)
-        loss.backward()
-        opt.step()
-        print(opt.memory_bytes() / 2**20, "MiB of state")
+        >>> import torch
+        >>> small_model = torch.nn.Linear(4, 2)
+        >>> opt = MFAC(small_model.parameters(), lr=1e-3, num_grads=64, damp=1e-4)
+        >>> small_model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+        >>> opt.memory_bytes()  # bytes: the ring buffer of 64 gradients of 10 floats, and the 64 x 64 matrices
+        35336
     """
 
     def __init__(

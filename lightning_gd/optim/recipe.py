@@ -103,7 +103,11 @@ def decay_groups(
 
     Example::
 
-        decay, no_decay = decay_groups(model)   # torch.optim.AdamW(decay_groups(model), weight_decay=0.1)
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        >>> decay, no_decay = decay_groups(model)  # torch.optim.AdamW(decay_groups(model), weight_decay=0.1)
+        >>> len(decay["params"]), len(no_decay["params"]), no_decay["weight_decay"]  # the matrix; its bias and the norm
+        (1, 3, 0.0)
     """
     embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
     hidden, decay_rest, no_decay = [], [], []
@@ -174,6 +178,7 @@ class OptimizerRecipe:
 
     Example::
 
+        # not run: part of a LightningModule, built by the Trainer at fit
         class MyModule(LightningModule):
             def configure_optimizers(self):
                 return OptimizerRecipe.from_name("lamb-imagenet", batch_size=4096).build(self)
@@ -386,6 +391,7 @@ class OptimizerRecipe:
 
         Example::
 
+            # not run: a method of a LightningModule, called by the Trainer
             def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
                 self.recipe.clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
         """

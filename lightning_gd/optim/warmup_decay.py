@@ -46,12 +46,15 @@ class WarmupDecayLR(LRScheduler):
 
     Example::
 
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        sched = WarmupDecayLR(opt, warmup_steps=100, total_steps=10_000, min_lr_ratio=0.1)
-        for batch in loader:
-            ...
-            opt.step()
-            sched.step()
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        >>> sched = WarmupDecayLR(opt, warmup_steps=100, total_steps=10_000, min_lr_ratio=0.1)
+        >>> for step in range(100):  # your training loop: a step of the optimizer, then of the schedule
+        ...     opt.step()
+        ...     sched.step()
+        >>> sched.get_last_lr()  # the end of the warm-up: the peak
+        [0.001]
     """
 
     def __init__(

@@ -93,7 +93,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Example::
 
-        trainer = Trainer(plugins=[AtomicCheckpointIO()])
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(plugins=[AtomicCheckpointIO()])
     """
 
     @override

@@ -59,6 +59,7 @@ class CausalLMModule(LightningModule):
 
     Example::
 
+        # not run: trains for minutes (the quickstart; tests/recipes train it shrunk)
         model = CausalLMModule(
             preset="tiny",
             optimizer=lambda params: torch.optim.AdamW(params, lr=2e-3, weight_decay=0.1),

@@ -43,8 +43,10 @@ class ConAdvReport(Callback):
 
     Example::
 
-        trainer = Trainer(strategy=ConAdvStrategy(epsilon=0.1, mean=(0.31,), std=(0.38,)),
-                          callbacks=[ConAdvReport(every_n_steps=5)])
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_gd.strategies import ConAdvStrategy
+        >>> trainer = Trainer(strategy=ConAdvStrategy(epsilon=0.1, mean=(0.31,), std=(0.38,)),
+        ...                   callbacks=[ConAdvReport(every_n_steps=5)])
     """
 
     def __init__(self, every_n_steps: int = 5, num_images: int = 8, seed: int = 0) -> None:

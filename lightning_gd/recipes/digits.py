@@ -56,6 +56,7 @@ class DigitsDataModule(ResumableDataModule):
 
     Example::
 
+        # not run: trains (the quickstart-vision recipe; tests/recipes train it shrunk)
         trainer.fit(ImageClassifierModule("resnet10t", num_classes=10, in_chans=1), DigitsDataModule(batch_size=256))
     """
 

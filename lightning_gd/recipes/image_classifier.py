@@ -51,6 +51,7 @@ class ImageClassifierModule(LightningModule):
 
     Example::
 
+        # not run: needs ImageNet and 8 GPUs
         model = ImageClassifierModule("resnet50", optimizer_recipe=OptimizerRecipe("lars-imagenet", batch_size=4096))
         trainer = Trainer(devices=8, precision="bf16-mixed", accumulate_grad_batches=2, max_epochs=90)
         trainer.fit(model, datamodule=ImageFolderDataModule("/data/imagenet", batch_size=256))

@@ -90,6 +90,7 @@ class ImageFolderDataModule(ResumableDataModule):
 
     Example::
 
+        # not run: needs an ImageFolder at /data/imagenet (tests/recipes generate a tiny one)
         data = ImageFolderDataModule("/data/imagenet", batch_size=256, num_workers=10,
                                      train_transform={"auto_augment": "rand-m9-mstd0.5"})
 

@@ -44,8 +44,9 @@ class LlamaConfig:
 
     Example::
 
-        cfg = LlamaConfig.from_name("125m")
-        print(cfg.num_parameters() / 1e6, "M parameters")
+        >>> cfg = LlamaConfig.from_name("125m")
+        >>> round(cfg.num_parameters() / 1e6, 1)  # million parameters
+        124.7
     """
 
     vocab_size: int = 256
@@ -226,8 +227,9 @@ class Llama(nn.Module):
 
     Example::
 
-        model = Llama(LlamaConfig.from_name("tiny"))
-        logits = model(torch.randint(0, 256, (2, 64)))  # (2, 64, 256)
+        >>> model = Llama(LlamaConfig.from_name("tiny"))
+        >>> model(torch.randint(0, 256, (2, 64))).shape  # logits
+        torch.Size([2, 64, 256])
     """
 
     def __init__(self, config: LlamaConfig, activation_checkpointing: bool = False) -> None:

@@ -117,6 +117,7 @@ def prepare_text(
 
     Example::
 
+        # not run: reads ~/corpus and writes data/corpus (tests/recipes prepare a small corpus)
         prepare_text(["~/corpus"], "data/corpus", glob="**/*.md")  # then TokenStreamDataModule("data/corpus/train")
     """
     from litdata import TokensLoader, optimize

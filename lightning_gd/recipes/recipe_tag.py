@@ -22,7 +22,8 @@ class RecipeTag(Callback):
 
     Example::
 
-        trainer = Trainer(callbacks=[RecipeTag("quickstart")])
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[RecipeTag("quickstart")])
     """
 
     def __init__(self, recipe: str) -> None:

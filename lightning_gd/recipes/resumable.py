@@ -177,6 +177,7 @@ class ResumableDataModule(StatefulDataModule):
 
     Example::
 
+        # not run: a template: MyDataset stands for your map-style dataset
         class MyData(ResumableDataModule):
             def __init__(self, batch_size: int = 32, seed: int = 0) -> None:
                 super().__init__()

@@ -73,6 +73,7 @@ class StatefulDataModule(LightningDataModule):
 
     Example::
 
+        # not run: a template: MyPlannedLoader stands for your loader
         class MyStream(StatefulDataModule):
             def position_settings(self) -> dict[str, Any]:
                 return {"batch_size": 8, "seed": 0, "data": "s3://bucket/train"}

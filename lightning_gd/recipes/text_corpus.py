@@ -103,6 +103,7 @@ class TextCorpusDataModule(ResumableDataModule):
 
     Example::
 
+        # not run: trains for minutes (the quickstart; tests/recipes train it shrunk)
         dm = TextCorpusDataModule(seq_len=128, batch_size=32)  # the standard library, no download
         trainer.fit(CausalLMModule(preset="tiny"), datamodule=dm)
         trainer.fit(CausalLMModule(preset="tiny"), datamodule=dm, ckpt_path="last")  # continues exactly

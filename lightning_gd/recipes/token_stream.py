@@ -107,6 +107,7 @@ class TokenStreamDataModule(StatefulDataModule):
 
     Example::
 
+        # not run: needs a prepared dataset (lightning-gd prepare-text)
         # lightning-gd prepare-text ~/corpus --output data/corpus
         data = TokenStreamDataModule("data/corpus/train", seq_len=512, batch_size=8)
         trainer.fit(CausalLMModule(preset="125m", block_size=512), datamodule=data)

@@ -118,6 +118,7 @@ class CompressedDDPStrategy(DDPStrategy):
 
     Example::
 
+        # not run: starts 2 processes (the first) and needs 8 GPUs (the second)
         trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_topk")   # density 0.01
         trainer = Trainer(devices=8, strategy=CompressedDDPStrategy("topk", density=0.001, warmup_steps=500,
                                                                     momentum_correction=0.9))

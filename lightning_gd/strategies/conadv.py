@@ -122,6 +122,7 @@ class ConAdvStrategy(DDPStrategy):
 
     Example::
 
+        # not run: needs 8 GPUs (the first); tests/strategies run ConAdv on CPU
         trainer = Trainer(accelerator="gpu", devices=8, strategy=ConAdvStrategy(epsilon=9 / 255, tau=1,
                           mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
         trainer = Trainer(accelerator="cpu", devices=1, strategy="conadv")   # registered name, defaults

@@ -24,6 +24,7 @@ class LookaheadLoader:
 
     Example::
 
+        # not run: a template of ConAdvStrategy's use, inside a Trainer
         lookahead = LookaheadLoader(train_loader, lambda: trainer.current_epoch)
         for i, batch in enumerate(lookahead):
             upcoming = lookahead.peek(i + 1)   # the next batch, or None at the end of the epoch

@@ -31,7 +31,12 @@ def check_number(
 
     Example::
 
-        momentum = check_number("momentum", momentum, 0, 1, high_open=True)   # [0, 1)
+        >>> check_number("momentum", 0.9, 0, 1, high_open=True)  # [0, 1)
+        0.9
+        >>> check_number("momentum", 1.0, 0, 1, high_open=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: ...
     """
     ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
     if ok and low is not None:

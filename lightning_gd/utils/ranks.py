@@ -33,6 +33,7 @@ def gather_from_ranks(local: Any, group: dist.ProcessGroup | None = None) -> lis
 
     Example::
 
+        # not run: inside a callback's on_save_checkpoint, on every rank
         checkpoint["mine"] = {"ranks": dict(enumerate(gather_from_ranks(self.local_state())))}
     """
     if not (dist.is_available() and dist.is_initialized()):

@@ -34,7 +34,10 @@ def derive_seed(*parts: int | str) -> int:
 
     Example::
 
-        gen = torch.Generator().manual_seed(derive_seed("randomk", seed, step, bucket))
+        >>> seed, step, bucket = 0, 10, 2
+        >>> gen = torch.Generator().manual_seed(derive_seed("randomk", seed, step, bucket))
+        >>> derive_seed("randomk", seed, step, bucket) == derive_seed("randomk", seed, step, bucket)  # on every rank
+        True
     """
     digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)

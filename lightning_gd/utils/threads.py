@@ -94,6 +94,7 @@ def set_thread_defaults(environ: MutableMapping[str, str]) -> dict[str, str]:
 
     Example::
 
+        # not run: it does nothing once torch is imported (tests/utils/test_threads.py tests it)
         set_thread_defaults(os.environ)  # first thing in a launcher, before `import torch`
     """
     if "torch" in sys.modules or environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
