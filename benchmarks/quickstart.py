@@ -89,7 +89,7 @@ def main() -> None:
 
     _run(["validate", *common], cwd)
     initial = _metrics(_latest_run(cwd))
-    fit_wall = _run(["fit", *common], cwd)
+    fit_wall = _run(["fit", *common, "--resume", "never"], cwd)  # a fresh run, also in a --workdir used before
     run = _latest_run(cwd)
     trained = _metrics(run)
 

@@ -147,6 +147,12 @@ class LightningGDCLI(LightningCLI):
         """Auto-resume (see the class docstring): set ``ckpt_path`` and return the version directory to log into
         (``None``: a new one)."""
         trainer_config = config["trainer"]
+        if _torchrun_restarts_share_the_store(os.environ):
+            _say(
+                "warning: torchrun restarts the workers with its rendezvous store shared, where a restarted group"
+                " reads the keys of the one that died and may hang or fail to connect (pytorch/pytorch#135712):"
+                ' launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README, "Pre-emption and restarts")'
+            )
         _make_default_logger_explicit(trainer_config)
         if config.get("run_name"):
             _rename_run(trainer_config, str(config["run_name"]))
@@ -369,6 +375,15 @@ def _pin_logger_versions(loggers: Any, version: int | None = None, root: str | N
 
 def _version_dir(version: Any) -> str:
     return version if isinstance(version, str) else f"version_{version}"
+
+
+def _torchrun_restarts_share_the_store(env: Any) -> bool:
+    """Whether torchrun may restart this worker group on a rendezvous store shared across restarts."""
+    try:
+        restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    except ValueError:
+        restarts = 0
+    return restarts > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
 def _say(message: str) -> None:

@@ -200,7 +200,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         LightningGDCLI(args=_resolve_config_names(args), short_errors=not debug)
     except StartError as err:
-        print(f"lightning-gd: error: {err}\n(the traceback: add --debug, or set {_DEBUG}=1)", file=sys.stderr)
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        if rank_zero_only.rank == 0:  # every rank of a torchrun / DDP job fails the same way: say it once
+            print(f"lightning-gd: error: {err}\n(the traceback: add --debug, or set {_DEBUG}=1)", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         sys.argv = saved

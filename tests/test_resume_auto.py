@@ -18,16 +18,12 @@ import torch
 import yaml
 
 from lightning_gd.cli import main
+from lightning_gd.plugins import AtomicCheckpointIO
 from lightning_gd.recipes.registry import recipe_path
+from tests.helpers.interrupt import TINY_QUICKSTART
 from tests.helpers.resume import compare_runs
 
-# The quickstart, shrunk: 16 steps an epoch, validation (and last.ckpt) every 2 steps, one layer.
-TINY = [
-    "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    "--data.seq_len", "32", "--data.train_windows", "64", "--data.val_windows", "8", "--data.batch_size", "4",
-    "--model.overrides", "{block_size: 32, n_layer: 1, dropout: 0.1}",
-]  # fmt: skip
+TINY = TINY_QUICKSTART
 STOP_AT = ["--trainer.callbacks+=tests.helpers.interrupt.SignalAtStep", "--trainer.callbacks.step"]
 RUN = Path("runs") / "quickstart" / "version_0"
 
@@ -165,6 +161,7 @@ def test_a_longer_run_keeps_the_schedule_and_says_which_length(tmp_path, monkeyp
             cli = LightningGDCLI(args=args)
         ours = [str(w.message) for w in caught if "ScheduleLengthCheck" in str(w.message)]
         assert len(ours) == 1, ours
+        assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO  # the command's checkpoint writer
         return cli.trainer.lr_scheduler_configs[0].scheduler, ours[0]
 
     scheduler, message = relaunch()
@@ -191,3 +188,14 @@ def test_a_user_yaml_without_loggers_resumes_in_lightning_logs(tmp_path, monkeyp
     code, lines = _fit(capfd, config="own.yaml")
     assert code == 0 and lines[0].startswith(f"lightning-gd: resuming from {saved} (step 3 of 8)"), lines
     assert sorted(p.name for p in Path("lightning_logs").iterdir()) == ["version_0"]
+
+
+def test_a_start_error_is_printed_by_rank_zero_only(tmp_path, monkeypatch, capfd):
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\0" * 10)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # as in rank 1 of a torchrun job
+    code, lines = _fit(capfd, "--ckpt_path", str(bad))
+    assert code == 2 and lines == []

@@ -202,7 +202,9 @@ def _check_strategy(strategy: Any, owner: str) -> None:
         )
     if getattr(strategy, "zero_stage_3", False):
         raise MisconfigurationException(
-            f"{owner} does not support DeepSpeed ZeRO stage 3: it shards the parameters. Use ZeRO stage 1 or 2."
+            f"{owner} does not support DeepSpeed ZeRO stage 3: it partitions the parameters across ranks, so no rank"
+            " holds the whole model for Hessian-vector products. Use DeepSpeed ZeRO stage 1 or 2"
+            " (`strategy='deepspeed_stage_2'`), which keep whole parameters on every rank, or DDP."
         )
 
 

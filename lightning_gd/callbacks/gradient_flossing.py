@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
@@ -24,6 +25,7 @@ from lightning_gd.dynamics import RecurrentDynamics, recurrent_dynamics
 from lightning_gd.dynamics.flossing import flossing_loss, flossing_spectrum
 from lightning_gd.dynamics.lyapunov import _single_cpu_thread
 from lightning_gd.utils.checks import check_number, check_positive_int
+from lightning_gd.utils.deepspeed_state import deepspeed_stage, full_grads, set_fp32_params, set_grads
 from lightning_gd.utils.logging import log_to_loggers
 from lightning_gd.utils.plotting import new_figure, run_dir, save_figure
 from lightning_gd.utils.rng import tuple_hash_seed
@@ -118,6 +120,10 @@ class GradientFlossing(Callback):
 
     **DDP:** every rank floss its own random trajectories and the flossing gradients are averaged over ranks
     (one all-reduce per flossing step), so replicas stay identical; the logged exponents are rank means.
+    **DeepSpeed ZeRO-1/2** the same, with the flossed weights also written into DeepSpeed's fp32 master copies
+    and the added gradient into its gradient buffers (through ``deepspeed.utils``' per-parameter API), so a run
+    matches the DDP run of the same seed; ZeRO-3 and FSDP are refused at setup (they partition the recurrent
+    weights).
 
     Args:
         k: Number of exponents (``1 <= k <= N``, the state size; checked at setup).
@@ -217,6 +223,7 @@ class GradientFlossing(Callback):
         self._dyn: RecurrentDynamics | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._optimizer_state: dict[str, Any] | None = None
+        self._zero = False  # DeepSpeed ZeRO-1/2: gradients and master weights live in its partitions (set at setup)
         self._nonfinite = NonFiniteGuard(
             "GradientFlossing", "Lyapunov exponents", "this flossing step (or measurement) is skipped"
         )
@@ -232,6 +239,19 @@ class GradientFlossing(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):
+            raise MisconfigurationException(
+                f"GradientFlossing does not support {type(trainer.strategy).__name__}: FSDP shards the recurrent"
+                " weights across ranks, and the Lyapunov spectrum needs the whole weights in every step function"
+                " call. Use DDP, or DeepSpeed ZeRO stage 1 or 2 (`strategy='deepspeed_stage_2'`)."
+            )
+        if deepspeed_stage(trainer.strategy) == 3:
+            raise MisconfigurationException(
+                "GradientFlossing does not support DeepSpeed ZeRO stage 3: it partitions the recurrent weights across"
+                " ranks, and the Lyapunov spectrum needs the whole weights in every step function call. Use DeepSpeed"
+                " ZeRO stage 1 or 2 (`strategy='deepspeed_stage_2'`), which keep whole weights on every rank, or DDP."
+            )
+        self._zero = (deepspeed_stage(trainer.strategy) or 0) > 0
         self._dyn = _find_dynamics(pl_module, self.dynamics)
         if self.k > self._dyn.state_size:
             raise MisconfigurationException(
@@ -255,6 +275,16 @@ class GradientFlossing(Callback):
             return
         grads = self._flossing_grads(trainer, pl_module)
         if grads is None:
+            return
+        if self._zero:
+            # DeepSpeed ZeRO keeps the reduced gradients in its own buffers (`p.grad` is None here): add to them
+            # through its per-parameter API (a collective; every rank has the same `grads`).
+            params = [p for p, _ in grads]
+            with torch.no_grad():
+                training = full_grads(params)
+                for t, (_, g) in zip(training, grads, strict=True):
+                    t.add_(g.to(t.dtype))
+                set_grads(params, training)
             return
         with torch.no_grad():
             for p, g in grads:
@@ -341,6 +371,11 @@ class GradientFlossing(Callback):
             optimizer.step()
             for (p, _), old in zip(reached, saved, strict=True):
                 p.grad = old
+            if self._zero:
+                # DeepSpeed ZeRO steps its fp32 master copies and copies them back into the module after every
+                # training step: the flossed weights must go into the masters too, or that copy undoes them.
+                with torch.no_grad():
+                    set_fp32_params([p for p, _ in reached], [p.detach() for p, _ in reached])
 
     def _flossing_optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
         if self._optimizer is None:

@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -29,8 +30,22 @@ from typing_extensions import override
 
 from lightning_gd._compat import ddp_comm_state, model_averager
 from lightning_gd.callbacks._nonfinite import NonFiniteGuard
-from lightning_gd.dynamics.noise import DeviceGenerators, NoiseSchedule, add_gaussian_, noise_std, uniform_ball_
+from lightning_gd.dynamics.noise import (
+    DeviceGenerators,
+    NoiseSchedule,
+    add_gaussian_,
+    noise_std,
+    uniform_ball_,
+    whole,
+)
 from lightning_gd.utils.checks import check_choice, check_number, check_positive_int
+from lightning_gd.utils.deepspeed_state import (
+    deepspeed_stage,
+    full_fp32_params,
+    full_grads,
+    set_fp32_params,
+    set_grads,
+)
 from lightning_gd.utils.logging import log_to_loggers
 from lightning_gd.utils.rng import tuple_hash_seed
 
@@ -51,6 +66,18 @@ def _averages_models(trainer: Trainer) -> bool:
     if model_averager(trainer.strategy) is not None:
         return True
     return any(isinstance(opt, PostLocalSGDOptimizer) for opt in trainer.optimizers)
+
+
+def _clip_norm_(params: list[Tensor], grads: list[Tensor], max_norm: float, zero: bool) -> None:
+    """Rescale the gradients in place so that their joint 2-norm is at most ``max_norm`` (torch's arithmetic)."""
+    if not zero:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    # DeepSpeed's gradients are tensors of their own, not `p.grad`: clip_grad_norm_'s two halves on them.
+    total = torch.nn.utils.get_total_norm(grads)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device))
 
 
 def _local_sgd_start(trainer: Trainer) -> int:
@@ -96,6 +123,16 @@ class NoiseAnnealing(Callback):
     model_averaging_period=H)`` or torch's ``PostLocalSGDOptimizer``; anything else is refused at the start of
     fit). Lightning 2.x registers DDP comm hooks on CUDA only: on CPU (gloo) DDP keeps all-reducing the gradients
     and only the periodic model averaging runs, so per-rank noise is then what separates the replicas.
+
+    **DeepSpeed ZeRO-1/2/3 and FSDP2.** DeepSpeed's optimizer steps flat fp32 partitions, not the module's
+    parameters, and keeps the reduced gradients in its own buffers, where writing ``p.grad`` or ``p`` would change
+    nothing. Under a ``DeepSpeedStrategy`` with ZeRO on, the callback reads and writes each parameter's whole
+    gradient and fp32 master weight through DeepSpeed's per-parameter API (``deepspeed.utils.safe_get_full_grad``
+    and friends: an all-reduce per parameter per step, on every rank). The noise is drawn in the module's parameter
+    order, so a run matches the DDP run of the same seed bit for bit when the optimizer was given
+    ``self.parameters()`` (tested on ZeRO-1, 2 and 3); with parameter groups in another order the noise has the
+    same law but other draws. Under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``) each rank adds its shard
+    of the whole noise (tested: DDP's weights); FSDP1's flat shards (``FSDPStrategy``) are refused at setup.
 
     This counter-based generator *is* the RNG state: the checkpoint holds the seed and the perturbation
     bookkeeping, and the step comes from the Trainer's own checkpointed ``global_step``, so a resumed run draws
@@ -192,6 +229,12 @@ class NoiseAnnealing(Callback):
     # ---------------------------------------------------------------- Lightning hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and isinstance(trainer.strategy, FSDPStrategy):
+            raise MisconfigurationException(
+                "NoiseAnnealing does not support FSDPStrategy (FSDP1): its optimizer holds flat shards of the"
+                " parameters, where the noise would not match any layout. Use ModelParallelStrategy with"
+                " `fully_shard` (FSDP2, supported), DDP, or DeepSpeed ZeRO-1/2/3."
+            )
         if stage == "fit" and self.clip_norm is not None and trainer.gradient_clip_val:
             rank_zero_warn(
                 "NoiseAnnealing(clip_norm=...) with the Trainer's gradient_clip_val: Lightning clips after this"
@@ -216,37 +259,63 @@ class NoiseAnnealing(Callback):
         step = trainer.global_step
         std = self.std(step, trainer.current_epoch)
         self.last_std = std
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if params and (std > 0 or self.clip_norm is not None or self.grad_norm_threshold is not None):
-            opt_idx = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
-            # Per-rank noise only once local SGD runs: in its warm-up replicas are plain DDP and must stay equal.
-            rank = trainer.global_rank if self.per_rank and step >= self._start else 0
-            with torch.no_grad():
-                if self.clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
-                perturb = self._perturb_due(trainer, params, step)
-                if std > 0:
-                    noisy = [p.grad for p in params] if self.target == "gradient" else params
-                    add_gaussian_(noisy, std, DeviceGenerators(tuple_hash_seed(self.seed, step, opt_idx, rank, 0)))
-                if perturb:
-                    uniform_ball_(
-                        params, self.radius, DeviceGenerators(tuple_hash_seed(self.seed, step, opt_idx, rank, 1))
-                    )
-                    self.perturbations += 1
-                    self.last_perturbation = step
+        if std > 0 or self.clip_norm is not None or self.grad_norm_threshold is not None:
+            self._apply(trainer, pl_module, optimizer, step, std)
         metrics = {"noise/std": std, "noise/perturbations": float(self.perturbations)}
         if step % max(trainer.log_every_n_steps, 1) == 0:
             log_to_loggers(trainer, metrics, step=step)
         else:  # current values for other callbacks (progress bar, early stopping); loggers every log_every_n_steps
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
+    def _apply(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer, step: int, std: float
+    ) -> None:
+        """Clip, decide the perturbation, add the noise and the perturbation, on the gradients and weights the
+        optimizer step will use."""
+        zero = (deepspeed_stage(trainer.strategy) or 0) > 0
+        if zero:
+            # DeepSpeed's optimizer holds flat fp32 partitions, not the module's parameters, and the reduced
+            # gradients live in its buffers: read and write them per module parameter through DeepSpeed's API
+            # (collectives: every rank, same parameters, same order). The noise is drawn in the module's parameter
+            # order, which is the optimizer's when it was given `self.parameters()`.
+            params = [p for p in pl_module.parameters() if p.requires_grad]
+            grads = full_grads(params)
+        else:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+        if not params:
+            return
+        opt_idx = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+        # Per-rank noise only once local SGD runs: in its warm-up replicas are plain DDP and must stay equal.
+        rank = trainer.global_rank if self.per_rank and step >= self._start else 0
+        with torch.no_grad():
+            if self.clip_norm is not None:
+                _clip_norm_(params, grads, self.clip_norm, zero)
+            perturb = self._perturb_due(trainer, grads, step)
+            weights = None
+            if self.target == "weights" or perturb:
+                weights = full_fp32_params(params) if zero else params
+            if std > 0:
+                noisy = grads if self.target == "gradient" else weights
+                add_gaussian_(noisy, std, DeviceGenerators(tuple_hash_seed(self.seed, step, opt_idx, rank, 0)))
+            if perturb:
+                uniform_ball_(
+                    weights, self.radius, DeviceGenerators(tuple_hash_seed(self.seed, step, opt_idx, rank, 1))
+                )
+                self.perturbations += 1
+                self.last_perturbation = step
+            if zero:
+                set_grads(params, grads)
+                if weights is not None:
+                    set_fp32_params(params, weights)
+
     # ---------------------------------------------------------------- perturbed GD
-    def _perturb_due(self, trainer: Trainer, params: list[Tensor], step: int) -> bool:
+    def _perturb_due(self, trainer: Trainer, grads: list[Tensor], step: int) -> bool:
         if self.grad_norm_threshold is None:
             return False
         if self.last_perturbation is not None and step - self.last_perturbation < self.perturb_interval:
             return False
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.double()) for p in params]))
+        norm = torch.linalg.vector_norm(torch.stack([whole(torch.linalg.vector_norm(g.double())) for g in grads]))
         finite = bool(torch.isfinite(norm))
         due = finite and norm.item() <= self.grad_norm_threshold
         if trainer.world_size > 1 and not self.per_rank:  # one decision, or replicas drift apart

@@ -48,6 +48,7 @@ from lightning_gd.curvature.preconditioned import (
     combine_preconditioners,
     gd_threshold,
 )
+from lightning_gd.utils.deepspeed_state import deepspeed_stage
 from lightning_gd.utils.optim_state import adam_moments, is_adam_family, owner_of
 from lightning_gd.utils.plotting import new_figure, run_dir, save_figure
 
@@ -94,7 +95,7 @@ class _ClipFactors:
         self._optimizers = list(optimizers)
         for index, optimizer in enumerate(self._optimizers):
             register = getattr(optimizer, "register_step_post_hook", None)
-            if callable(register):  # torch.optim contract (DeepSpeed's optimizers have none: c stays 1)
+            if callable(register):  # torch.optim contract (DeepSpeed's have none: see on_train_batch_end)
                 self._handles.append(register(lambda opt, args, kwargs, i=index: self._used(i, opt)))
 
     def detach(self) -> None:
@@ -150,15 +151,19 @@ class SharpnessTracker(_CurvatureCallback):
     * **gradient clipping**: Adam's moments are built from the clipped gradient ``c g``, so ``P_c = c P`` and the
       raw ``lambda_max(P_c^-1 H)`` is ``1/c`` too large; the tracker measures ``c`` (the clipped over the unclipped
       gradient norm of each optimizer's latest step: Lightning's ``gradient_clip_val``, a
-      ``configure_gradient_clipping`` override or your own ``clip_grad_norm_``) and reports
+      ``configure_gradient_clipping`` override or your own ``clip_grad_norm_``; under DeepSpeed, which clips inside
+      its own step, from the engine's gradient norm and its ``gradient_clipping``) and reports
       ``lambda_max(c P_c^-1 H)``, logging ``sharpness/clip_factor``;
     * **sparse or compressed gradients** (``ddp_topk``, random-k, parameters the loss does not reach): coordinates
       with ``sqrt(v_hat) < eps`` have had no gradient, Adam does not move them, and their ``P`` would put ``1/eps``
       on the diagonal (9.5e8 instead of 525 on GPT-2 under ``ddp_topk``); they are left out, said once, and
       ``sharpness/unmoved_fraction`` logs their share (chosen by measurement over a floor on ``v`` and the raw
       lambda_max: :mod:`lightning_gd.curvature.preconditioned`);
+    * **sharded optimizer state**: DeepSpeed ZeRO-1/2's flat fp32 partitions and ``ZeroRedundancyOptimizer``'s
+      per-rank shards are read back per parameter (:mod:`lightning_gd.utils.optim_state`, gathered across ranks):
+      the same number as under DDP (tested);
     * **when some measured parameter has no Adam moments** (an SGD-trained part, a parameter no optimizer updates,
-      an optimizer whose state cannot be read such as DeepSpeed's), the raw lambda_max(H) is tracked against 2/lr
+      an optimizer keeping no per-parameter second moment), the raw lambda_max(H) is tracked against 2/lr
       instead, and the first check says so, naming the parameters. No check is skipped in silence.
 
     Logged every ``every_n_steps`` optimizer steps (the same numbers on every rank):
@@ -299,6 +304,7 @@ class SharpnessTracker(_CurvatureCallback):
         self._max_basis: int | None = None  # Lanczos vectors stored at once, from memory_budget (None: max_iter)
         self._modes: dict[str, bool] = {}  # target -> preconditioned or not, decided at the first check, then fixed
         self._clip = _ClipFactors()
+        self._deepspeed_clip = 0.0  # DeepSpeed's gradient_clipping (set at fit start; 0: none or not DeepSpeed)
         self._said_unmoved = False
         self._last_density_step = 0
         self.density_paths: list[str] = []
@@ -353,6 +359,10 @@ class SharpnessTracker(_CurvatureCallback):
             )
         if self.preconditioned is not False and adam_like:
             self._clip.attach(trainer.optimizers)
+        # DeepSpeed clips inside its own step, where no optimizer hook sees the gradient: its clipping threshold
+        # (Lightning's gradient_clip_val, put in the config) and the engine's gradient norm give c instead.
+        config = getattr(trainer.strategy, "config", None) if deepspeed_stage(trainer.strategy) is not None else None
+        self._deepspeed_clip = float((config or {}).get("gradient_clipping") or 0.0)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -373,6 +383,18 @@ class SharpnessTracker(_CurvatureCallback):
             scaler = getattr(trainer.precision_plugin, "scaler", None)  # 16-mixed: gradients are still scaled here
             scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
             self._clip.after_backward(scale)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._deepspeed_clip > 0 and self._clip.active:
+            # DeepSpeed's rule (its unscale_and_clip_grads): g * min(1, clip / (||g|| + 1e-6)), the norm before
+            # clipping, which the engine keeps until its next step.
+            norm = trainer.strategy.deepspeed_engine.get_global_grad_norm()
+            if norm is not None and math.isfinite(float(norm)):
+                self._clip.factors[0] = min(1.0, self._deepspeed_clip / (float(norm) + 1e-6))
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     # ---------------------------------------------------------------- measuring
     def _measure(
@@ -481,7 +503,7 @@ class SharpnessTracker(_CurvatureCallback):
         shown = ", ".join(repr(n) for n in missing[:4]) + (", ..." if len(missing) > 4 else "")
         notes.append(
             f"{what}: {len(missing)} of {len(have)} measured parameters have no Adam moments ({shown}: updated by a"
-            " non-Adam optimizer, by none, or by one whose state cannot be read per parameter, e.g. DeepSpeed ZeRO),"
+            " non-Adam optimizer, by none, or by one keeping no per-parameter second moment),"
             " so the preconditioned sharpness of the update is not defined for them: tracking the raw lambda_max(H)"
             " against 2/lr (the largest lr of their optimizers) instead."
             + (" Use `groups` to track the Adam-trained parameters preconditioned." if any(have) else "")

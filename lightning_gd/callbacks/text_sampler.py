@@ -7,11 +7,13 @@ import os
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_gd.utils.checks import check_number, check_positive_int
+from lightning_gd.utils.deepspeed_state import deepspeed_stage
 from lightning_gd.utils.plotting import run_dir
 
 __all__ = ["TextSampler"]
@@ -23,7 +25,9 @@ class TextSampler(Callback):
     The module must have ``generate(idx, max_new_tokens, temperature=..., top_k=..., generator=...)`` over
     byte tokens (vocabulary 256), as :class:`~lightning_gd.recipes.CausalLMModule` has. Sampling uses its
     own seeded generator, so the global RNG is untouched; the module's train/eval mode is restored. The
-    sample is printed, written to ``<log_dir>/<filename>`` and added to TensorBoard's text tab.
+    sample is printed, written to ``<log_dir>/<filename>`` and added to TensorBoard's text tab. Rank zero samples;
+    with sharded parameters (DeepSpeed ZeRO-3, FSDP), where every forward is a collective, every rank generates
+    the same sample and rank zero writes it.
 
     Args:
         prompt: Text to continue.
@@ -71,7 +75,12 @@ class TextSampler(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         log_dir = run_dir(trainer)  # on every rank: a collective under DDP
-        if not trainer.is_global_zero:
+        # With sharded parameters (DeepSpeed ZeRO-3, FSDP) every forward all-gathers them: every rank must generate,
+        # or rank zero waits forever. Elsewhere rank zero generates alone.
+        sharded = deepspeed_stage(trainer.strategy) == 3 or isinstance(
+            trainer.strategy, FSDPStrategy | ModelParallelStrategy
+        )
+        if not trainer.is_global_zero and not sharded:
             return
         idx = torch.tensor([list(self.prompt.encode())], dtype=torch.long, device=pl_module.device)  # (1, T)
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
@@ -84,6 +93,8 @@ class TextSampler(Callback):
         finally:
             for m, training in modes.items():
                 m.training = training
+        if not trainer.is_global_zero:
+            return
         self.last_sample = bytes(out[0].tolist()).decode("utf-8", errors="replace")
         os.makedirs(log_dir, exist_ok=True)
         with open(os.path.join(log_dir, self.filename), "w", encoding="utf-8") as f:

@@ -3,6 +3,8 @@
 * :class:`HessianOperator`: matrix-free Hessian of ``loss_fn(model, batch)`` (side-effect free).
 * :class:`GGNOperator`, :class:`EmpiricalFisherOperator`: the generalised Gauss-Newton ``J^T H_L J`` and the
   empirical Fisher ``G^T G / n`` of a loss of the model's outputs (PSD; Jacobian-vector products).
+* :class:`FiniteDifferenceOperator`: the Hessian by central differences of gradients a caller computes (a sharded
+  strategy's own forward and backward), its vectors each rank's shards; :func:`finite_difference_error`.
 * :class:`DenseOperator`, :class:`PreconditionedOperator`, :class:`ReducedOperator` (mean over
   data-parallel ranks): other symmetric operators.
 * :func:`hutchinson_trace`: Hutchinson (1989) / Hutch++ (Meyer et al. 2021) / XTrace (Epperly, Tropp & Webber
@@ -19,6 +21,11 @@ Nothing here imports Lightning; the callbacks build on these functions.
 from lightning_gd.curvature.base import CurvatureOperator
 from lightning_gd.curvature.dense import DenseOperator
 from lightning_gd.curvature.density import SpectralDensity, spectral_density
+from lightning_gd.curvature.finite_difference import (
+    FiniteDifferenceOperator,
+    finite_difference_eps,
+    finite_difference_error,
+)
 from lightning_gd.curvature.fisher import EmpiricalFisherOperator
 from lightning_gd.curvature.ggn import GGNOperator, LossSpec, OutputLoss, loss_spec
 from lightning_gd.curvature.lanczos import EigResult, lanczos
@@ -32,6 +39,7 @@ __all__ = [
     "DenseOperator",
     "EigResult",
     "EmpiricalFisherOperator",
+    "FiniteDifferenceOperator",
     "GGNOperator",
     "HessianOperator",
     "HvpMethod",
@@ -42,6 +50,8 @@ __all__ = [
     "ReducedOperator",
     "SpectralDensity",
     "TraceEstimate",
+    "finite_difference_eps",
+    "finite_difference_error",
     "hutchinson_trace",
     "lanczos",
     "loss_spec",

@@ -33,6 +33,11 @@ At most ``max_basis`` vectors are stored:
   (local reorthogonalisation, single vector only): its Gauss quadrature stays exact for the probe's measure up to
   rounding, and a ghost copy of a converged Ritz value only splits that node's weight.
 
+Sharded operators (see ``_utils``): each rank stores its part of every vector; the inner products, norms and
+Gram-Schmidt coefficients are all-reduced (one small all-reduce per pass), and ``H`` is built from them only, so it
+is the same on every rank and so is every decision taken on it. Memory per rank: the same counts of vectors, each
+the size of the rank's part.
+
 Precision: the basis, the residual and Gram-Schmidt are in the working dtype, the operator's dtype promoted to at
 least float32 (float32 for bfloat16/float16/float32 operators, float64 for float64 ones); the operator receives
 its own dtype; ``H`` is kept in float64 on the CPU.
@@ -43,7 +48,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_gd.curvature._utils import _gaussian, _matmat, _work_dtype
+from lightning_gd.curvature._utils import _allreduce, _dim, _dot, _gaussian, _matmat, _norm, _sharded, _work_dtype
 from lightning_gd.curvature.base import CurvatureOperator
 
 # Residual norms below this multiple of eps * ||T|| mean the Krylov space is invariant.
@@ -93,6 +98,8 @@ class _LanczosProcess:
     ) -> None:
         self.op = op
         self.dtype = _work_dtype(op.dtype)
+        self.dim = _dim(op)  # the space's dimension (a sharded operator's vectors are this rank's part of it)
+        self._sharded = _sharded(op)
         self.block = 1 if q0.ndim == 1 else q0.shape[1]
         if window and self.block > 1:
             raise ValueError("window mode is single-vector only")
@@ -117,7 +124,7 @@ class _LanczosProcess:
         if b == 1:
             row = self._slot_row(0)
             row.copy_(q0)  # converts dtype and device without a temporary (q0 may be a warm start kept on the host)
-            row.div_(torch.linalg.vector_norm(row))
+            row.div_(_norm(op, row))
             self._index.append(0)
             return
         for i in range(b):
@@ -154,6 +161,8 @@ class _LanczosProcess:
         """One classical Gram-Schmidt pass of ``w`` (in place) against the stored rows; return the coefficients."""
         blocks = self._in_use()
         coeffs = [block @ w for block in blocks]  # all coefficients from the same w: classical Gram-Schmidt
+        if self._sharded:  # one all-reduce for every coefficient of the pass
+            coeffs = list(_allreduce(self.op, torch.cat(coeffs)).split([block.shape[0] for block in blocks]))
         for block, c in zip(blocks, coeffs, strict=True):
             w.addmv_(block.T, c, alpha=-1.0)
         return torch.cat(coeffs)
@@ -162,11 +171,11 @@ class _LanczosProcess:
         """Make ``row`` (not yet counted in ``stored``) a unit vector orthogonal to the stored rows (twice is
         enough); a row that vanishes under the projection becomes a random direction."""
         for attempt in range(3):
-            norm0 = torch.linalg.vector_norm(row)
+            norm0 = _norm(self.op, row)
             if self.stored:
                 for _ in range(2):
                     self._orthogonalize(row)
-            norm = torch.linalg.vector_norm(row)
+            norm = _norm(self.op, row)
             if norm > self._reorth_eta**2 * norm0 and norm > 0:
                 row.div_(norm)
                 return
@@ -202,18 +211,18 @@ class _LanczosProcess:
         # The known part of the band first (cheap, and it removes the large components: for b = 1 the three-term
         # recurrence), then one Gram-Schmidt pass against every stored vector for what rounding left; a second
         # pass only if that one still cancelled.
-        alpha = torch.dot(q, w)
+        alpha = _dot(self.op, q, w)
         w.addcmul_(q, alpha, value=-1.0)
         known = [(i, float(self._H[j, i])) for i in range(max(self._floor, j - self.block), j)]
         known = [(i, h) for i, h in known if h]
         for i, h in known:
             w.add_(self._slot_row(i % self.max_basis), alpha=-h)
         c = self._orthogonalize(w)
-        beta = torch.linalg.vector_norm(w)
+        beta = _norm(self.op, w)
         # ||w before the pass||^2 = beta^2 + ||c||^2 (w just lost its components c along the orthonormal rows).
         if (beta * beta < _DGKS**2 * (beta * beta + c.square().sum())).item():
             c = c + self._orthogonalize(w)
-            beta = torch.linalg.vector_norm(w)
+            beta = _norm(self.op, w)
         c64 = c.to(device="cpu", dtype=torch.float64)
         idx = torch.tensor(self._index, dtype=torch.long)  # Krylov index of each slot, in c's order
         column = torch.zeros(max(j, max(self._index)) + 1, dtype=torch.float64)
@@ -233,7 +242,7 @@ class _LanczosProcess:
     def broke_down(self) -> bool:
         """Whether the last residual vanished (the Krylov space is invariant under ``A``)."""
         eps = torch.finfo(self.dtype).eps
-        return self.size >= self.op.numel or self.beta <= _BREAKDOWN_FACTOR * eps * self.scale
+        return self.size >= self.dim or self.beta <= _BREAKDOWN_FACTOR * eps * self.scale
 
     @property
     def full(self) -> bool:
@@ -248,7 +257,7 @@ class _LanczosProcess:
     @property
     def exhausted(self) -> bool:
         """Whether the stored vectors span the whole space (no further vector can be orthogonal to them)."""
-        return not self.window and self.stored >= self.op.numel
+        return not self.window and self.stored >= self.dim
 
     def residual_norms(self, S: Tensor) -> Tensor:
         """``||A Q_m s - theta Q_m s||`` for the columns ``s`` of ``S`` (eigenvectors of :meth:`projected`)."""
@@ -292,7 +301,7 @@ class _LanczosProcess:
             self._orthogonalize(q)
         row = self._next_row()
         if row is not None:
-            torch.div(q, torch.linalg.vector_norm(q), out=row)
+            torch.div(q, _norm(self.op, q), out=row)
         self.w = None
 
     def thick_restart(self, S: Tensor, theta: Tensor) -> None:

@@ -5,6 +5,12 @@ eigenvalues after Golub & Meurant 2010, stochastic Lanczos quadrature after Ghor
 only need a symmetric linear map ``v -> A v`` of a known size, so they accept any object with
 ``numel``, ``dtype``, ``device`` and ``matvec``; ``matmat`` is used when present to batch
 several products.
+
+Sharded operators, whose vectors are split across ranks (each rank holds ``numel`` entries of a space of
+``global_numel``), add ``allreduce(t)`` (the sum over those ranks), ``global_numel`` and ``segments`` (where the
+local entries sit in the global vector); the estimators then all-reduce their inner products and norms and draw
+each rank's entries of the global random vectors (``_utils``). :class:`~lightning_gd.curvature.FiniteDifferenceOperator`
+on FSDP2 shards is one.
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ def spectral_density(
     Memory and precision: extra memory on the operator's device beyond the operator's own product is
     ``min(max_basis, num_steps)`` parameter-sized vectors (allocated 4 at a time, never beyond
     ``max_basis``) plus 1 residual, in the working dtype (float32 for float32 and half-precision
-    operators, float64 for float64 ones); nodes and weights come from a float64 projected matrix.
+    operators, float64 for float64 ones); nodes and weights come from a float64 projected matrix. On a sharded
+    operator each rank holds its part of these vectors and of the global probes, and gets the same density.
 
     Returns:
         A :class:`SpectralDensity`.

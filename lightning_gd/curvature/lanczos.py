@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from lightning_gd.curvature._krylov import _LanczosProcess
-from lightning_gd.curvature._utils import _check_positive_int, _gaussian, _resolve_generator
+from lightning_gd.curvature._utils import _allreduce, _check_positive_int, _dim, _gaussian, _resolve_generator
 from lightning_gd.curvature.base import CurvatureOperator
 
 __all__ = ["EigResult", "lanczos"]
@@ -85,7 +85,10 @@ def lanczos(
     residual), plus ``k`` for the returned eigenvectors (and 1 transient after a breakdown), all parameter-sized,
     in the working dtype: float32
     for float32 and half-precision operators, float64 for float64 ones. The operator is applied to
-    vectors of its own dtype; Ritz values come from a float64 projected matrix.
+    vectors of its own dtype; Ritz values come from a float64 projected matrix. On a sharded operator (see
+    :class:`~lightning_gd.curvature.CurvatureOperator`) each rank stores the same number of vectors, each its own
+    part (``op.numel`` entries), ``init`` and the eigenvectors are this rank's parts, ``k`` and ``max_iter`` are
+    bounded by the global dimension, and every rank returns the same eigenvalues.
 
     Args:
         op: Symmetric operator (e.g. :class:`~lightning_gd.curvature.HessianOperator`).
@@ -123,7 +126,7 @@ def lanczos(
         >>> [round(x, 6) for x in lanczos(twice, k=2).eigenvalues.tolist()]  # both copies: a block of 2
         [5.0, 5.0]
     """
-    n = op.numel
+    n = _dim(op)  # the space's dimension (sharded operators: over every rank)
     _check_positive_int("k", k)
     if k > n:
         raise ValueError(f"k must be <= numel ({n}), got {k!r}")
@@ -179,7 +182,8 @@ def lanczos(
 
 
 def _start_block(op: CurvatureOperator, init: Tensor | None, b: int, gen: torch.Generator) -> Tensor:
-    """The start vector (``b = 1``) or block: ``init``'s columns first, random Gaussian columns after."""
+    """The start vector (``b = 1``) or block: ``init``'s columns first, random Gaussian columns after (a sharded
+    operator's ``init`` is this rank's part, checked over every rank)."""
     n = op.numel
     if init is None:
         return _gaussian((n,), gen, op) if b == 1 else _gaussian((b, n), gen, op).T
@@ -189,7 +193,9 @@ def _start_block(op: CurvatureOperator, init: Tensor | None, b: int, gen: torch.
     columns = init.unsqueeze(1) if init.ndim == 1 else init
     if columns.shape[1] > b:
         raise ValueError(f"init must have at most block_size={b} columns, got {columns.shape[1]}")
-    if not bool(torch.isfinite(columns).all()) or not bool((columns.abs().sum(dim=0) > 0).all()):
+    bad = (~torch.isfinite(columns)).sum(dim=0).to(columns.dtype)
+    mass = _allreduce(op, torch.cat([bad, columns.abs().sum(dim=0)]).double())  # one decision for every rank
+    if bool(mass[: columns.shape[1]].any()) or not bool((mass[columns.shape[1] :] > 0).all()):
         raise ValueError("init must be finite, with no zero column, got one that is not")
     if b == 1:
         return columns[:, 0]  # copied into the basis as is: it may stay on the host

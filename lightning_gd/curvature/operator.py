@@ -3,7 +3,9 @@
 The Hessian of ``loss_fn(model, batch)`` with respect to some parameters is never formed: it is
 applied to vectors by automatic differentiation (Pearlmutter 1994, "Fast exact multiplication by
 the Hessian"), either reverse-over-reverse ("double backward") or forward-over-reverse
-(``torch.func.jvp`` of ``torch.func.grad``, batched over vectors with ``torch.func.vmap``).
+(``torch.func.jvp`` of ``torch.func.grad``, batched over vectors with ``torch.func.vmap``), or, where neither
+is available, by central differences of two ordinary gradients (``_differences``: no second-order graph,
+accurate to about ``finfo(dtype).eps ** (2/3)``).
 This is the operator the estimators of :mod:`lightning_gd.curvature` consume: Hutchinson (1989)
 and Hutch++ (Meyer et al. 2021) traces, Lanczos eigenvalues (Golub & Meurant 2010) and the
 stochastic Lanczos quadrature density of Ghorbani et al. (2019), as popularised by PyHessian
@@ -26,11 +28,13 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _NormBase
 
+from lightning_gd.curvature._differences import _central_differences, finite_difference_eps
+
 __all__ = ["HessianOperator", "HvpMethod", "OperatorMode"]
 
 _log = logging.getLogger(__name__)
 
-HvpMethod = Literal["auto", "double_backward", "forward_over_reverse"]
+HvpMethod = Literal["auto", "double_backward", "forward_over_reverse", "finite_difference"]
 OperatorMode = Literal["eval", "train"]
 _HVP_METHODS: tuple[str, ...] = get_args(HvpMethod)
 _MODES: tuple[str, ...] = get_args(OperatorMode)
@@ -39,7 +43,10 @@ _MODES: tuple[str, ...] = get_args(OperatorMode)
 class _ModelOperator:
     """What every operator on a model's parameters shares: the parameter selection, flat vectors, the measurement
     context (modes, RNG, buffers, grads restored; see :class:`HessianOperator`) and the ``"auto"`` choice between
-    the two ways a product is computed. Subclasses define ``_products(V, method)``, ``loss()`` and ``gradient()``."""
+    the ways a product is computed. Subclasses define ``_products(V, method)``, ``loss()`` and ``gradient()``, and
+    say with ``_finite_difference`` whether central differences of gradients are one of their methods."""
+
+    _finite_difference = False  # whether "finite_difference" is a product method of this operator (the Hessian's)
 
     def __init__(
         self,
@@ -51,8 +58,9 @@ class _ModelOperator:
         seed: int,
         chunk_size: int | None,
     ) -> None:
-        if hvp not in _HVP_METHODS:
-            raise ValueError(f"hvp must be one of {_HVP_METHODS}, got {hvp!r}")
+        methods = tuple(m for m in _HVP_METHODS if self._finite_difference or m != "finite_difference")
+        if hvp not in methods:
+            raise ValueError(f"hvp must be one of {methods}, got {hvp!r}")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
@@ -155,37 +163,40 @@ class _ModelOperator:
         return out
 
     def _auto(self, V: Tensor) -> Tensor:
-        """Try the preferred method for this device once, fall back to the other and remember the choice.
+        """Try the methods in ``_auto_methods()`` order, each after the previous one raised, and remember the first
+        that works (central differences last: they are approximate, the two AD methods exact).
 
         Raises:
-            RuntimeError: When both methods fail, naming both failures (e.g. activation checkpointing, whose
-                saved-tensor hooks ``torch.func`` refuses, around an op without a double backward).
+            RuntimeError: When every method fails, naming every failure (e.g. reentrant activation checkpointing,
+                which refuses ``torch.autograd.grad``, around an op without a double backward).
         """
-        first, second = _auto_order(self.device)
-        try:
-            out = self._products(V, first)
-        except torch.OutOfMemoryError:
-            raise  # Memory pressure is not a missing-feature signal: do not hide it.
-        except Exception as err:  # noqa: BLE001 - any failure of the preferred AD path means "fall back"
-            _log.info("%s HVP failed (%s: %s); using %s", first, type(err).__name__, err, second)
+        order = self._auto_methods()
+        failures: list[tuple[str, Exception]] = []
+        for i, method in enumerate(order):
             try:
-                out = self._products(V, second)
+                out = self._products(V, method)
             except torch.OutOfMemoryError:
-                raise
-            except Exception as err2:  # noqa: BLE001 - report both failures in one error
-                if type(err2) is type(err) and str(err2) == str(err):
-                    raise  # the same failure both ways (e.g. a bad loss): not about the HVP method
-                raise RuntimeError(
-                    f"{type(self).__name__}(hvp='auto'): no product method works for this model and loss."
-                    f" {first} failed with {type(err).__name__}: {err}; {second} failed with"
-                    f" {type(err2).__name__}: {err2}. With activation checkpointing, use"
-                    " torch.utils.checkpoint(use_reentrant=False), which double backward supports, or measure on an"
-                    " unwrapped copy of the model."
-                ) from err2
-            self._method = second
+                raise  # Memory pressure is not a missing-feature signal: do not hide it.
+            except Exception as err:  # noqa: BLE001 - any failure of an AD path means "fall back"
+                first = failures[0][1] if failures else None
+                if i == 1 and type(err) is type(first) and str(err) == str(first):
+                    raise  # the same failure both exact ways (e.g. a bad loss): not about the HVP method
+                failures.append((method, err))
+                if i + 1 < len(order):
+                    _log.info("%s HVP failed (%s: %s); using %s", method, type(err).__name__, err, order[i + 1])
+                continue
+            self._method = method
             return out
-        self._method = first
-        return out
+        tried = "; ".join(f"{m} failed with {type(e).__name__}: {e}" for m, e in failures)
+        raise RuntimeError(
+            f"{type(self).__name__}(hvp='auto'): no product method works for this model and loss. {tried}. With"
+            " activation checkpointing, use torch.utils.checkpoint(use_reentrant=False), which double backward"
+            " supports, or measure on an unwrapped copy of the model."
+        ) from failures[-1][1]
+
+    def _auto_methods(self) -> tuple[str, ...]:
+        """The order ``hvp="auto"`` tries: the device's preferred AD method, the other, then central differences."""
+        return _auto_order(self.device) + (("finite_difference",) if self._finite_difference else ())
 
     def _products(self, V: Tensor, method: str) -> Tensor:
         raise NotImplementedError
@@ -204,7 +215,9 @@ class _ModelOperator:
             torch.cuda.default_generators[index].manual_seed(self._seed)
 
     @contextlib.contextmanager
-    def _measuring(self) -> Iterator[None]:
+    def _measuring(self, math_attention: bool = True) -> Iterator[None]:
+        """Modes, RNG, buffers, ``.grad`` and ``requires_grad`` left as found; autocast off; with
+        ``math_attention``, attention through SDPA's math kernel (what the AD methods need)."""
         model = self._model
         training = [(module, module.training) for module in model.modules()]
         grads = [(p, p.grad) for p in model.parameters()]
@@ -223,8 +236,10 @@ class _ModelOperator:
             if _autocast_available(self.device.type):
                 stack.enter_context(torch.autocast(device_type=self.device.type, enabled=False))
             # Flash / memory-efficient attention kernels have neither forward-mode AD nor double backward:
-            # measure through the math kernel, which is plain differentiable ops.
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            # measure through the math kernel, which is plain differentiable ops. Central differences need first
+            # derivatives only: they keep the fused kernels the model trains with.
+            if math_attention:
+                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             try:
                 model.train(self._mode == "train")
                 if self._mode == "train":
@@ -283,7 +298,7 @@ class HessianOperator(_ModelOperator):
       ``.grad`` reference (products use ``torch.autograd.grad``, which never accumulates);
     * disables autocast and enables grad, so the Hessian is measured in the parameters' dtype, and
       restricts ``scaled_dot_product_attention`` to its math kernel (the fused kernels have no
-      forward-mode AD or double backward).
+      forward-mode AD or double backward; central differences keep them).
 
     The batch is passed to ``loss_fn`` untouched; the parameters are read at each product, so
     the operator follows in-place updates of the model.
@@ -293,7 +308,16 @@ class HessianOperator(_ModelOperator):
     products; a model cast to bfloat16 gives bfloat16 products. Beyond autograd's own memory for the product
     (the create-graph gradient and its backward), ``matmat(V)`` holds its output, ``V.shape[1]`` flat vectors;
     double backward writes each product straight into it, forward-over-reverse also holds the ``vmap``-ed
-    tangents and outputs of one chunk.
+    tangents and outputs of one chunk, central differences one copy of the measured parameters and one gradient.
+
+    Central differences (``hvp="finite_difference"``): ``(g(theta + h v) - g(theta - h v)) / 2h``, two ordinary
+    gradients per product (``torch.autograd.grad``, first order only) with ``h = fd_eps (1 + ||theta||) / ||v||``;
+    truncation ``O(h^2)`` against roundoff ``O(u / h)`` gives ``fd_eps = finfo(dtype).eps ** (1/3)`` and a relative
+    error of about ``finfo(dtype).eps ** (2/3)`` (2.4e-5 in float32; 3.9% in bfloat16, so a model held in half
+    precision gets a coarse product: see :func:`~lightning_gd.curvature.finite_difference_error`). The parameters
+    are perturbed in place and copied back bit for bit after every product. The product is not exactly linear or
+    symmetric (its error is), which Lanczos and the trace estimators tolerate at that size. Use it where no exact
+    method runs (ops without a double backward or forward-mode AD); ``"auto"`` falls back to it there.
 
     Args:
         model: The module whose loss is measured.
@@ -301,19 +325,21 @@ class HessianOperator(_ModelOperator):
         batch: Anything ``loss_fn`` accepts (tensor, tuple, dict, ...).
         params: Parameters of ``model`` to differentiate with respect to. Defaults to all
             parameters with ``requires_grad=True``, in ``named_parameters()`` order.
-        hvp: ``"forward_over_reverse"``, ``"double_backward"`` or ``"auto"``: on the first product
-            try the method preferred for the device, fall back to the other if it raises (an op
-            without forward-mode AD or without a double backward) and keep that choice. On CPU double
-            backward comes first (1.06-1.39x faster per product in benchmarks/RESULTS.md, and more ops
-            support it, e.g. ``cdist``, ``grid_sample``, ``embedding_bag``); on accelerators
-            forward-over-reverse comes first (``vmap`` batches the probes of a ``matmat``).
+        hvp: ``"forward_over_reverse"``, ``"double_backward"``, ``"finite_difference"`` or ``"auto"``: on the
+            first product try the exact method preferred for the device, fall back to the other if it raises (an op
+            without forward-mode AD or without a double backward), then to central differences if both raise, and
+            keep that choice. On CPU double backward comes first (1.06-1.39x faster per product in
+            benchmarks/RESULTS.md, and more ops support it, e.g. ``cdist``, ``grid_sample``, ``embedding_bag``);
+            on accelerators forward-over-reverse comes first (``vmap`` batches the probes of a ``matmat``).
         mode: ``"eval"`` or ``"train"`` (see above).
         seed: Seed of the forked RNG before every forward.
         chunk_size: For forward-over-reverse, at most this many vectors are pushed through one
             ``vmap`` call (bounds memory); ``None`` means all at once.
+        fd_eps: Relative step of central differences (> 0); ``None``: ``finfo(dtype).eps ** (1/3)`` of the
+            parameters' dtype.
 
     Raises:
-        ValueError: On an unknown ``hvp`` or ``mode``, an empty parameter selection, or
+        ValueError: On an unknown ``hvp`` or ``mode``, a non-positive ``fd_eps``, an empty parameter selection, or
             parameters that are not floating point or do not belong to ``model``.
 
     Example::
@@ -328,7 +354,14 @@ class HessianOperator(_ModelOperator):
         4
         >>> op.matvec(torch.ones(op.numel, dtype=torch.float64)).shape
         torch.Size([4])
+        >>> fd = HessianOperator(model, lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]), (x, y),
+        ...                      hvp="finite_difference")
+        >>> v = torch.ones(op.numel, dtype=torch.float64)
+        >>> bool(((fd.matvec(v) - op.matvec(v)).norm() / op.matvec(v).norm()) < 1e-8)
+        True
     """
+
+    _finite_difference = True
 
     def __init__(
         self,
@@ -341,8 +374,10 @@ class HessianOperator(_ModelOperator):
         *,
         seed: int = 0,
         chunk_size: int | None = None,
+        fd_eps: float | None = None,
     ) -> None:
         super().__init__(model, batch, params, hvp, mode, seed, chunk_size)
+        self._fd_eps = _check_fd_eps(fd_eps, self.dtype)
         self._loss_fn = loss_fn
         # functional_call needs a module whose forward is the loss: wrap the model (registering
         # it as a child does not modify it) and prefix the parameter names accordingly.
@@ -371,12 +406,22 @@ class HessianOperator(_ModelOperator):
 
     # ------------------------------------------------------------------ internals
     def _products(self, V: Tensor, method: str) -> Tensor:
+        if method == "finite_difference":
+            with self._measuring(math_attention=False):
+                return _central_differences(self._params, self._gradients, V, self._fd_eps, lambda t: t)
         with self._measuring():
             if method == "double_backward":
                 return self._double_backward(V)
             step = self._chunk_size or V.shape[1]
             chunks = [self._forward_over_reverse(V[:, i : i + step]) for i in range(0, V.shape[1], step)]
             return torch.cat(chunks, dim=1)
+
+    def _gradients(self) -> Sequence[Tensor | None]:
+        # First order only (no graph kept): what central differences need.
+        loss = self._call_loss(self._model)
+        if not loss.requires_grad:
+            return [None] * len(self._params)
+        return torch.autograd.grad(loss, self._params, allow_unused=True)
 
     def _double_backward(self, V: Tensor) -> Tensor:
         # The first-order graph is built once and reused for every column (retain_graph).
@@ -495,6 +540,15 @@ def _restore_buffers(snapshot: Sequence[tuple[nn.Module, str, Tensor, Tensor]]) 
                 module._buffers[name] = buf
             if not torch.equal(buf, saved):
                 buf.copy_(saved)
+
+
+def _check_fd_eps(fd_eps: float | None, dtype: torch.dtype) -> float:
+    """The relative step of central differences: ``fd_eps``, or the default for ``dtype``."""
+    if fd_eps is None:
+        return finite_difference_eps(dtype)
+    if isinstance(fd_eps, bool) or not isinstance(fd_eps, int | float) or not 0 < fd_eps < float("inf"):
+        raise ValueError(f"fd_eps must be a positive number or None, got {fd_eps!r}")
+    return float(fd_eps)
 
 
 def _auto_order(device: torch.device) -> tuple[str, str]:

@@ -27,8 +27,11 @@ import torch
 from torch import Tensor
 
 from lightning_gd.curvature._utils import (
+    _allreduce,
     _check_positive_int,
+    _colsum,
     _matmat,
+    _qr,
     _rademacher,
     _resolve_generator,
     _work_dtype,
@@ -93,7 +96,10 @@ def hutchinson_trace(
     ``"hutchinson"`` (probes and products; ``+ 2`` with ``per_param``), and ``3 k + 4 p + 2`` for
     ``"hutch++"`` with ``k = num_probes // 3`` (the sketch ``Q``, ``A Q`` and the QR's copy): Hutch++
     grows with ``num_probes``, Hutchinson does not; ``"xtrace"`` holds ``4 s + 2`` with ``s = num_probes // 2``
-    (the probes, their products, ``Q`` and ``A Q``), ``+ 4`` with ``per_param``.
+    (the probes, their products, ``Q`` and ``A Q``), ``+ 4`` with ``per_param``. On a sharded operator (see
+    :class:`~lightning_gd.curvature.CurvatureOperator`) these are vectors of each rank's part, the probes are the
+    global probes an unsharded operator gets from the same generator, the QR is Gram-Schmidt with all-reduced
+    coefficients, and every rank returns the same estimate.
 
     Returns:
         A :class:`TraceEstimate`.
@@ -135,15 +141,14 @@ def _hutchinson(
         Z = _rademacher((min(chunk, num_probes - start), op.numel), gen, op).T
         ZAZ = _matmat(op, Z).to(Z.dtype).mul_(Z)  # column j holds z_j * (A z_j) elementwise (in place)
         del Z
-        samples.append(ZAZ.sum(dim=0))
+        samples.append(_colsum(op, ZAZ))
         if slices is not None:
             diag = ZAZ.sum(dim=1) if diag is None else diag.add_(ZAZ.sum(dim=1))  # running, not one per chunk
         del ZAZ
     values = torch.cat(samples).double()
     per_param = None
     if diag is not None:
-        diag = diag.double() / num_probes
-        per_param = {name: diag[s].sum().item() for name, s in slices.items()}
+        per_param = _slice_sums(op, diag.double() / num_probes, slices)
     return TraceEstimate(
         value=values.mean().item(),
         stderr=_stderr(values),
@@ -164,22 +169,22 @@ def _hutch_plus_plus(
     S = _rademacher((k, op.numel), gen, op).T
     AS = _chunked_matmat(op, S, chunk).to(S.dtype)
     del S
-    Q, _ = torch.linalg.qr(AS)  # reduced: (n, min(n, k))
+    Q, _ = _qr(op, AS)  # reduced: (n, min(n, k))
     del AS
     AQ = _chunked_matmat(op, Q, chunk).to(Q.dtype)
-    M = Q.T @ AQ
+    M = _allreduce(op, Q.T @ AQ)
     low_rank = torch.trace(M).item()
 
     samples, rest = [], None
     for start in range(0, r, chunk):
         G = _rademacher((min(chunk, r - start), op.numel), gen, op).T
-        W = G - Q @ (Q.T @ G)  # probes projected onto the complement of the sketch
+        W = G - Q @ _allreduce(op, Q.T @ G)  # probes projected onto the complement of the sketch
         AW = _matmat(op, W).to(W.dtype)
-        samples.append(torch.linalg.vecdot(W, AW, dim=0))
+        samples.append(_allreduce(op, torch.linalg.vecdot(W, AW, dim=0)))
         del W
         if slices is not None:
             # diag((I-P) A (I-P)) is estimated by g * ((I-P) A (I-P) g), block by block.
-            block = AW.sub_(Q @ (Q.T @ AW)).mul_(G).sum(dim=1)
+            block = AW.sub_(Q @ _allreduce(op, Q.T @ AW)).mul_(G).sum(dim=1)
             rest = block if rest is None else rest.add_(block)
         del G, AW
     values = torch.cat(samples).double()
@@ -189,8 +194,7 @@ def _hutch_plus_plus(
         # tr_b(A) = tr_b(P A P) + 2 tr_b(P A (I-P)) + tr_b((I-P) A (I-P)) for P = QQ^T: the first
         # two are exact from A Q, the cross terms vanish in the total but not block by block.
         exact = (Q * (Q @ M)).sum(dim=1) + 2 * (Q * (AQ - Q @ M)).sum(dim=1)
-        diag = (exact + rest / r).double()
-        per_param = {name: diag[s].sum().item() for name, s in slices.items()}
+        per_param = _slice_sums(op, (exact + rest / r).double(), slices)
     return TraceEstimate(
         value=low_rank + values.mean().item(),
         stderr=_stderr(values),
@@ -209,13 +213,13 @@ def _xtrace(
     s = num_probes // 2
     Om = _rademacher((s, op.numel), gen, op).T  # (n, s)
     Y = _chunked_matmat(op, Om, chunk).to(Om.dtype)
-    Q, R = torch.linalg.qr(Y)
+    Q, R = _qr(op, Y)
     Z = _chunked_matmat(op, Q, chunk).to(Q.dtype)  # A Q
-    H = Q.T @ Z
+    H = _allreduce(op, Q.T @ Z)
     H = 0.5 * (H + H.T)  # symmetric up to rounding
-    W = Q.T @ Om  # coefficients of each probe in span(Y)
-    T = Z.T @ Om  # Q^T A omega_i, by symmetry of A
-    d1 = torch.linalg.vecdot(Om, Y, dim=0)  # omega_i^T A omega_i
+    W = _allreduce(op, Q.T @ Om)  # coefficients of each probe in span(Y)
+    T = _allreduce(op, Z.T @ Om)  # Q^T A omega_i, by symmetry of A
+    d1 = _allreduce(op, torch.linalg.vecdot(Om, Y, dim=0))  # omega_i^T A omega_i
     # s_i: the unit direction of span(Y) orthogonal to every A omega_j but the i-th: columns of R^{-T}, normalised.
     Rinv_T = torch.linalg.solve_triangular(R, torch.eye(s, dtype=R.dtype, device=R.device), upper=True).T
     S = Rinv_T / torch.linalg.vector_norm(Rinv_T, dim=0, keepdim=True)
@@ -232,8 +236,7 @@ def _xtrace(
     values = (torch.trace(H) - sHs + quad).double()
     per_param = None
     if slices is not None:
-        diag = _xtrace_diagonal(Om, Y, Q, Z, S, W, c)
-        per_param = {name: diag[sl].sum().item() for name, sl in slices.items()}
+        per_param = _slice_sums(op, _xtrace_diagonal(Om, Y, Q, Z, S, W, c), slices)
     return TraceEstimate(value=values.mean().item(), stderr=_stderr(values), num_matvecs=2 * s, per_param=per_param)
 
 
@@ -262,6 +265,14 @@ def _chunked_matmat(op: CurvatureOperator, V: Tensor, chunk: int) -> Tensor:
     for i in range(0, V.shape[1], chunk):
         out[:, i : i + chunk] = _matmat(op, V[:, i : i + chunk])
     return out
+
+
+def _slice_sums(op: CurvatureOperator, diag: Tensor, slices: dict[str, slice]) -> dict[str, float]:
+    """Sum of a diagonal estimate over each parameter's slice (over every rank's part for a sharded operator)."""
+    if len(slices) == 0:
+        return {}
+    sums = torch.stack([diag[s].sum() for s in slices.values()])
+    return dict(zip(slices, _allreduce(op, sums).tolist(), strict=True))
 
 
 def _stderr(values: Tensor) -> float:

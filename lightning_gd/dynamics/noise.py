@@ -7,7 +7,8 @@
 * Jin et al. 2017, "How to Escape Saddle Points Efficiently": perturbed GD adds a point drawn uniformly from the
   ball of radius ``r`` (:func:`uniform_ball_`).
 
-The noise is drawn from explicit generators (:class:`DeviceGenerators`), never from the global RNG.
+The noise is drawn from explicit generators (:class:`DeviceGenerators`), never from the global RNG. A sharded
+``DTensor`` (FSDP2) gets its shard of the noise the whole tensor would get.
 :class:`~lightning_gd.callbacks.NoiseAnnealing` schedules these functions in a Trainer.
 """
 
@@ -20,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["DeviceGenerators", "NoiseSchedule", "add_gaussian_", "noise_std", "uniform_ball_"]
+__all__ = ["DeviceGenerators", "NoiseSchedule", "add_gaussian_", "noise_std", "uniform_ball_", "whole"]
 
 #: ``polynomial``: Neelakantan et al.'s ``eta / (1 + t)^gamma``; ``step``: Zhou et al.'s ``eta * gamma^(2 j)``.
 NoiseSchedule = Literal["polynomial", "step"]
@@ -68,7 +69,7 @@ def add_gaussian_(tensors: Sequence[Tensor], std: float, generators: DeviceGener
     """Add ``N(0, std^2)`` noise to every entry of ``tensors``, in place, drawn in order from ``generators``."""
     for t in tensors:
         noise = torch.randn(t.shape, generator=generators(t.device), device=t.device, dtype=t.dtype)
-        t.add_(noise, alpha=std)
+        _add_whole_(t, noise, alpha=std)
 
 
 @torch.no_grad()
@@ -87,4 +88,31 @@ def uniform_ball_(tensors: Sequence[Tensor], radius: float, generators: DeviceGe
     u = torch.rand((), generator=generators(torch.device("cpu")), dtype=torch.float64).item()
     scale = radius * u ** (1.0 / d) / norm  # uniform in the ball: radius r * U^(1/d)
     for t, v in zip(tensors, directions, strict=True):
-        t.add_((v * scale).to(t.dtype))
+        _add_whole_(t, (v * scale).to(t.dtype))
+
+
+def whole(t: Tensor) -> Tensor:
+    """A sharded ``DTensor``'s whole value (a collective), any other tensor itself."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _add_whole_(t: Tensor, value: Tensor, alpha: float = 1.0) -> None:
+    """``t += alpha * value`` for a ``value`` shaped like the whole of ``t``; a sharded ``DTensor`` (FSDP2's
+    parameters and gradients) adds its own shard of ``value``.
+
+    ``value`` is drawn alike on every rank, so each shard gets the entries an unsharded tensor would
+    (``distribute_tensor`` is a collective: every rank calls it, for the same tensors in the same order).
+    """
+    if _is_dtensor(t):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value, t.device_mesh, t.placements)
+    t.add_(value, alpha=alpha)

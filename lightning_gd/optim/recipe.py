@@ -61,6 +61,14 @@ __all__ = ["OptimizerRecipe", "decay_groups"]
 
 _OWN_OPTIMIZERS: dict[str, type[Optimizer]] = {"conda": Conda, "diffgrad": DiffGrad, "mfac": MFAC}
 _MUON_FAMILY = ("muon", "nmuon", "adamuon", "nadamuon")
+# Optimizers whose update of a parameter depends on its shape or on per-tensor quantities (SVD or
+# orthogonalization of 2-D matrices, Kronecker or factored preconditioners, per-layer trust ratios or norms, the
+# gradient window of M-FAC). DeepSpeed ZeRO gives the optimizer one flat 1-D partition per group instead: these
+# would silently become another algorithm (measured: Conda and Muon take their AdamW path; the ZeRO-2 weights
+# differ from DDP's by a whole step), so they are refused there. Elementwise optimizers (SGD, Adam, AdamW, Lion,
+# DiffGrad, ...) are unaffected.
+_SHAPE_DEPENDENT = ("conda", "mfac", "*muon", "kron*", "*adamp", "*sgdp", "*lars", "*larc", "*lamb*",
+                    "*adafactor*", "*novograd*", "adahessian")  # fmt: skip
 _OVERRIDES = tuple(k for k in KEYS if k not in ("description", "lr_table"))  # what a caller may set
 
 
@@ -332,6 +340,11 @@ class OptimizerRecipe:
             lr_scheduler: ``optimizer -> LRScheduler`` replacing the recipe's schedule; a
                 :class:`~lightning_gd.optim.WarmupDecayLR` built without ``total_steps`` gets the length above.
             params: The module whose parameters are trained, when not ``module`` itself (a wrapped model).
+
+        Raises:
+            ValueError: when that Trainer runs DeepSpeed ZeRO and the recipe's optimizer depends on parameter
+                shapes or per-tensor norms (Conda, M-FAC, Muon, PSGD-Kron, AdamP, LARS, LAMB, Adafactor, NovoGrad,
+                AdaHessian): ZeRO's flat partitions would silently turn it into another algorithm.
         """
         params = module if params is None else params
         total = total_steps if total_steps is not None else self.total_steps
@@ -339,6 +352,7 @@ class OptimizerRecipe:
         if total is None and trainer is not None:
             total = max(1, int(trainer.estimated_stepping_batches))
         if optimizer is None:
+            self._check_strategy(getattr(trainer, "strategy", None))
             opt = self.build_optimizer(params)
         else:
             opt = optimizer(decay_groups(params, None, self.fallback_patterns))
@@ -346,6 +360,19 @@ class OptimizerRecipe:
         if isinstance(scheduler, WarmupDecayLR) and scheduler.total_steps is None and total is not None:
             scheduler.set_total_steps(total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _check_strategy(self, strategy: Any) -> None:
+        """Refuse a shape-dependent optimizer under DeepSpeed ZeRO (see ``_SHAPE_DEPENDENT``)."""
+        from lightning_gd.utils.deepspeed_state import deepspeed_stage
+
+        stage = deepspeed_stage(strategy)
+        if stage and any(fnmatch.fnmatchcase(self.optimizer, pattern) for pattern in _SHAPE_DEPENDENT):
+            raise ValueError(
+                f"optimizer {self.optimizer!r} does not work under DeepSpeed ZeRO stage {stage}: its update depends"
+                " on each parameter's shape or per-tensor norms, and ZeRO hands the optimizer flat 1-D partitions"
+                " instead, so it would silently run another algorithm. Use DDP (`strategy='ddp'`), or an"
+                " elementwise optimizer (e.g. `adamw-llama`) under DeepSpeed."
+            )
 
     def clip_gradients(
         self,

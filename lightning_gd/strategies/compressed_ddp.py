@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Trainer
@@ -26,14 +26,24 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_gd._compat import DDP_HOOK_METHOD, ddp_kwargs
-from lightning_gd.compression import COMPRESSORS, CompressorName, HookState, make_hook_state
+from lightning_gd.compression import COMPRESSORS, CompressorName, HookState, PowerSGDHookState, make_hook_state
 from lightning_gd.compression.hook import _DGC_START_DENSITY, WarmupDtype
+from lightning_gd.compression.hook_state import _upgrade
+from lightning_gd.utils.checks import check_choice
 from lightning_gd.utils.logging import log_to_loggers
 
 __all__ = ["CompressedDDPStrategy"]
 
 _CHECKPOINT_KEY = "compressed_ddp"
 _LOGGED = ("bytes_sent", "dense_bytes", "ratio", "density", "error_norm")
+
+
+@contextmanager
+def _silenced() -> Iterator[None]:
+    """Drop the block's warnings: the refusal's own warning has said it once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 @contextmanager
@@ -59,15 +69,24 @@ class CompressedDDPStrategy(DDPStrategy):
     ``compression/ratio``, ``compression/density`` and ``compression/error_norm``. Every rank's memory and the
     compressor state (RNG counters, PowerSGD's Q memories) go into the checkpoint, so a run resumed at step N
     continues as the uninterrupted run would (tested for top-k, sign and PowerSGD), whatever bucket layout DDP
-    chooses after the restart. On a world-size change each rank restores the memory saved under its own rank id
-    if there is one (so no residual is applied twice) and starts others from zero, with a warning.
+    chooses after the restart. On a larger world size each rank restores the memory saved under its own rank id
+    and the new ranks start from zero, with a warning. A resume that would lose memory is refused, naming the
+    checkpoint and the way out: a checkpoint past the dense warm-up that holds no memory (another strategy's, or
+    the memory removed), or one saved on more ranks than this run has (their memories have no rank to go to);
+    ``resume_mismatch="warn"`` continues anyway (zero memory where none is restored) with one warning.
 
     Which optimizers: with error feedback the sparse compressors match dense SGD; with momentum optimizers the
     residual fights the momentum buffer (a warning says so). For SGD with momentum use ``momentum_correction=m``
     (DGC: the velocity is accumulated locally and compressed, sent coordinates masked) together with
     ``torch.optim.SGD(momentum=0)``; the strategy refuses an optimizer that has its own momentum in that mode.
-    Gradient accumulation compresses only on synchronizing steps (DDP's no_sync). DeepSpeed and FSDP are
-    different strategies: use DeepSpeed's 1-bit Adam/LAMB there; this one is DDP only.
+    Gradient accumulation compresses only on synchronizing steps (DDP's no_sync).
+
+    **DeepSpeed and FSDP users:** this is a DDP strategy (it compresses DDP's gradient buckets), and a Trainer takes
+    one strategy, so it cannot be combined with ``DeepSpeedStrategy`` or FSDP. DeepSpeed's own compressed
+    communication is ZeRO++, at ZeRO stage 3 only: ``zero_quantized_gradients``, ``zero_quantized_weights`` and
+    ``zero_hpz_partition_size`` in ``zero_optimization`` (``DeepSpeedStrategy(config=...)``); at ZeRO-1/2 DeepSpeed
+    sends dense gradients, and DeepSpeed 0.19 no longer ships 1-bit Adam/LAMB. A model that fits on one device needs
+    no ZeRO: use these ``ddp_*`` strategies for top-k, sign, QSGD or PowerSGD with error feedback.
 
     Args:
         compressor: A registered compressor name.
@@ -91,6 +110,9 @@ class CompressedDDPStrategy(DDPStrategy):
         seed: Seed of the shared random-k indices, QSGD's rounding and PowerSGD's initial Q (``None``: 0).
         compressor_options: Any other option of the compressor, by its registry name (e.g. ``{"sampled": True}``:
             top-k's DGC threshold sampling); ``lightning-gd compressors`` lists them.
+        resume_mismatch: A checkpoint whose memory cannot be restored: ``"error"`` refuses it, ``"warn"``
+            continues with zero memory where none is restored and one warning (``lightning-gd fit
+            --resume_mismatch warn`` sets it).
         **kwargs: Passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (e.g. ``find_unused_parameters``,
             ``bucket_cap_mb``, ``process_group_backend``).
 
@@ -123,6 +145,7 @@ class CompressedDDPStrategy(DDPStrategy):
         powersgd_rank: int | None = None,
         seed: int | None = None,
         compressor_options: dict[str, Any] | None = None,
+        resume_mismatch: Literal["error", "warn"] = "error",
         **kwargs: Any,
     ) -> None:
         for key in ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper"):
@@ -143,6 +166,9 @@ class CompressedDDPStrategy(DDPStrategy):
         self.hook_state: HookState = self._new_hook_state()  # checks the arguments now
         self._hook_registered = False
         self._hook_steps_at_setup: int | None = None
+        self.resume_mismatch = check_choice(
+            "resume_mismatch", resume_mismatch, ("error", "warn"), error=MisconfigurationException
+        )
 
     def _new_hook_state(self) -> HookState:
         try:
@@ -239,12 +265,63 @@ class CompressedDDPStrategy(DDPStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        if (saved := checkpoint.get(_CHECKPOINT_KEY)) is not None:
+        saved = checkpoint.get(_CHECKPOINT_KEY)
+        problem = self._lost_memory(saved, int(checkpoint.get("global_step", 0)))
+        if problem is not None:
+            if self.resume_mismatch == "error":
+                raise MisconfigurationException(
+                    f"CompressedDDPStrategy({self.compressor!r}): {checkpoint_path} {problem}, so the resumed run"
+                    " would not continue as the stopped one. Resume it on the world size and strategy that saved it,"
+                    " or pass resume_mismatch='warn' (`lightning-gd fit --resume_mismatch warn`) to continue with"
+                    " zero memory where none is restored."
+                )
+            rank_zero_warn(
+                f"CompressedDDPStrategy({self.compressor!r}): {checkpoint_path} {problem}: continuing with zero memory"
+                " where none is restored (resume_mismatch='warn'); the run departs from the stopped one."
+            )
+        if saved is not None:
             try:
-                self.hook_state.load_state_dict(saved)
+                with warnings.catch_warnings() if problem is None else _silenced(), _on_rank_zero():
+                    self.hook_state.load_state_dict(saved)
             except ValueError as err:
                 raise MisconfigurationException(f"{checkpoint_path}: {err}") from err
         return checkpoint
+
+    def _lost_memory(self, saved: dict[str, Any] | None, global_step: int) -> str | None:
+        """Why the memory of the checkpoint cannot be restored whole on this world size (``None``: it can)."""
+        state = self.hook_state
+        if isinstance(state, PowerSGDHookState):  # its Q and error memories; dense before torch's start iteration
+            dense_steps = state.state.start_powerSGD_iter
+        elif getattr(state, "error_feedback", False):  # residuals, or DGC's u/v
+            dense_steps = state.warmup_steps
+        else:
+            return None  # no memory to lose (QSGD, error_feedback=False)
+        if saved is None:
+            if global_step <= dense_steps:  # nothing accumulated yet
+                return None
+            return (
+                f"holds no compression memory at step {global_step}, past the {dense_steps} dense warm-up steps"
+                " (saved by another strategy, or the memory was removed)"
+            )
+        try:
+            upgraded = _upgrade(saved)
+        except ValueError:
+            return None  # refused with its own message when loaded
+        ranks = {int(r): v or {} for r, v in upgraded["ranks"].items()}
+        dropped = sorted(r for r, v in ranks.items() if r >= self.world_size and v.get("memory"))
+        if dropped:
+            return (
+                f"holds the compression memories of {upgraded['world_size']} ranks and this run has"
+                f" {self.world_size}: the memories of ranks {dropped} have no rank to go to"
+            )
+        empty = sorted(
+            r
+            for r, v in ranks.items()
+            if r < self.world_size and v.get("memory") == {} and int(v.get("step", global_step)) > dense_steps
+        )
+        if empty:
+            return f"holds no compression memory for ranks {empty} at step {global_step} (it was removed)"
+        return None
 
     @classmethod
     @override

@@ -94,6 +94,12 @@ class ConAdvStrategy(DDPStrategy):
     rank's pending adversarial batches and attack RNG state, and the loader wrapper makes the training dataloader
     resumable mid-epoch, so a resumed run continues as the uninterrupted one.
 
+    **DeepSpeed and FSDP users:** this is a DDP strategy, and a Trainer takes one strategy, so it cannot be combined
+    with ``DeepSpeedStrategy`` or FSDP. ConAdv's models (ResNet-50: 25.6M parameters) fit on one device, where ZeRO
+    buys nothing: train them with this strategy. With a model that needs ZeRO, the attack itself is plain torch
+    (:func:`~lightning_gd.adversarial.sign_attack` and :func:`~lightning_gd.adversarial.auxiliary_bn`): call it in
+    your own ``training_step`` for (non-concurrent) adversarial training; that path is not tested under DeepSpeed.
+
     Args:
         epsilon: L-infinity budget in pixel units (9/255 in the reference, images in [0, 1]).
         step_size: The attack's signed step in pixel units; ``None`` takes ``epsilon`` (the reference).

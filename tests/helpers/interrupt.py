@@ -16,7 +16,16 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-__all__ = ["SignalAtStep", "TouchAtStep"]
+__all__ = ["TINY_QUICKSTART", "PidFile", "SignalAtStep", "TouchAtStep"]
+
+#: ``lightning-gd fit --config quickstart`` arguments that shrink it to seconds: 16 steps an epoch, validation (and
+#: last.ckpt) every 2 steps, one layer with dropout.
+TINY_QUICKSTART = [
+    "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--data.seq_len", "32", "--data.train_windows", "64", "--data.val_windows", "8", "--data.batch_size", "4",
+    "--model.overrides", "{block_size: 32, n_layer: 1, dropout: 0.1}",
+]  # fmt: skip
 
 
 class SignalAtStep(Callback):
@@ -46,3 +55,18 @@ class TouchAtStep(Callback):
         if trainer.is_global_zero and trainer.global_step >= self.step and not os.path.exists(self.path):
             with open(self.path, "w") as f:
                 f.write(str(trainer.global_step))
+
+
+class PidFile(Callback):
+    """Write this process's id to ``<folder>/rank<R>.pid`` when training starts (again after every restart), so
+    that another process can kill one rank."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, f"rank{trainer.global_rank}.pid")
+        with open(path + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(path + ".tmp", path)

@@ -375,7 +375,12 @@ def test_checkpoint_of_the_old_format_resumes_exactly(name, single_process_group
     assert (resumed - full).abs().max().item() < 1e-6
     forgetful = tmp_path / "no_memory.ckpt"
     torch.save({k: v for k, v in saved.items() if k != "compressed_ddp"}, forgetful)
-    assert (_resumable_fit(_OLD[name], ckpt_path=forgetful) - full).abs().max().item() > 1e-3  # the memories mattered
+    with pytest.raises(MisconfigurationException, match=r"no_memory.ckpt holds no compression memory at step 4"):
+        _resumable_fit(_OLD[name], ckpt_path=forgetful)  # refused: the memories matter
+    with pytest.warns(UserWarning, match="continuing with zero memory") as caught:
+        without = _resumable_fit({**_OLD[name], "resume_mismatch": "warn"}, ckpt_path=forgetful)
+    assert len([w for w in caught if "CompressedDDPStrategy" in str(w.message)]) == 1
+    assert (without - full).abs().max().item() > 1e-3  # the memories mattered
 
 
 def test_checkpoint_of_another_compressor_fails_naming_both(single_process_group):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gd.strategies import CompressedDDPStrategy
 from tests.helpers.ddp import run_ddp_script
@@ -85,11 +86,11 @@ from lightning_gd.strategies import CompressedDDPStrategy
 from tests.helpers.ddp import write_result
 from tests.helpers.models import TinyClassifier, classification_loader
 
-def fit(name, compressor, steps, ckpt_path=None, save=False):
+def fit(name, compressor, steps, ckpt_path=None, save=False, resume_mismatch="error"):
     seed_everything(0)
     model = TinyClassifier(in_dim=32, hidden=64, classes=4, batchnorm=False, dropout=0.0, lr=0.2)
     options = {"density": 0.05} if compressor == "topk" else {}  # density is top-k's option only
-    strategy = CompressedDDPStrategy(compressor, warmup_steps=1, **options)
+    strategy = CompressedDDPStrategy(compressor, warmup_steps=1, resume_mismatch=resume_mismatch, **options)
     callbacks = [ModelCheckpoint(dirpath=f"ck_{name}", every_n_train_steps=4, save_top_k=-1)] if save else []
     trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, logger=False,
                       enable_checkpointing=save, callbacks=callbacks, enable_progress_bar=False,
@@ -110,8 +111,14 @@ for compressor in ("topk", "sign", "powersgd"):
     if trainer.global_rank == 0:
         torch.save(saved, f"no_memory_{compressor}.ckpt")
     trainer.strategy.barrier()
-    _, forgetful = fit(compressor, compressor, 8, ckpt_path=f"no_memory_{compressor}.ckpt")
-    out[compressor] = {"full": full, "resumed": resumed, "forgetful": forgetful, "has_state": has_state}
+    try:
+        fit(compressor, compressor, 8, ckpt_path=f"no_memory_{compressor}.ckpt")
+        refused = None
+    except Exception as err:
+        refused = str(err)
+    _, forgetful = fit(compressor, compressor, 8, ckpt_path=f"no_memory_{compressor}.ckpt", resume_mismatch="warn")
+    out[compressor] = {"full": full, "resumed": resumed, "forgetful": forgetful, "has_state": has_state,
+                       "refused": refused}
 write_result(out, trainer.global_rank)
 """
 
@@ -122,7 +129,8 @@ def test_resume_continues_exactly_with_the_saved_memories(tmp_path):
         run = r0[compressor]
         assert run["has_state"]
         assert run["resumed"] == run["full"], compressor  # bit-exact
-        # Without the memories in the checkpoint the resumed run goes elsewhere: the test can fail.
+        # Without the memories in the checkpoint the resumed run goes elsewhere: refused unless resume_mismatch='warn'.
+        assert "holds no compression memory at step 4" in run["refused"], compressor
         assert max(abs(a - b) for a, b in zip(run["forgetful"], run["full"], strict=True)) > 1e-4, compressor
         assert r1[compressor]["resumed"] == run["resumed"]
 
@@ -184,7 +192,8 @@ def _memory_per_parameter(rank_state: dict) -> dict[str, torch.Tensor]:
 
 
 def test_world_size_change_on_resume_keeps_rank_zero_memory(tmp_path):
-    """A 2-rank checkpoint resumed on 1 rank: rank 0's memory is applied, rank 1's dropped with a warning."""
+    """A 2-rank checkpoint resumed on 1 rank: refused (rank 1's memory would be lost); with resume_mismatch='warn'
+    rank 0's memory is applied and rank 1's dropped, with one warning."""
     run_ddp_script(_SAVE_AT_TWO_RANKS, tmp_path)
     ckpt = tmp_path / "ck" / "epoch=0-step=4.ckpt"
     saved = torch.load(ckpt, weights_only=False)
@@ -193,11 +202,12 @@ def test_world_size_change_on_resume_keeps_rank_zero_memory(tmp_path):
     forgetful = tmp_path / "no_memory.ckpt"
     torch.save({k: v for k, v in saved.items() if k != "compressed_ddp"}, forgetful)
 
-    def resume(path, callbacks=()):
+    def resume(path, callbacks=(), resume_mismatch="warn"):
         seed_everything(0)
         model = TinyClassifier(in_dim=32, hidden=64, classes=4, batchnorm=False, dropout=0.0, lr=0.2)
+        strategy = CompressedDDPStrategy("topk", density=0.05, resume_mismatch=resume_mismatch)
         trainer = Trainer(
-            accelerator="cpu", devices=1, strategy=CompressedDDPStrategy("topk", density=0.05), max_steps=6,
+            accelerator="cpu", devices=1, strategy=strategy, max_steps=6,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             callbacks=list(callbacks),
         )  # fmt: skip
@@ -208,9 +218,12 @@ def test_world_size_change_on_resume_keeps_rank_zero_memory(tmp_path):
                 dist.destroy_process_group()
         return trainer, torch.cat([p.detach().flatten() for p in model.parameters()])
 
+    with pytest.raises(MisconfigurationException, match=r"memories of 2 ranks and this run has 1: .* ranks \[1\]"):
+        resume(ckpt, resume_mismatch="error")  # rank 1's memory would be lost
     restored = _RestoredMemory()
-    with pytest.warns(UserWarning, match=r"world size 2, now 1.*\[1\] dropped"):
+    with pytest.warns(UserWarning, match=r"ranks \[1\] have no rank to go to: continuing") as caught:
         trainer, weights = resume(ckpt, [restored])
+    assert len([w for w in caught if "compression" in str(w.message)]) == 1  # one warning, not one per layer
     assert trainer.global_step == 6 and torch.isfinite(weights).all()
     # exactly rank 0's memory, not rank 1's nor their sum
     assert restored.memory.keys() == rank0.keys() and any(not torch.equal(rank0[n], rank1[n]) for n in rank0)
