@@ -224,7 +224,12 @@ def analyze(argv: Sequence[str], short_errors: bool = False) -> dict[str, Any]:
     settings = AnalysisSettings(**{k: v for k, v in dict(config["analysis"]).items() if not k.startswith("__")})
     settings.check()
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-    _check_strategy(trainer.strategy, "lightning-gd analyze")
+    if _check_strategy(trainer.strategy, "lightning-gd analyze") is not None:
+        raise MisconfigurationException(
+            f"lightning-gd analyze does not support {type(trainer.strategy).__name__}: it shards the parameters. The"
+            " training callbacks (SharpnessTracker, HessianTraceMonitor) measure there; analyze a checkpoint under"
+            " DDP or DeepSpeed ZeRO stage 1/2."
+        )
     if settings.num_batches is None:
         settings.num_batches = trainer.world_size  # one batch per rank
     if settings.num_batches % trainer.world_size:

@@ -19,13 +19,20 @@ from typing import Any, Literal, get_args
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gd.callbacks._curvature_sharding import (
+    Sharding,
+    check_sharded_strategy,
+    local_numel,
+    sharded_operator,
+    sharding,
+    sharding_name,
+)
 from lightning_gd.curvature import (
     CurvatureOperator,
     EmpiricalFisherOperator,
@@ -36,6 +43,7 @@ from lightning_gd.curvature import (
     OperatorMode,
     OutputLoss,
     ReducedOperator,
+    finite_difference_error,
     loss_spec,
 )
 from lightning_gd.curvature._utils import _work_dtype
@@ -192,20 +200,17 @@ def _resolve_groups(
     return out
 
 
-def _check_strategy(strategy: Any, owner: str) -> None:
-    """Refuse sharded parameters, where double backward over the full model is not available."""
-    name = type(strategy).__name__
-    if isinstance(strategy, FSDPStrategy | ModelParallelStrategy) or "FSDP" in name:
-        raise MisconfigurationException(
-            f"{owner} does not support {name}: FSDP shards the parameters, so Hessian-vector products of the"
-            " full model are not available. Use DDP (`strategy='ddp'`) or DeepSpeed ZeRO stage 1/2."
-        )
-    if getattr(strategy, "zero_stage_3", False):
-        raise MisconfigurationException(
-            f"{owner} does not support DeepSpeed ZeRO stage 3: it partitions the parameters across ranks, so no rank"
-            " holds the whole model for Hessian-vector products. Use DeepSpeed ZeRO stage 1 or 2"
-            " (`strategy='deepspeed_stage_2'`), which keep whole parameters on every rank, or DDP."
-        )
+def _check_strategy(
+    strategy: Any, owner: str, hvp: str = "auto", curvature: str = "hessian"
+) -> Sharding | None:
+    """Accept the strategies whose gradients the callbacks can obtain; return how they shard the parameters.
+
+    Whole parameters (one device, DDP, ZeRO-1/2): ``None``, every product method. Sharded ones (FSDP2 through
+    ``ModelParallelStrategy``, ``FSDPStrategy``, DeepSpeed ZeRO-3): the Hessian by central differences of the
+    strategy's own gradients (:mod:`lightning_gd.callbacks._curvature_sharding`); an exact ``hvp``, a GGN/Fisher
+    curvature, or a strategy whose gradients cannot be obtained are refused, naming the strategy.
+    """
+    return check_sharded_strategy(strategy, owner, hvp, curvature)
 
 
 # memory_budget=None: this share of the device's memory (a GPU's total memory; the host's physical memory on CPU).
@@ -250,7 +255,7 @@ def _memory_plan(trainer: Trainer, pl_module: LightningModule, memory_budget: in
     params = [p for p in pl_module.parameters() if p.requires_grad]
     if not params:
         return None
-    numel = sum(p.numel() for p in params)
+    numel = sum(local_numel(p) for p in params)  # sharded strategies: each rank's vectors are its shards
     vector = numel * _work_dtype(params[0].dtype).itemsize
     device = params[0].device
     budget = memory_budget
@@ -286,8 +291,15 @@ def _reduced_operator(
     analyze``. The Hessian of ``loss_fn`` (default: the module's ``training_step``, logging silenced), or the GGN /
     empirical Fisher of ``output_fn``'s outputs (default: the module's ``curvature_outputs``) under ``spec``."""
     op: CurvatureOperator
+    if curvature == "hessian" and sharding(trainer.strategy) is not None:
+        # Sharded parameters: central differences of the strategy's own gradients, which its backward already
+        # averages over the data-parallel ranks (no further mean), on vectors that are each rank's shards.
+        loss = _mean_loss(loss_fn or _training_step_loss)
+        return ReducedOperator(sharded_operator(trainer, pl_module, loss, batches, params, mode), lambda t: t)
     if curvature == "hessian":
         loss = _mean_loss(loss_fn or _training_step_loss)
+        # Under DDP the products never go through the DDP wrapper (and its comm hook, e.g. a compression hook
+        # whose error-feedback memory they would corrupt): the local module's gradients, averaged below.
         op = HessianOperator(pl_module, loss, batches, params=params, hvp=hvp, mode=mode)
     else:
         cls = GGNOperator if curvature == "ggn" else EmpiricalFisherOperator
@@ -359,6 +371,9 @@ class _CurvatureCallback(Callback):
         self._elapsed_before_s = 0.0  # training wall time of the run before it was resumed
         self._fit_start: float | None = None
         self._group_names: dict[str, tuple[str, ...]] = {}  # group -> names of its parameters (resolved in setup)
+        self._sharding: Sharding | None = None  # how the strategy shards the parameters (set in setup)
+        self._said_hvp = False
+        self._strategy_name = ""
 
     @property
     @override
@@ -380,7 +395,8 @@ class _CurvatureCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        _check_strategy(trainer.strategy, type(self).__name__)
+        self._sharding = _check_strategy(trainer.strategy, type(self).__name__, self.hvp, self.curvature)
+        self._strategy_name = type(trainer.strategy).__name__
         if not any(p.requires_grad for p in pl_module.parameters()):
             raise MisconfigurationException(f"{type(self).__name__}: the model has no trainable parameters")
         if self.loss_fn is None and not pl_module.automatic_optimization:
@@ -404,6 +420,21 @@ class _CurvatureCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # After the strategy's setup: the model is on its device, in its precision, the optimizers exist.
         self._plan_memory(trainer, pl_module)
+        self._warn_half_precision(pl_module)
+
+    def _warn_half_precision(self, pl_module: LightningModule) -> None:
+        """Central differences on parameters held in half precision (no float32 master weights) are coarse: say how
+        coarse, once."""
+        if self.hvp != "finite_difference" and self._sharding is None:
+            return
+        dtype = next((p.dtype for p in pl_module.parameters() if p.requires_grad), torch.float32)
+        if dtype in (torch.float16, torch.bfloat16):
+            rank_zero_warn(
+                f"{type(self).__name__}: Hessian-vector products by finite differences on parameters held in {dtype}"
+                f" (no float32 master weights): expect a relative error of about {finite_difference_error(dtype):.1%}"
+                " per product (finfo(dtype).eps ** (2/3); 2.4e-05 in float32). Keep float32 weights (e.g."
+                " precision='bf16-mixed') for accurate curvature. Warning once."
+            )
 
     def _plan_memory(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Turn ``memory_budget`` into vector counts (``_fit_budget``); raise if it cannot hold one product's."""
@@ -509,7 +540,7 @@ class _CurvatureCallback(Callback):
     ) -> ReducedOperator:
         """The rank-averaged curvature operator on ``batches``, over every trainable parameter or one group's."""
         params = None if group is None else self._group_params(pl_module, group)
-        hvp = self._hvp_in_use or self.hvp
+        hvp = self.hvp if self._sharding is not None else self._hvp_in_use or self.hvp
         return _reduced_operator(
             trainer, pl_module, batches, self.loss_fn, hvp, self.mode, params=params, curvature=self.curvature,
             output_fn=self.output_fn, spec=self._spec,
@@ -526,6 +557,18 @@ class _CurvatureCallback(Callback):
     def _remember_hvp(self, op: CurvatureOperator) -> None:
         base = op.base if isinstance(op, ReducedOperator) else op
         self._hvp_in_use = getattr(base, "hvp_method", None) or self._hvp_in_use
+        if self.hvp == "auto" and self._hvp_in_use and not self._said_hvp:
+            self._said_hvp = True
+            why = {
+                "finite_difference": "central differences of gradients, as no exact product runs here"
+                + (f" ({sharding_name(self._sharding)} shards the parameters)" if self._sharding else ""),
+            }.get(self._hvp_in_use, "exact products")
+            rank_zero_info(f"{type(self).__name__}(hvp='auto'): using {self._hvp_in_use!r}: {why}.")
+
+    @property
+    def _sharded(self) -> bool:
+        """Whether vectors are each rank's shards (every rank takes part in every product)."""
+        return self._sharding is not None
 
     def _finite_everywhere(self, trainer: Trainer, values: Tensor) -> bool:
         """Agree on every rank whether to go on, so that no rank waits alone in a collective."""

@@ -62,7 +62,10 @@ class HessianTraceMonitor(_CurvatureCallback):
     Under DDP every rank joins and the products are split across ranks: each rank estimates the trace of its own
     batch's Hessian (whose mean over ranks is the global batch's) with ``num_probes / world_size`` products
     (Hutchinson's probes, or Hutch++'s and XTrace's sketch and residual probes, at least 1, 3 and 4), and the
-    unbiased estimates are averaged, their variances added. FSDP and DeepSpeed ZeRO-3 are refused at setup.
+    unbiased estimates are averaged, their variances added. Under sharded strategies (FSDP2 through
+    ``ModelParallelStrategy``, ``FSDPStrategy``, DeepSpeed ZeRO-3) the products are central differences of the
+    strategy's own gradients on each rank's shards (``hvp="auto"`` picks them there), every rank takes part in every
+    product, and the probes are the global vectors an unsharded run of the same seed draws.
 
     Args:
         every_n_steps: Measure after every this many optimizer steps (see ``max_overhead``).
@@ -81,7 +84,10 @@ class HessianTraceMonitor(_CurvatureCallback):
             logging silenced (pass one if ``training_step`` has other side effects, e.g. metric updates).
         mode: ``"eval"`` (dropout off, BatchNorm running statistics) or ``"train"`` (BatchNorm batch statistics
             without updating them, one fixed dropout mask).
-        hvp: ``"auto"``, ``"double_backward"`` or ``"forward_over_reverse"``.
+        hvp: ``"auto"``, ``"double_backward"``, ``"forward_over_reverse"`` or ``"finite_difference"`` (central
+            differences of two ordinary gradients: no second-order graph, about 2.4e-5 relative error in float32).
+            ``"auto"`` uses an exact method where one runs, finite differences where none does (sharded parameters,
+            a compiled module, a kernel without double backward), and says once which.
         seed: Seed of the probes (combined with the step and rank).
         max_overhead: Largest fraction of the training wall time this callback may spend measuring (default
             2.5%, so that both curvature callbacks together stay within 5%). A due check is skipped when one more
@@ -115,7 +121,8 @@ class HessianTraceMonitor(_CurvatureCallback):
 
     Raises:
         MisconfigurationException: for a bad argument (naming it and its value), a model without trainable
-            parameters, or a sharded strategy (FSDP, ZeRO-3).
+            parameters, or a strategy whose gradients cannot be obtained (naming it; an exact ``hvp`` or a GGN/Fisher
+            curvature on sharded parameters).
     """
 
     _name = "hessian"
@@ -199,7 +206,7 @@ class HessianTraceMonitor(_CurvatureCallback):
         self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator, batches: list[Any]
     ) -> dict[str, float]:
         P, rank = trainer.world_size, trainer.global_rank
-        if P > 1:
+        if P > 1 and not self._sharded:
             # Split the products: rank r estimates tr(H_r) of its own batch with its own probes (Hutchinson's, or
             # Hutch++'s / XTrace's sketch and residual probes); tr(mean H_r) is the mean of the unbiased estimates.
             local = hutchinson_trace(

@@ -185,7 +185,10 @@ class SharpnessTracker(_CurvatureCallback):
     ``<log_dir>/spectral_density_step<N>.png`` and TensorBoard; at the end of fitting, lambda_max against the
     stability threshold over training goes to ``<log_dir>/sharpness.png``. The warm-start vectors, the fixed
     batch and the history are checkpointed. Measuring never perturbs training; under DDP every product is
-    averaged over ranks, so all ranks run the same Lanczos; FSDP and DeepSpeed ZeRO-3 are refused at setup.
+    averaged over ranks, so all ranks run the same Lanczos. Under sharded strategies (FSDP2 through
+    ``ModelParallelStrategy``, ``FSDPStrategy``, DeepSpeed ZeRO-3) the products are central differences of the
+    strategy's own gradients, Lanczos' vectors are each rank's shards (inner products all-reduced), and the raw
+    lambda_max(H) is tracked against 2/lr (the Adam-preconditioned sharpness needs whole second moments).
 
     Args:
         every_n_steps: Measure after every this many optimizer steps (see ``max_overhead``).
@@ -201,7 +204,8 @@ class SharpnessTracker(_CurvatureCallback):
         batch: ``"current"`` or ``"fixed"`` (see :class:`HessianTraceMonitor`).
         num_batches: Batches averaged in ``"fixed"`` mode.
         mode: ``"eval"`` or ``"train"`` (see :class:`~lightning_gd.curvature.HessianOperator`).
-        hvp: ``"auto"``, ``"double_backward"`` or ``"forward_over_reverse"``.
+        hvp: ``"auto"``, ``"double_backward"``, ``"forward_over_reverse"`` or ``"finite_difference"`` (see
+            :class:`HessianTraceMonitor`; ``"auto"`` picks finite differences where no exact method runs).
         tol: Relative residual tolerance of Lanczos. Ritz-value errors scale like ``tol**2``: the default
             1e-2 measured worst 2.7e-4 relative error at at most 10 products per warm-started check
             (benchmarks/RESULTS.md).
@@ -352,6 +356,12 @@ class SharpnessTracker(_CurvatureCallback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         adam_like = any(is_adam_family(g) for opt in trainer.optimizers for g in opt.param_groups)
+        if self.preconditioned is True and self._sharded:
+            raise MisconfigurationException(
+                f"SharpnessTracker(preconditioned=True) cannot run under {type(trainer.strategy).__name__}: it shards"
+                " Adam's second moments with the parameters. Use preconditioned='auto' or False (the raw"
+                " lambda_max(H) against 2/lr)."
+            )
         if self.preconditioned is True and not adam_like:
             names = ", ".join(type(opt).__name__ for opt in trainer.optimizers) or None
             raise MisconfigurationException(
@@ -453,7 +463,9 @@ class SharpnessTracker(_CurvatureCallback):
         """
         params = op.base.params
         optimizers = trainer.optimizers
-        moments = adam_moments(optimizers, params) if self.preconditioned is not False else [None] * len(params)
+        # Sharded parameters: Adam's second moments are sharded too, and not read back here: the raw sharpness.
+        read = self.preconditioned is not False and not self._sharded
+        moments = adam_moments(optimizers, params) if read else [None] * len(params)
         have = [m is not None for m in moments]
         if name not in self._modes:
             self._modes[name] = self.preconditioned is not False and all(have)
@@ -499,6 +511,13 @@ class SharpnessTracker(_CurvatureCallback):
             return
         if self.preconditioned is False or not any(is_adam_family(g) for o in optimizers for g in o.param_groups):
             rank_zero_info(f"SharpnessTracker: {what}: tracking lambda_max(H) against 2/lr.")
+            return
+        if self._sharded:
+            notes.append(
+                f"{what}: Adam's second moments are sharded with the parameters under"
+                f" {self._strategy_name}: tracking the raw"
+                " lambda_max(H) against 2/lr, not the preconditioned sharpness."
+            )
             return
         missing = [n for n, h in zip(op.base.param_names, have, strict=True) if not h]
         shown = ", ".join(repr(n) for n in missing[:4]) + (", ..." if len(missing) > 4 else "")

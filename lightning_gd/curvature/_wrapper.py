@@ -40,7 +40,8 @@ class _OperatorWrapper:
         return self._num_matvecs
 
     def __getattr__(self, name: str) -> object:
-        # Forward parameter metadata only, so per-parameter traces work on wrapped Hessians.
-        if name in ("param_names", "param_numels"):
+        # Forward parameter metadata, so per-parameter traces work on wrapped Hessians, and the layout of sharded
+        # vectors (a wrapper acts on the same vectors), so the estimators all-reduce through it.
+        if name in ("param_names", "param_numels", "allreduce", "global_numel", "segments"):
             return getattr(self._op, name)
         raise AttributeError(name)

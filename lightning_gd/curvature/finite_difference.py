@@ -262,7 +262,11 @@ def _reshard(model: nn.Module) -> None:
 
 
 def _whole_numel(p: Tensor) -> int:
-    """Entries of the whole parameter (``ds_numel`` for a DeepSpeed ZeRO-3 one, whose own tensor is emptied)."""
+    """Entries of the whole parameter (``ds_numel`` for a DeepSpeed ZeRO-3 one, whose own tensor is emptied; the
+    unpadded flat size for an FSDP1 ``FlatParameter``, which holds one rank's padded shard)."""
+    flat = getattr(p, "_unpadded_unsharded_size", None)
+    if flat is not None:
+        return int(flat.numel())
     return int(getattr(p, "ds_numel", p.numel()))
 
 
