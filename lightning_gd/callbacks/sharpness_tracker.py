@@ -368,7 +368,7 @@ class SharpnessTracker(_CurvatureCallback):
                 "SharpnessTracker(preconditioned=True) needs an Adam-family optimizer (betas, eps and exp_avg_sq"
                 f" state); got {names}"
             )
-        if self.preconditioned is not False and adam_like:
+        if self.preconditioned is not False and adam_like and not self._sharded:  # sharded: raw sharpness, no c
             self._clip.attach(trainer.optimizers)
         # DeepSpeed clips inside its own step, where no optimizer hook sees the gradient: its clipping threshold
         # (Lightning's gradient_clip_val, put in the config) and the engine's gradient norm give c instead.

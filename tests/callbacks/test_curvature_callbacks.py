@@ -262,32 +262,83 @@ def _leaves_no_process_group():
 
 @pytest.mark.usefixtures("_leaves_no_process_group")
 @pytest.mark.parametrize("cls", [HessianTraceMonitor, SharpnessTracker])
-def test_fsdp_is_refused_in_setup_of_a_real_fit(tmp_path, cls):
-    trainer = _trainer(tmp_path, [cls()], strategy=_CPUFSDPStrategy(), devices=1)
-    with pytest.raises(MisconfigurationException, match=f"{cls.__name__} does not support _CPUFSDPStrategy"):
-        trainer.fit(TinyClassifier(), classification_loader())
-    assert torch.distributed.is_initialized()  # the refusal came from setup, after FSDP's environment set-up
+def test_fsdp1_is_accepted_at_setup_and_exact_products_are_refused_naming_it(tmp_path, cls):
+    # FSDP1 on CPU stops in torch ("FSDP needs a non-CPU accelerator device") after the callbacks' setup: call the
+    # hook with a real Trainer on the strategy. Its run on a GPU: test_fsdp1_measures_on_gpu.
+    trainer = _trainer(tmp_path, [], strategy=_CPUFSDPStrategy(), devices=1)
+    cb = cls()
+    cb.setup(trainer, TinyClassifier(), stage="fit")
+    assert cb._sharding == "fsdp1"
+    with pytest.raises(MisconfigurationException, match=r"hvp='double_backward'\) cannot run under _CPUFSDPStrategy"):
+        cls(hvp="double_backward").setup(trainer, TinyClassifier(), stage="fit")
+    with pytest.raises(MisconfigurationException, match=r"curvature='ggn'\) cannot run under _CPUFSDPStrategy"):
+        cls(curvature="ggn", loss="cross_entropy").setup(trainer, TinyClassifier(), stage="fit")
 
 
 @pytest.mark.parametrize("cls", [HessianTraceMonitor, SharpnessTracker])
-def test_deepspeed_zero3_is_refused_in_setup(tmp_path, cls):
+def test_deepspeed_zero3_is_accepted_and_strategies_without_gradients_are_refused_naming_them(tmp_path, cls):
     pytest.importorskip("deepspeed")
-    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 
     # DeepSpeed's environment set-up needs CUDA, so on CPU the Trainer never reaches `setup` in `fit`: call the
-    # callback's own `setup` hook with a real Trainer built on the strategy, as `fit` does after that set-up.
+    # callback's own `setup` hook with a real Trainer built on the strategy, as `fit` does after that set-up. The
+    # ZeRO-3 run itself (CPU harness, 2 ranks): tests/strategies/test_deepspeed.py.
     zero3 = _trainer(tmp_path, [], strategy=DeepSpeedStrategy(stage=3), devices=1)
-    with pytest.raises(MisconfigurationException, match=f"{cls.__name__} does not support DeepSpeed ZeRO stage 3"):
-        cls().setup(zero3, TinyClassifier(), stage="fit")
+    cb = cls()
+    cb.setup(zero3, TinyClassifier(), stage="fit")
+    assert cb._sharding == "zero3"
+    with pytest.raises(MisconfigurationException, match=r"cannot run under DeepSpeedStrategy: DeepSpeed ZeRO stage 3"):
+        cls(hvp="forward_over_reverse").setup(zero3, TinyClassifier(), stage="fit")
     zero2 = _trainer(tmp_path, [], strategy=DeepSpeedStrategy(stage=2), devices=1)
-    cls().setup(zero2, TinyClassifier(), stage="fit")  # ZeRO-1/2 keep whole parameters on every rank
+    cls(hvp="double_backward").setup(zero2, TinyClassifier(), stage="fit")  # ZeRO-1/2 keep whole parameters
+
+    class HomeMadeFSDPStrategy(DDPStrategy):
+        pass
+
+    tp = _trainer(tmp_path, [], strategy=ModelParallelStrategy(tensor_parallel_size=2), devices=1)
+    with pytest.raises(MisconfigurationException, match="under ModelParallelStrategy with tensor_parallel_size=2"):
+        cls().setup(tp, TinyClassifier(), stage="fit")
+    other = _trainer(tmp_path, [], strategy=HomeMadeFSDPStrategy(), devices=1)
+    with pytest.raises(MisconfigurationException, match="cannot obtain the gradients under HomeMadeFSDPStrategy"):
+        cls().setup(other, TinyClassifier(), stage="fit")
+
+
+def test_half_precision_finite_differences_warn_once_with_the_expected_error(tmp_path):
+    trace = HessianTraceMonitor(every_n_steps=2, num_probes=2, max_overhead=None, hvp="finite_difference")
+    with pytest.warns(UserWarning, match=r"held in torch.bfloat16 .*relative error of about 3.9%") as record:
+        _trainer(tmp_path, [trace], precision="bf16-true", max_steps=4).fit(TinyClassifier(), classification_loader())
+    assert sum("relative error of about" in str(w.message) for w in record) == 1
+    assert trace._hvp_in_use == "finite_difference" and math.isfinite(trace.last_metrics["hessian/trace"])
+
+
+def test_forced_finite_differences_match_double_backward_and_never_perturb_training(tmp_path):
+    def run(hvp):
+        seed_everything(0)
+        sharp = SharpnessTracker(every_n_steps=2, max_overhead=None, smallest=True, hvp=hvp, tol=1e-6, plot=False)
+        model = TinyClassifier(dropout=0.0)
+        _trainer(tmp_path, [sharp], max_steps=4).fit(model, classification_loader())
+        return sharp.last_metrics, [p.detach().clone() for p in model.parameters()]
+
+    (fd, w_fd), (exact, w_exact) = run("finite_difference"), run("double_backward")
+    assert all(torch.equal(a, b) for a, b in zip(w_fd, w_exact, strict=True))
+    for key in ("sharpness/lambda_max", "sharpness/lambda_min"):
+        assert fd[key] == pytest.approx(exact[key], rel=1e-3)
 
 
 @pytest.mark.gpu
-def test_fsdp_is_refused_at_setup_on_gpu(tmp_path):
-    trainer = _trainer(tmp_path, [SharpnessTracker()], accelerator="cuda", strategy="fsdp", devices=1)
-    with pytest.raises(MisconfigurationException, match="does not support FSDPStrategy"):
-        trainer.fit(TinyClassifier(), classification_loader())
+def test_fsdp1_measures_on_gpu(tmp_path):
+    # FSDP1 (Lightning's FSDPStrategy) needs a GPU. Central differences of its flat parameters' gradients against
+    # the unsharded run's exact products. Not in CI (CPU): `pytest -m gpu tests/callbacks/test_curvature_callbacks.py`
+    def run(strategy):
+        seed_everything(0)
+        sharp = SharpnessTracker(every_n_steps=2, max_overhead=None, tol=1e-6, plot=False)
+        model = TinyClassifier(dropout=0.0, batchnorm=False)
+        _trainer(tmp_path, [sharp], accelerator="cuda", strategy=strategy, devices=1).fit(
+            model, classification_loader()
+        )
+        return sharp.last_metrics["sharpness/lambda_max"]
+
+    assert run("fsdp") == pytest.approx(run("auto"), rel=1e-3)
 
 
 @pytest.mark.parametrize(

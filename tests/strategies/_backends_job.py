@@ -35,7 +35,8 @@ from tests.helpers.models import TinyClassifier, classification_loader  # noqa: 
 from tests.helpers.trainer import quiet_trainer  # noqa: E402
 
 BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp2")
-# Curvature and gradient flossing need whole parameters on every rank: refused (at setup) where they are sharded.
+# Gradient flossing needs whole parameters on every rank: refused (at setup) where they are sharded. The curvature
+# callbacks measure there by finite differences of the strategy's own gradients (the "curvature" case).
 SHARDED = ("zero3", "fsdp2")
 
 
