@@ -229,11 +229,14 @@ def main() -> None:
     if args.part in ("all", "fsdp2"):
         f = results["fsdp2"] = fsdp2(Path(args.out).with_suffix("") / "fsdp2")
         r0 = f["ranks"][0]
-        print(f"\nFSDP2, 2 ranks: lambda_max {r0['lambda_max']:.6g}; unsharded FD {r0['unsharded_fd']:.6g}"
-              f" (rel. {f['rel_to_unsharded_fd']:.1e}); exact {r0['exact']:.6g} (rel. {f['rel_to_exact']:.1e})")
+        print(
+            f"\nFSDP2, 2 ranks: lambda_max {r0['lambda_max']:.6g}; unsharded FD {r0['unsharded_fd']:.6g}"
+            f" (rel. {f['rel_to_unsharded_fd']:.1e}); exact {r0['exact']:.6g} (rel. {f['rel_to_exact']:.1e})"
+        )
+        per_rank = ", ".join(f"{b / 2**20:.2f}" for b in f["vector_bytes_per_rank"])
         print(f"shards {[r['local_numel'] for r in f['ranks']]} of {r0['global_numel']:,}; Lanczos vectors per rank"
-              f" {[b / 2**20 for b in f['vector_bytes_per_rank']]} MiB, unsharded {f['vector_bytes_unsharded'] / 2**20:.2f}"
-              f" MiB; sharded {r0['seconds']:.1f} s, unsharded {r0['unsharded_seconds']:.1f} s")  # fmt: skip
+              f" {per_rank} MiB, unsharded {f['vector_bytes_unsharded'] / 2**20:.2f} MiB; sharded"
+              f" {r0['seconds']:.1f} s, unsharded {r0['unsharded_seconds']:.1f} s")  # fmt: skip
     results["load_after"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"\nload average before {load}, after {results['load_after']}; wrote {args.out}")

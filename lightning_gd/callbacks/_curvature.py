@@ -200,9 +200,7 @@ def _resolve_groups(
     return out
 
 
-def _check_strategy(
-    strategy: Any, owner: str, hvp: str = "auto", curvature: str = "hessian"
-) -> Sharding | None:
+def _check_strategy(strategy: Any, owner: str, hvp: str = "auto", curvature: str = "hessian") -> Sharding | None:
     """Accept the strategies whose gradients the callbacks can obtain; return how they shard the parameters.
 
     Whole parameters (one device, DDP, ZeRO-1/2): ``None``, every product method. Sharded ones (FSDP2 through

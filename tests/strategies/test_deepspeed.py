@@ -45,6 +45,13 @@ def test_curvature_callbacks_on_zero3_match_ddp_and_never_perturb_training(backe
             assert got[key][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, metric)
 
 
+def test_adam_sharpness_is_the_raw_one_on_zero3(backend_runs):
+    # Adam's second moments are partitioned with the parameters: "auto" tracks lambda_max(H) against 2/lr instead.
+    got = same_on_both_ranks(backend_runs, "zero3", "adam")
+    assert "sharpness/preconditioned_lambda_max" not in got["sharp"] and got["sharp"]["sharpness/lambda_max"] > 0
+    assert got["sharp"]["sharpness/threshold"] == pytest.approx(2 / 0.01)
+
+
 def test_metric_plotter_under_ddp(backend_runs):
     got = same_on_both_ranks(backend_runs, "ddp", "plotter")
     assert len(got["history"]["train/loss"]) == 4 and got["png"]

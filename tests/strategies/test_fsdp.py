@@ -25,6 +25,13 @@ def test_curvature_callbacks_match_ddp_and_never_perturb_training(backend_runs):
     check_sharded_curvature(backend_runs, "fsdp2")
 
 
+def test_adam_sharpness_is_the_raw_one(backend_runs):
+    # Adam's second moments are sharded with the parameters: "auto" tracks lambda_max(H) against 2/lr instead.
+    got = same_on_both_ranks(backend_runs, "fsdp2", "adam")
+    assert "sharpness/preconditioned_lambda_max" not in got["sharp"] and got["sharp"]["sharpness/lambda_max"] > 0
+    assert got["sharp"]["sharpness/threshold"] == pytest.approx(2 / 0.01)
+
+
 @pytest.mark.parametrize("case", ["floss_rounds", "floss_continuous"])
 def test_gradient_flossing_is_refused(backend_runs, case):
     message = same_on_both_ranks(backend_runs, "fsdp2", case)["error"]
