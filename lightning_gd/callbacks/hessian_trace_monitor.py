@@ -167,21 +167,23 @@ class HessianTraceMonitor(_CurvatureCallback):
         return {**super()._key_args(), "method": self.method, "num_probes": self.num_probes}
 
     def _fit_budget(self, plan: _MemoryPlan, trainer: Trainer) -> None:
+        # Sharded vectors: every rank runs every probe (on its shards), so the estimate is not split over ranks.
+        world = 1 if self._sharded else trainer.world_size
         if self.method == "auto":
             # XTrace reaches a given accuracy with the fewest products (benchmarks/RESULTS.md, "time to 1%"), but
             # holds its sketch: 2 vectors per product. Hutchinson holds 2 per probe in one call, whatever num_probes.
-            need = self._vectors("xtrace", trainer.world_size, _PROBES_PER_MATMAT)
+            need = self._vectors("xtrace", world, _PROBES_PER_MATMAT)
             self._method = "xtrace" if self.num_probes >= 4 and plan.vectors >= need else "hutchinson"
             if self._method == "hutchinson":
                 rank_zero_info(
                     f"HessianTraceMonitor(method='auto'): Hutchinson, not XTrace: XTrace's sketch of"
-                    f" {self._local_probes(trainer.world_size)} products needs {need} parameter-sized vectors, the"
+                    f" {self._local_probes(world)} products needs {need} parameter-sized vectors, the"
                     f" memory budget holds {plan.vectors}."
                 )
         owner = f"HessianTraceMonitor(method={self._method!r}, num_probes={self.num_probes})"
-        fixed = self._vectors(self._method, trainer.world_size, 0)
+        fixed = self._vectors(self._method, world, 0)
         per_call = 2 if self._method == "hutchinson" else (4 if self._method == "hutch++" else 1)
-        probes = min(_PROBES_PER_MATMAT, self._local_probes(trainer.world_size), (plan.vectors - fixed) // per_call)
+        probes = min(_PROBES_PER_MATMAT, self._local_probes(world), (plan.vectors - fixed) // per_call)
         if probes < 1:
             what = {"hutchinson": "one Hessian-vector product (a probe and its product)",
                     "hutch++": "Hutch++ (its sketch and one probe)",

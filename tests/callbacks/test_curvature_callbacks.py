@@ -325,6 +325,14 @@ def test_forced_finite_differences_match_double_backward_and_never_perturb_train
         assert fd[key] == pytest.approx(exact[key], rel=1e-3)
 
 
+def test_auto_hvp_says_once_which_method_it_chose(tmp_path, caplog):
+    sharp = SharpnessTracker(every_n_steps=1, max_overhead=None, plot=False)
+    with caplog.at_level("INFO"):
+        _trainer(tmp_path, [sharp], max_steps=3).fit(TinyClassifier(), classification_loader())
+    said = [r.getMessage() for r in caplog.records if "hvp='auto'" in r.getMessage()]
+    assert said == ["SharpnessTracker(hvp='auto'): using 'double_backward': exact products."]
+
+
 @pytest.mark.gpu
 def test_fsdp1_measures_on_gpu(tmp_path):
     # FSDP1 (Lightning's FSDPStrategy) needs a GPU. Central differences of its flat parameters' gradients against
