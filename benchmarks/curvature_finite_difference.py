@@ -2,8 +2,8 @@
 
 Three parts (``--part``, default all):
 
-* **accuracy**: lambda_max, lambda_min (Lanczos, ``tol=1e-3``: Ritz values to ~1e-6, the same start vector) and the trace (Hutchinson,
-  the same ``--probes`` Rademacher probes) of two LLaMA-style models, by
+* **accuracy**: lambda_max, lambda_min (Lanczos, ``tol=1e-3``: Ritz values to ~1e-6, the same start vector) and
+  the trace (Hutchinson, the same ``--probes`` Rademacher probes) of two LLaMA-style models, by
   :class:`~lightning_gd.curvature.FiniteDifferenceOperator` (gradients from an ordinary ``loss.backward()``, as the
   callbacks take them under sharded strategies) against the exact double-backward Hessian in float32. Models:
   ``quickstart`` (the quickstart recipe's model: preset ``tiny``, 128-byte windows, batch 16, after 30 AdamW steps

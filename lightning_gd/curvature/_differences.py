@@ -14,21 +14,23 @@ dtype, which moves the step by up to ``u |theta|`` per entry. The sum ``a h^2 + 
 the same rule as hessian-eigenthings 1.0's ``method="finite_difference"``).
 
 Scale. The step must be small against the scale on which the gradient is nonlinear, the weights, and large against
-their rounding. For a vector spread over every entry (a Rademacher probe) that is ``h = eps (1 + ||theta||) / ||v||``
-(Knoll & Keyes 2004, "Jacobian-free Newton-Krylov methods", Section 2.2): the relative change of the weights is
-``eps``, each entry moves by about ``eps`` times the weights' RMS, and their rounding moves the step by a relative
-``u / eps``. But the vectors Lanczos converges to are localised: the top eigenvector of the quickstart model holds
-its weight on a few dozen of 771K entries, and a move of ``eps ||theta||`` along it moved those entries by up to 60%
-of their size (lambda_max 61% off, measured). So the step bounds the move of the largest entries instead:
-``h = eps (1 + ||theta||) / (sqrt(n) 2 a(v))``, with ``a(v) = sqrt(sum v^4 / sum v^2)`` the RMS size of ``v``'s
-entries weighted by their energy (about half the largest entry of a localised vector, 1 for a Rademacher probe; a
-robust stand-in for the largest entry, and a sum, so it all-reduces over shards). No entry then moves by much more
-than ``eps`` times the weights' RMS; by Cauchy-Schwarz ``h`` is at most half the spread-vector step. The product is
-linear in ``v``: its scale does not matter. With ``eps = eps_dtype^(1/3)`` (``torch.finfo(dtype).eps``: 4.9e-3 in
-float32, 6.1e-6 in float64, 0.20 in bfloat16, 0.099 in float16) the expected relative error is about
-``eps_dtype^(2/3)``: 2.4e-5 in float32, 3.7e-11 in float64, 3.9% in bfloat16, 1.0% in float16
-(:func:`finite_difference_error`). Measured on the quickstart model and llama-tiny (one product along its top
-eigenvector: 8e-5 relative, a Rademacher probe 1.9e-4): benchmarks/RESULTS.md, "Curvature by finite differences".
+their rounding. For a vector spread over every entry (a Rademacher probe) the usual step is
+``h = eps (1 + ||theta||) / ||v||`` (Knoll & Keyes 2004, "Jacobian-free Newton-Krylov methods", Section 2.2): every
+entry moves by about ``eps`` times the weights' RMS. But the vectors Lanczos converges to are localised: the top
+eigenvector of the quickstart model holds its weight on a few dozen of 771K entries, and that step moved them by up
+to 60% of their size (lambda_max 61% off, measured); at llama-tiny's initialisation it also sits on weights four
+times smaller than the RMS. So the step is set by the entries that move most and the weights they move:
+``h = c eps w(v) / a(v)``, with ``a(v) = sqrt(sum v^4 / sum v^2)`` the energy-weighted RMS size of ``v``'s entries
+(about half the largest entry of a localised vector, 1 for a Rademacher probe: a robust stand-in for the largest),
+``w(v) = sqrt(sum v^2 theta^2 / sum v^2) + 1 / sqrt(n)`` the RMS of the weights where ``v`` sits (floored for
+weights at zero), and ``c = 0.1``, chosen by measurement: one product along the top and bottom eigenvectors and a
+Rademacher probe of both models, over steps from 0.02 to 0.5 of this size, erred by 4e-5 to 1e-3 near ``c = 0.1``,
+more above (truncation, as ``c^2``) and below (rounding, as ``1/c``). Every quantity is a sum, so it all-reduces
+over shards, and the product is linear in ``v``: its scale does not matter. With ``eps = eps_dtype^(1/3)``
+(``torch.finfo(dtype).eps``: 4.9e-3 in float32, 6.1e-6 in float64, 0.20 in bfloat16, 0.099 in float16) the relative
+error is of the order of ``eps_dtype^(2/3)``: 2.4e-5 in float32, 3.7e-11 in float64, 3.9% in bfloat16, 1.0% in
+float16 (:func:`finite_difference_error`; measured in float32: 4e-5 to 1e-3 along localised eigenvectors).
+Measured: benchmarks/RESULTS.md, "Curvature by finite differences".
 
 Exactness of the weights. The perturbed tensors are saved once per call and copied back bit for bit after every
 gradient and at the end (also when a gradient raises): ``theta + h v - h v`` is not ``theta`` in floating point, a
@@ -45,6 +47,10 @@ from torch import Tensor
 from lightning_gd.curvature._utils import _work_dtype
 
 GradientFn = Callable[[], Sequence[Tensor | None]]
+
+# The largest entries of v move by about this share of eps times the weights where v sits (``_central_differences``):
+# chosen by measurement on the quickstart model and llama-tiny (module docs).
+_STEP_FRACTION = 0.1
 
 
 def finite_difference_eps(dtype: torch.dtype) -> float:
@@ -100,23 +106,30 @@ def _central_differences(
         offsets.append(offsets[-1] + n)
     out = torch.zeros(V.shape, dtype=_work_dtype(V.dtype), device=V.device)
     saved = [t.detach().clone() for t in targets]
-    # One all-reduce for ||theta||^2, the entry count, and every column's sum v^2 and sum v^4 (float64 sums).
+    # One all-reduce for the entry count and every column's sums of v^2, v^4 and v^2 theta^2 (float64 sums; the
+    # temporaries are one parameter's size).
     m = V.shape[1]
-    theta_sq = sum(float(torch.linalg.vector_norm(s, dtype=torch.float64)) ** 2 for s in saved)
+    columns = V.split(numels)
+    weighted = torch.zeros(m, dtype=torch.float64, device=V.device)
+    for s, d in zip(saved, columns, strict=True):
+        theta_sq = s.reshape(-1, 1).to(V.dtype).square()
+        weighted += (d.square() * theta_sq).sum(dim=0, dtype=torch.float64)
     sums = torch.cat([
-        torch.tensor([theta_sq, float(V.shape[0])], dtype=torch.float64, device=V.device),
+        torch.tensor([float(V.shape[0])], dtype=torch.float64, device=V.device),
         torch.linalg.vector_norm(V, dim=0, dtype=torch.float64).square(),
         torch.linalg.vector_norm(V, ord=4, dim=0, dtype=torch.float64).pow(4),
+        weighted,
     ])  # fmt: skip
     sums = total(sums).cpu()
-    theta_norm, root_n = float(sums[0].sqrt()), float(sums[1].sqrt())
+    root_n = float(sums[0].sqrt())
     try:
         for j in range(m):
-            square, fourth = float(sums[2 + j]), float(sums[2 + m + j])
+            square, fourth, along = float(sums[1 + j]), float(sums[1 + m + j]), float(sums[1 + 2 * m + j])
             if square == 0.0 or fourth == 0.0:
                 continue  # H 0 = 0
             size = (fourth / square) ** 0.5  # a(v): the energy-weighted RMS size of v's entries
-            h = eps * (1.0 + theta_norm) / (root_n * 2.0 * size)
+            scale = (along / square) ** 0.5 + 1.0 / root_n  # w(v): the RMS of the weights where v sits, floored
+            h = _STEP_FRACTION * eps * scale / size
             parts = V[:, j].split(numels)
             col = out[:, j]
             for sign in (1.0, -1.0):

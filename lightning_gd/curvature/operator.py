@@ -311,10 +311,10 @@ class HessianOperator(_ModelOperator):
     tangents and outputs of one chunk, central differences one copy of the measured parameters and one gradient.
 
     Central differences (``hvp="finite_difference"``): ``(g(theta + h v) - g(theta - h v)) / 2h``, two ordinary
-    gradients per product (``torch.autograd.grad``, first order only) with
-    ``h = fd_eps (1 + ||theta||) / (sqrt(n) 2 a(v))``, ``a(v) = sqrt(sum v^4 / sum v^2)``: no entry of ``v``, spread
-    or localised, moves by much more than ``fd_eps`` times the weights' RMS (``_differences``); truncation ``O(h^2)`` against roundoff ``O(u / h)`` gives ``fd_eps = finfo(dtype).eps ** (1/3)`` and a relative
-    error of about ``finfo(dtype).eps ** (2/3)`` (2.4e-5 in float32; 3.9% in bfloat16, so a model held in half
+    gradients per product (``torch.autograd.grad``, first order only) with ``h = 0.1 fd_eps w(v) / a(v)``: the
+    entries of ``v`` that move most (``a(v) = sqrt(sum v^4 / sum v^2)``, spread or localised) move by a tenth of
+    ``fd_eps`` times the weights where ``v`` sits (``w(v)``, their RMS; ``_differences``). Truncation ``O(h^2)``
+    against roundoff ``O(u / h)`` gives ``fd_eps = finfo(dtype).eps ** (1/3)`` and a relative error of the order of ``finfo(dtype).eps ** (2/3)`` (2.4e-5 in float32; 3.9% in bfloat16, so a model held in half
     precision gets a coarse product: see :func:`~lightning_gd.curvature.finite_difference_error`). The parameters
     are perturbed in place and copied back bit for bit after every product. The product is not exactly linear or
     symmetric (its error is), which Lanczos and the trace estimators tolerate at that size. Use it where no exact
