@@ -314,7 +314,8 @@ class HessianOperator(_ModelOperator):
     gradients per product (``torch.autograd.grad``, first order only) with ``h = 0.1 fd_eps w(v) / a(v)``: the
     entries of ``v`` that move most (``a(v) = sqrt(sum v^4 / sum v^2)``, spread or localised) move by a tenth of
     ``fd_eps`` times the weights where ``v`` sits (``w(v)``, their RMS; ``_differences``). Truncation ``O(h^2)``
-    against roundoff ``O(u / h)`` gives ``fd_eps = finfo(dtype).eps ** (1/3)`` and a relative error of the order of ``finfo(dtype).eps ** (2/3)`` (2.4e-5 in float32; 3.9% in bfloat16, so a model held in half
+    against roundoff ``O(u / h)`` gives ``fd_eps = finfo(dtype).eps ** (1/3)`` and a relative error of the order of
+    ``finfo(dtype).eps ** (2/3)`` (2.4e-5 in float32; 3.9% in bfloat16, so a model held in half
     precision gets a coarse product: see :func:`~lightning_gd.curvature.finite_difference_error`). The parameters
     are perturbed in place and copied back bit for bit after every product. The product is not exactly linear or
     symmetric (its error is), which Lanczos and the trace estimators tolerate at that size. Use it where no exact
