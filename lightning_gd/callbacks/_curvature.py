@@ -40,7 +40,7 @@ from lightning_gd.curvature import (
 )
 from lightning_gd.curvature._utils import _work_dtype
 from lightning_gd.utils.checks import check_choice, check_positive_int
-from lightning_gd.utils.logging import log_to_loggers
+from lightning_gd.utils.logging import History, history_from_state, history_to_state, log_to_loggers
 
 LossFn = Callable[[LightningModule, Any], Tensor]
 OutputFn = Callable[[LightningModule, Any], tuple[Tensor, Tensor]]
@@ -343,7 +343,7 @@ class _CurvatureCallback(Callback):
         self.seed = seed
         self.max_overhead = max_overhead
         self.memory_budget = memory_budget
-        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.history: History = {}
         self.last_metrics: dict[str, float] = {}
         self._fixed: list[Any] = []
         self._nonfinite = NonFiniteGuard(
@@ -512,7 +512,7 @@ class _CurvatureCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "history": {k: [list(p) for p in v] for k, v in self.history.items()},
+            "history": history_to_state(self.history),
             "fixed_batches": self._fixed,
             "hvp_in_use": self._hvp_in_use,
             "last_seen": self._last_seen,
@@ -521,7 +521,7 @@ class _CurvatureCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = {k: [(int(s), float(v)) for s, v in pts] for k, pts in state_dict.get("history", {}).items()}
+        self.history = history_from_state(state_dict.get("history", {}))
         self._fixed = list(state_dict.get("fixed_batches", []))
         self._hvp_in_use = state_dict.get("hvp_in_use")
         self._last_seen = int(state_dict.get("last_seen", state_dict.get("last_step", -1)))  # older checkpoints
