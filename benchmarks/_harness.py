@@ -19,13 +19,14 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,17 @@ FIGURES = HERE / "figures"
 if str(REPO) not in sys.path:  # the one sys.path entry of the benchmarks (see the module docstring)
     sys.path.insert(0, str(REPO))
 
-__all__ = ["FIGURES", "HERE", "REPO", "free_port", "quiet_trainer", "rank_env", "run_ranks", "save_figure"]
+__all__ = [
+    "FIGURES",
+    "HERE",
+    "REPO",
+    "counted_pyhessian",
+    "free_port",
+    "quiet_trainer",
+    "rank_env",
+    "run_ranks",
+    "save_figure",
+]
 
 _RANK_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "GLOBAL_RANK", "LOCAL_RANK", "NODE_RANK",
               "LOCAL_WORLD_SIZE")  # fmt: skip
@@ -137,3 +148,30 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
     fig.savefig(path, dpi=dpi)
     print(f"figure: {path}")
     return path
+
+
+@contextlib.contextmanager
+def counted_pyhessian() -> Iterator[tuple[Any, list[int]]]:
+    """PyHessian's ``pyhessian.hessian`` module with its Hessian-vector products counted in ``count[0]``.
+
+    Example::
+
+        with counted_pyhessian() as (ph, count):
+            vals, _ = ph.hessian(model, criterion, data=batch, cuda=False).eigenvalues()
+        print(count[0], "products")
+    """
+    import pyhessian  # noqa: F401  (its __init__ shadows the submodule name with the class)
+
+    ph = sys.modules["pyhessian.hessian"]
+    count = [0]
+    original = ph.hessian_vector_product
+
+    def counted(gradsH: Any, params: Any, v: Any) -> Any:
+        count[0] += 1
+        return original(gradsH, params, v)
+
+    ph.hessian_vector_product = counted
+    try:
+        yield ph, count
+    finally:
+        ph.hessian_vector_product = original

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _harness import counted_pyhessian
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_gd.analysis import analyze
@@ -69,25 +70,14 @@ def time_training_step(model, batch, repeats: int = 5) -> float:
 
 
 def run_pyhessian(model, batch, math_kernel: bool) -> dict:
-    import pyhessian  # noqa: F401  (its __init__ shadows the submodule name with the class)
-
-    ph = sys.modules["pyhessian.hessian"]
-    count = [0]
-    original = ph.hessian_vector_product
-
-    def counted(gradsH, params, v):
-        count[0] += 1
-        return original(gradsH, params, v)
-
     def criterion(logits, targets):
         return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
 
     x, y = batch
     out: dict = {"math_kernel": math_kernel}
-    ph.hessian_vector_product = counted
     torch.manual_seed(0)
     try:
-        with sdpa_kernel(SDPBackend.MATH) if math_kernel else _nothing():
+        with counted_pyhessian() as (ph, count), sdpa_kernel(SDPBackend.MATH) if math_kernel else _nothing():
             start = time.perf_counter()
             try:
                 h = ph.hessian(model, criterion, data=(x, y), cuda=False)
@@ -117,7 +107,6 @@ def run_pyhessian(model, batch, math_kernel: bool) -> dict:
                 out[name] = entry
                 print(f"PyHessian{' (math kernel)' if math_kernel else ''} {name}: {entry}", flush=True)
     finally:
-        ph.hessian_vector_product = original
         model.zero_grad(set_to_none=True)
     return out
 

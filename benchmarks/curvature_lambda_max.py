@@ -28,12 +28,12 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import warnings
 
 import lightning as L
 import numpy as np
 import torch
+from _harness import counted_pyhessian
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import nn
 from torch.func import functional_call
@@ -105,26 +105,14 @@ def run_eigsh(model, batch, tol, seed, ncv=None):
 
 
 def run_pyhessian(model, batch, tol, seed):
-    import pyhessian  # noqa: F401  (its __init__ shadows the submodule name with the class)
-
-    ph = sys.modules["pyhessian.hessian"]
-
-    count = [0]
-    original = ph.hessian_vector_product
-
-    def counted(gradsH, params, v):
-        count[0] += 1
-        return original(gradsH, params, v)
-
-    ph.hessian_vector_product = counted
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # PyHessian draws its start vector with torch.randn(p.size())
     torch.manual_seed(seed)
     try:
-        h = ph.hessian(model, nn.MSELoss(), data=batch, cuda=False)
-        vals, _ = h.eigenvalues(maxIter=100, tol=tol)
+        with counted_pyhessian() as (ph, count):
+            h = ph.hessian(model, nn.MSELoss(), data=batch, cuda=False)
+            vals, _ = h.eigenvalues(maxIter=100, tol=tol)
     finally:
-        ph.hessian_vector_product = original
         torch.set_default_dtype(default)
         model.zero_grad(set_to_none=True)
     return float(vals[0]), count[0]

@@ -114,7 +114,7 @@ def child(args: argparse.Namespace) -> None:
     metrics = {k: float(v) for k, v in cb.last_metrics.items()}
     out = {
         "which": args.which, "preset": args.preset, "numel": numel, "vector_bytes": vector,
-        "step_s": probe.steps, "check_s": cb._last_cost_s, "metrics": metrics,
+        "step_s": probe.steps, "check_s": cb._budget.last_cost_s, "metrics": metrics,
         "rss_before_check": probe.rss_before_check, "rss_after_check": probe.rss_after_check,
         "cuda_before": probe.cuda_before, "cuda_after": probe.cuda_after,
         "max_basis": getattr(cb, "_max_basis", None), "probes_per_matmat": getattr(cb, "_probes_per_matmat", None),

@@ -11,7 +11,6 @@ import contextlib
 import fnmatch
 import math
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -25,6 +24,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_gd.callbacks._budget import OverheadBudget
 from lightning_gd.callbacks._curvature_sharding import (
     Sharding,
     check_sharded_strategy,
@@ -33,6 +33,7 @@ from lightning_gd.callbacks._curvature_sharding import (
     sharding,
     sharding_name,
 )
+from lightning_gd.callbacks._nonfinite import NonFiniteGuard
 from lightning_gd.curvature import (
     CurvatureOperator,
     EmpiricalFisherOperator,
@@ -48,8 +49,7 @@ from lightning_gd.curvature import (
 )
 from lightning_gd.curvature._utils import _work_dtype
 from lightning_gd.utils.checks import check_choice, check_positive_int
-from lightning_gd.utils.logging import log_to_loggers
-from lightning_gd.utils.ranks import finite_on_every_rank
+from lightning_gd.utils.logging import History, history_from_state, history_to_state, log_to_loggers
 
 LossFn = Callable[[LightningModule, Any], Tensor]
 OutputFn = Callable[[LightningModule, Any], tuple[Tensor, Tensor]]
@@ -337,10 +337,8 @@ class _CurvatureCallback(Callback):
         self._name = self._prefixes[_CURVATURES.index(curvature)]
         if memory_budget is not None:
             _check_positive("memory_budget", memory_budget)
-        if max_overhead is not None and (
-            isinstance(max_overhead, bool) or not isinstance(max_overhead, int | float) or not max_overhead > 0
-        ):
-            raise MisconfigurationException(f"`max_overhead` must be a positive fraction or None, got {max_overhead!r}")
+        # Time spent measuring against max_overhead of the training time: due checks are skipped while over it.
+        self._budget = OverheadBudget(max_overhead, type(self).__name__, f"{self._name}/skipped_checks", every_n_steps)
         _check_positive("num_batches", num_batches)
         _check_choice("batch", batch, _BATCH_MODES)
         _check_choice("mode", mode, _MODES)
@@ -356,22 +354,27 @@ class _CurvatureCallback(Callback):
         self.seed = seed
         self.max_overhead = max_overhead
         self.memory_budget = memory_budget
-        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.history: History = {}
         self.last_metrics: dict[str, float] = {}
         self._fixed: list[Any] = []
-        self._warned_nonfinite = False
-        self._warned_skip = False
-        self.skipped_checks = 0  # due checks skipped by the max_overhead budget (logged as <name>/skipped_checks)
+        self._nonfinite = NonFiniteGuard(
+            type(self).__name__, "loss or curvature", "this measurement is skipped (training is not affected)"
+        )
         self._hvp_in_use: str | None = None  # remembered "auto" choice: probe it once, not every check
         self._last_seen = -1  # last optimizer step handled (accumulation: several batches per step)
-        self._spent_s = 0.0  # wall time spent measuring (this fit and before a resume)
-        self._last_cost_s = 0.0  # duration of the latest check: the estimate of the next one's
-        self._elapsed_before_s = 0.0  # training wall time of the run before it was resumed
-        self._fit_start: float | None = None
         self._group_names: dict[str, tuple[str, ...]] = {}  # group -> names of its parameters (resolved in setup)
         self._sharding: Sharding | None = None  # how the strategy shards the parameters (set in setup)
         self._said_hvp = False
         self._strategy_name = ""
+
+    @property
+    def skipped_checks(self) -> int:
+        """Due checks skipped by the ``max_overhead`` budget (logged as ``<name>/skipped_checks``)."""
+        return self._budget.skipped
+
+    @skipped_checks.setter
+    def skipped_checks(self, value: int) -> None:
+        self._budget.skipped = value
 
     @property
     @override
@@ -446,7 +449,7 @@ class _CurvatureCallback(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._fit_start = time.perf_counter()
+        self._budget.start()
 
     @override
     def on_train_batch_end(
@@ -462,62 +465,26 @@ class _CurvatureCallback(Callback):
         if step % self.every_n_steps:
             return
         # Over budget: skip this due step (decided at due steps only, so one collective per every_n_steps).
-        if self._over_budget(trainer):
-            self._skip(trainer, step)
+        if self._budget.over(trainer):
+            self._budget.skip(trainer, step)
             return
         batches = self._batches(batch, pl_module)
         if batches is None:
             return
-        start = time.perf_counter()
-        try:
+        with self._budget.timed():
             self._measure_and_log(trainer, pl_module, batches)
-        finally:
-            self._last_cost_s = time.perf_counter() - start
-            self._spent_s += self._last_cost_s
 
     def _measure_and_log(self, trainer: Trainer, pl_module: LightningModule, batches: list[Any]) -> None:
         op = self._operator(trainer, pl_module, batches)
-        if not self._finite_everywhere(trainer, op.base.loss()):
+        if not self._nonfinite.finite_everywhere(trainer, op.base.loss()):
             return
         metrics = self._measure(trainer, pl_module, op, batches)
         if metrics is None:
             return
-        if not self._finite_everywhere(trainer, torch.tensor(list(metrics.values()), dtype=torch.float64)):
+        if not self._nonfinite.finite_everywhere(trainer, torch.tensor(list(metrics.values()), dtype=torch.float64)):
             return
         metrics[f"{self._name}/skipped_checks"] = float(self.skipped_checks)
         self._log(trainer, metrics)
-
-    def _elapsed_s(self) -> float:
-        running = 0.0 if self._fit_start is None else time.perf_counter() - self._fit_start
-        return self._elapsed_before_s + running
-
-    def _over_budget(self, trainer: Trainer) -> bool:
-        """Whether a check now (as costly as the last) would exceed ``max_overhead`` (rank 0 decides for all)."""
-        if self.max_overhead is None:
-            return False
-        training_s = self._elapsed_s() - self._spent_s
-        over = self._spent_s + self._last_cost_s > self.max_overhead * training_s
-        if trainer.world_size > 1:  # wall clocks differ per rank: one decision, or a rank waits alone
-            over = bool(trainer.strategy.broadcast(over, src=0))
-        return over
-
-    def _skip(self, trainer: Trainer, step: int) -> None:
-        """Count a due check skipped by the budget, log the count, and say why the first time."""
-        self.skipped_checks += 1
-        log_to_loggers(trainer, {f"{self._name}/skipped_checks": float(self.skipped_checks)}, step=step)
-        if self._warned_skip:
-            return
-        self._warned_skip = True
-        step_s = max(self._elapsed_s() - self._spent_s, 1e-9) / max(step, 1)
-        cost, budget = self._last_cost_s, float(self.max_overhead or 0.0)
-        rank_zero_warn(
-            f"{type(self).__name__}: skipped the check due at step {step}, and will skip due checks while over its"
-            f" budget `max_overhead={self.max_overhead}` ({budget:.1%} of the training time). One check costs"
-            f" {cost:.3g} s, about {cost / step_s:.1f} training steps of {step_s:.3g} s, against one check every"
-            f" {self.every_n_steps} steps. To measure at every due step pass `max_overhead=None`; to stay within the"
-            f" budget use `every_n_steps` >= {math.ceil(cost / (budget * step_s))}. `{self._name}/skipped_checks`"
-            " counts the skipped checks. Warning once."
-        )
 
     # ---------------------------------------------------------------- to implement
     def _measure(
@@ -568,17 +535,6 @@ class _CurvatureCallback(Callback):
         """Whether vectors are each rank's shards (every rank takes part in every product)."""
         return self._sharding is not None
 
-    def _finite_everywhere(self, trainer: Trainer, values: Tensor) -> bool:
-        """Agree on every rank whether to go on, so that no rank waits alone in a collective."""
-        bad = not finite_on_every_rank(trainer, values)
-        if bad and not self._warned_nonfinite:
-            rank_zero_warn(
-                f"{type(self).__name__}: non-finite loss or curvature at step {trainer.global_step}; this"
-                " measurement is skipped (training is not affected). Warning once."
-            )
-            self._warned_nonfinite = True
-        return not bad
-
     def _log(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         step = trainer.global_step
         self.last_metrics = metrics
@@ -598,23 +554,17 @@ class _CurvatureCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "history": {k: [list(p) for p in v] for k, v in self.history.items()},
+            "history": history_to_state(self.history),
             "fixed_batches": self._fixed,
             "hvp_in_use": self._hvp_in_use,
             "last_seen": self._last_seen,
-            "spent_s": self._spent_s,
-            "last_cost_s": self._last_cost_s,
-            "elapsed_s": self._elapsed_s(),
-            "skipped_checks": self.skipped_checks,
+            **self._budget.state_dict(),  # spent_s, last_cost_s, elapsed_s, skipped_checks
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = {k: [(int(s), float(v)) for s, v in pts] for k, pts in state_dict.get("history", {}).items()}
+        self.history = history_from_state(state_dict.get("history", {}))
         self._fixed = list(state_dict.get("fixed_batches", []))
         self._hvp_in_use = state_dict.get("hvp_in_use")
         self._last_seen = int(state_dict.get("last_seen", state_dict.get("last_step", -1)))  # older checkpoints
-        self._spent_s = float(state_dict.get("spent_s", 0.0))
-        self._last_cost_s = float(state_dict.get("last_cost_s", 0.0))
-        self._elapsed_before_s = float(state_dict.get("elapsed_s", 0.0))
-        self.skipped_checks = int(state_dict.get("skipped_checks", 0))
+        self._budget.load_state_dict(state_dict)

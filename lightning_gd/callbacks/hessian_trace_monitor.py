@@ -28,13 +28,12 @@ from lightning_gd.callbacks._curvature import (
     _MemoryPlan,
 )
 from lightning_gd.curvature import HvpMethod, LossSpec, OperatorMode, OutputLoss, ReducedOperator, hutchinson_trace
-from lightning_gd.curvature.trace import TraceMethod
+from lightning_gd.curvature.trace import MIN_PROBES, TraceMethod
 
 __all__ = ["HessianTraceMonitor"]
 
-TraceChoice = Literal["auto", "hutchinson", "hutch++", "xtrace"]
+TraceChoice = Literal["auto", TraceMethod]  # the estimators of curvature.trace, or "auto" (chosen at fit start)
 _METHODS: tuple[str, ...] = get_args(TraceChoice)
-_MIN_PROBES = {"hutchinson": 1, "hutch++": 3, "xtrace": 4}  # products one estimate needs at least
 _PROBES_PER_MATMAT = 10  # probes per product call when the memory budget allows (hutchinson_trace's default)
 
 
@@ -153,9 +152,9 @@ class HessianTraceMonitor(_CurvatureCallback):
         )  # fmt: skip
         _check_positive("num_probes", num_probes)
         _check_choice("method", method, _METHODS)
-        if num_probes < _MIN_PROBES.get(method, 1):
+        if num_probes < MIN_PROBES.get(method, 1):
             raise MisconfigurationException(
-                f"`num_probes` must be >= {_MIN_PROBES[method]} for method={method!r}, got {num_probes}"
+                f"`num_probes` must be >= {MIN_PROBES[method]} for method={method!r}, got {num_probes}"
             )
         self.num_probes = num_probes
         self.method = method
@@ -193,7 +192,7 @@ class HessianTraceMonitor(_CurvatureCallback):
 
     def _vectors(self, method: str, world_size: int, probes_per_call: int) -> int:
         """Parameter-sized vectors an estimate holds, beyond autograd's product memory."""
-        m = max(math.ceil(self.num_probes / world_size), _MIN_PROBES[method])
+        m = max(math.ceil(self.num_probes / world_size), MIN_PROBES[method])
         if method == "hutchinson":
             return (2 if self._per_param else 0) + 2 * probes_per_call  # the per-parameter sums; probe and product
         if method == "hutch++":
@@ -202,7 +201,7 @@ class HessianTraceMonitor(_CurvatureCallback):
 
     def _local_probes(self, world_size: int) -> int:
         """Products each rank spends: the total split over ranks, at least what one estimate needs."""
-        return max(math.ceil(self.num_probes / world_size), _MIN_PROBES[self._method])
+        return max(math.ceil(self.num_probes / world_size), MIN_PROBES[self._method])
 
     def _measure(
         self, trainer: Trainer, pl_module: LightningModule, op: ReducedOperator, batches: list[Any]

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_gd.utils.checks import check_positive_int
+from lightning_gd.utils.logging import history_from_state, history_to_state
 from lightning_gd.utils.plotting import new_figure, run_dir, save_figure
 
 __all__ = ["MetricPlotter"]
@@ -102,9 +103,8 @@ class MetricPlotter(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": {name: [list(p) for p in points] for name, points in self.history.items()}}
+        return {"history": history_to_state(self.history)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for name, points in state_dict.get("history", {}).items():
-            self.history[name] = [(int(s), float(v)) for s, v in points]
+        self.history.update(history_from_state(state_dict.get("history", {})))

@@ -41,6 +41,7 @@ from lightning_gd.curvature import (
     lanczos,
     spectral_density,
 )
+from lightning_gd.curvature.lanczos import Which
 from lightning_gd.curvature.preconditioned import (
     adam_preconditioner,
     adam_threshold,
@@ -48,6 +49,7 @@ from lightning_gd.curvature.preconditioned import (
     combine_preconditioners,
     gd_threshold,
 )
+from lightning_gd.utils.checks import check_number
 from lightning_gd.utils.deepspeed_state import deepspeed_stage
 from lightning_gd.utils.optim_state import adam_moments, is_adam_family, owner_of
 from lightning_gd.utils.plotting import new_figure, run_dir, save_figure
@@ -289,8 +291,7 @@ class SharpnessTracker(_CurvatureCallback):
         _check_positive("density_num_steps", density_num_steps)
         if density_every_n_steps is not None:
             _check_positive("density_every_n_steps", density_every_n_steps)
-        if not tol > 0:
-            raise MisconfigurationException(f"`tol` must be > 0, got {tol!r}")
+        check_number("tol", tol, 0, low_open=True, error=MisconfigurationException)
         if k > max_iter:
             raise MisconfigurationException(f"`k`={k} must not exceed `max_iter`={max_iter}")
         if preconditioned not in (True, False, "auto"):
@@ -529,7 +530,7 @@ class SharpnessTracker(_CurvatureCallback):
             + (" Use `groups` to track the Adam-trained parameters preconditioned." if any(have) else "")
         )
 
-    def _lanczos(self, op: Any, which: str, trainer: Trainer, name: str = _ALL) -> Any:
+    def _lanczos(self, op: Any, which: Which, trainer: Trainer, name: str = _ALL) -> Any:
         side = ("max" if which == "largest" else "min") + (f"/{name}" if name else "")
         init = self._init.get(side) if self.warm_start else None  # on the host: copied into the basis directly
         if init is not None and init.shape[0] != op.numel:

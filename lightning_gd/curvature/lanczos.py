@@ -23,6 +23,7 @@ once. ``k = 1`` is the single-vector method, operation for operation as before.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -30,10 +31,12 @@ from torch import Tensor
 from lightning_gd.curvature._krylov import _LanczosProcess
 from lightning_gd.curvature._utils import _allreduce, _check_positive_int, _dim, _gaussian, _resolve_generator
 from lightning_gd.curvature.base import CurvatureOperator
+from lightning_gd.utils.checks import check_choice, check_number
 
-__all__ = ["EigResult", "lanczos"]
+__all__ = ["EigResult", "Which", "lanczos"]
 
-_WHICH = ("largest", "smallest")
+Which = Literal["largest", "smallest"]
+_WHICH: tuple[str, ...] = get_args(Which)
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class EigResult:
 def lanczos(
     op: CurvatureOperator,
     k: int = 1,
-    which: str = "largest",
+    which: Which = "largest",
     tol: float = 1e-6,
     max_iter: int = 100,
     init: Tensor | None = None,
@@ -130,10 +133,8 @@ def lanczos(
     _check_positive_int("k", k)
     if k > n:
         raise ValueError(f"k must be <= numel ({n}), got {k!r}")
-    if which not in _WHICH:
-        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
-    if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol > 0:
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    check_choice("which", which, _WHICH)
+    check_number("tol", tol, 0, low_open=True)
     _check_positive_int("max_iter", max_iter)
     if max_iter < k:
         raise ValueError(f"max_iter must be >= k ({k}), got {max_iter!r}")
@@ -206,7 +207,7 @@ def _start_block(op: CurvatureOperator, init: Tensor | None, b: int, gen: torch.
     return torch.cat([columns, rand], dim=1)
 
 
-def _wanted(theta: Tensor, k: int, which: str) -> Tensor:
+def _wanted(theta: Tensor, k: int, which: Which) -> Tensor:
     """Indices of the wanted Ritz values of ascending ``theta``, in the result's order."""
     m = theta.numel()
     if which == "largest":

@@ -37,11 +37,13 @@ from lightning_gd.curvature._utils import (
     _work_dtype,
 )
 from lightning_gd.curvature.base import CurvatureOperator
+from lightning_gd.utils.checks import check_choice
 
-__all__ = ["TraceEstimate", "TraceMethod", "hutchinson_trace"]
+__all__ = ["MIN_PROBES", "TraceEstimate", "TraceMethod", "hutchinson_trace"]
 
 TraceMethod = Literal["hutchinson", "hutch++", "xtrace"]
 _METHODS: tuple[str, ...] = get_args(TraceMethod)
+MIN_PROBES: dict[str, int] = {"hutchinson": 1, "hutch++": 3, "xtrace": 4}  # products one estimate needs at least
 
 
 @dataclass(frozen=True)
@@ -116,9 +118,8 @@ def hutchinson_trace(
         >>> hutchinson_trace(op, num_probes=4).value  # exact for a diagonal matrix
         15.0
     """
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    _check_positive_int("num_probes", num_probes, {"hutchinson": 1, "hutch++": 3, "xtrace": 4}[method])
+    check_choice("method", method, _METHODS)
+    _check_positive_int("num_probes", num_probes, MIN_PROBES[method])
     _check_positive_int("probes_per_matmat", probes_per_matmat)
     slices = _param_slices(op) if per_param else None
     gen = _resolve_generator(generator)

@@ -1,5 +1,5 @@
 """What the optimizers share: the ``betas`` check (every other number is
-:func:`lightning_gd.utils.checks.check_number`) and the closure of ``step``."""
+:func:`lightning_gd.utils.checks.check_number`), Adam's checked defaults and the closure of ``step``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,16 @@ def _check_betas(value: Any, name: str = "betas") -> tuple[float, float]:
     return (
         check_number(f"{name}[0]", value[0], 0, 1, high_open=True),
         check_number(f"{name}[1]", value[1], 0, 1, high_open=True),
+    )
+
+
+def _adam_defaults(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> dict[str, Any]:
+    """Adam's four hyperparameters, checked: ``lr``, ``eps`` and ``weight_decay`` >= 0, ``betas`` in [0, 1)."""
+    return dict(
+        lr=check_number("lr", lr, 0),
+        betas=_check_betas(betas),
+        eps=check_number("eps", eps, 0),
+        weight_decay=check_number("weight_decay", weight_decay, 0),
     )
 
 

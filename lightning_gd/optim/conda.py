@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gd.optim._validation import _check_betas, _closure_loss
+from lightning_gd.optim._validation import _adam_defaults, _closure_loss
 from lightning_gd.utils.checks import check_number, check_positive_int
 
 __all__ = ["Conda"]
@@ -88,10 +88,7 @@ class Conda(Optimizer):
         scale: float = 1.0,
     ) -> None:
         defaults = dict(
-            lr=check_number("lr", lr, 0),
-            betas=_check_betas(betas),
-            eps=check_number("eps", eps, 0),
-            weight_decay=check_number("weight_decay", weight_decay, 0),
+            **_adam_defaults(lr, betas, eps, weight_decay),
             update_proj_gap=check_positive_int("update_proj_gap", update_proj_gap),
             scale=check_number("scale", scale, 0, low_open=True),
             conda=True,

@@ -25,8 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_gd.optim._validation import _check_betas, _closure_loss
-from lightning_gd.utils.checks import check_number
+from lightning_gd.optim._validation import _adam_defaults, _closure_loss
 
 __all__ = ["DiffGrad"]
 
@@ -58,13 +57,7 @@ class DiffGrad(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
     ) -> None:
-        defaults = dict(
-            lr=check_number("lr", lr, 0),
-            betas=_check_betas(betas),
-            eps=check_number("eps", eps, 0),
-            weight_decay=check_number("weight_decay", weight_decay, 0),
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, _adam_defaults(lr, betas, eps, weight_decay))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 
 from lightning_gd.analysis import analyze
 from lightning_gd.cli import main
-from tests.callbacks.test_curvature_callbacks import _adam_p_by_hand, _exact_hessian
+from tests.callbacks.test_curvature_callbacks import _adam_p_by_hand
 from tests.helpers.ddp import run_ddp_script
+from tests.helpers.hessian import exact_hessian
 from tests.helpers.models import TinyClassifier, classification_loader
 from tests.helpers.resume import _working_dir
 
@@ -97,7 +98,7 @@ def test_report_matches_the_dense_hessian_of_a_float64_model(tiny_run, capsys):
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     model.load_state_dict(state["state_dict"])
     x, y = next(iter(classification_loader(n=64, batch_size=32)))  # the data module's first two batches of 16
-    H = _exact_hessian(model, (x.double(), y))
+    H = exact_hessian(model, (x.double(), y))
     eig = torch.linalg.eigvalsh(H)
     torch.testing.assert_close(
         torch.tensor(report["top"]["eigenvalues"], dtype=torch.float64), eig[-3:].flip(0), rtol=1e-8, atol=0

@@ -6,22 +6,20 @@ import textwrap
 import warnings
 
 import pytest
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gd.callbacks import HessianTraceMonitor, SharpnessTracker
 from lightning_gd.cli import main
 from tests.helpers.models import TinyClassifier, classification_loader
+from tests.helpers.trainer import quiet_trainer
 
 
 def _fit(tmp_path, callbacks, model=None, max_steps=10, **kw):
     seed_everything(0)
     model = model or TinyClassifier(dropout=0.0, batchnorm=False)
-    trainer = Trainer(
-        accelerator="cpu", max_steps=max_steps, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=callbacks, **kw,
-    )  # fmt: skip
+    trainer = quiet_trainer(tmp_path, max_steps=max_steps, callbacks=callbacks, **kw)  # every call names its logger
     trainer.fit(model, classification_loader(n=256))
     return trainer, model
 

@@ -5,8 +5,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer, seed_everything
 from lightning_gd.callbacks import HessianTraceMonitor, MetricPlotter, SharpnessTracker
-from tests.callbacks.test_curvature_callbacks import _exact_hessian
 from tests.helpers.ddp import write_result
+from tests.helpers.hessian import exact_hessian
 from tests.helpers.models import TinyClassifier, classification_loader
 
 seed_everything(0)
@@ -26,7 +26,7 @@ trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, pre
 trainer.fit(model, classification_loader(n=128))
 # The exact Hessian of the global batch: the mean of the ranks' fixed-batch Hessians at the final weights.
 x, y = sharp._fixed[0]
-H = _exact_hessian(model, (x.double(), y))
+H = exact_hessian(model, (x.double(), y))
 dist.all_reduce(H)
 H /= trainer.world_size
 eig = torch.linalg.eigvalsh(H)

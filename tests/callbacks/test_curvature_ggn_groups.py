@@ -3,21 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.func import functional_call, jacrev
 
 from lightning_gd.callbacks import HessianTraceMonitor, SharpnessTracker
-from tests.callbacks.test_curvature_callbacks import _exact_hessian
+from tests.helpers.hessian import exact_hessian, unflatten
 from tests.helpers.models import TinyClassifier, classification_loader
-
-
-def _trainer(tmp_path, callbacks, **kw):
-    defaults = dict(
-        accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=callbacks, precision="64-true",
-    )  # fmt: skip
-    return Trainer(**{**defaults, **kw})
+from tests.helpers.trainer import quiet_trainer
 
 
 def _outputs(module, batch):
@@ -34,8 +27,7 @@ def _dense_ggn_and_fisher(module, batch):
     module.eval()
 
     def logits(flat):
-        params = {n: c.view(s) for n, c, s in zip(names, flat.split([s.numel() for s in shapes]), shapes, strict=True)}
-        return functional_call(module, params, (x,))
+        return functional_call(module, unflatten(flat, names, shapes), (x,))
 
     out = logits(flat0).detach()
     n, C = out.shape
@@ -65,7 +57,9 @@ def test_ggn_and_fisher_in_a_real_trainer_match_their_dense_formulas(tmp_path):
     hess = SharpnessTracker(**common, tol=1e-9, max_iter=200, plot=False)  # same Trainer: distinct keys and states
     seed_everything(0)
     model = WithOutputs(batchnorm=False, dropout=0.0)
-    _trainer(tmp_path, [sharp, ggn, fisher, hess]).fit(model, classification_loader())
+    quiet_trainer(tmp_path, callbacks=[sharp, ggn, fisher, hess], max_steps=4, precision="64-true").fit(
+        model, classification_loader()
+    )
     G, Fi = _dense_ggn_and_fisher(model, _first_batch())
     eig = torch.linalg.eigvalsh(G)
     m = sharp.last_metrics
@@ -77,7 +71,7 @@ def test_ggn_and_fisher_in_a_real_trainer_match_their_dense_formulas(tmp_path):
         t = cb.last_metrics
         exact = torch.trace(dense).item()
         assert abs(t[f"{key}/trace"] - exact) < 4 * t[f"{key}/trace_stderr"] + 1e-9 * abs(exact)  # XTrace may be exact
-    H = _exact_hessian(model, _first_batch())
+    H = exact_hessian(model, _first_batch())
     assert hess.last_metrics["sharpness/lambda_max"] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=1e-6)
     assert len({cb.state_key for cb in (sharp, ggn, fisher, hess)}) == 4
 
@@ -89,8 +83,10 @@ def test_groups_restrict_the_operator_to_their_parameters(tmp_path):
     sharp = SharpnessTracker(every_n_steps=4, batch="fixed", max_overhead=None, tol=1e-9, max_iter=200, plot=False,
                              groups=groups)  # fmt: skip
     trace = HessianTraceMonitor(every_n_steps=4, batch="fixed", max_overhead=None, num_probes=300, groups=groups)
-    _trainer(tmp_path, [sharp, trace]).fit(model, classification_loader())
-    H = _exact_hessian(model, _first_batch())
+    quiet_trainer(tmp_path, callbacks=[sharp, trace], max_steps=4, precision="64-true").fit(
+        model, classification_loader()
+    )
+    H = exact_hessian(model, _first_batch())
     n_first = sum(p.numel() for p in model.net[0].parameters())
     blocks = {"first": H[:n_first, :n_first], "last": H[n_first:, n_first:]}
     m, t = sharp.last_metrics, trace.last_metrics
@@ -107,7 +103,9 @@ def test_groups_restrict_the_operator_to_their_parameters(tmp_path):
 def test_a_pattern_that_matches_no_parameter_is_refused_naming_it_and_some_names(tmp_path, cls):
     cb = cls(groups={"attn": "*.attn.*"})
     with pytest.raises(MisconfigurationException, match=r"'\*\.attn\.\*' of group 'attn' matches no.*'net\.0\.weight'"):
-        _trainer(tmp_path, [cb]).fit(TinyClassifier(), classification_loader())
+        quiet_trainer(tmp_path, callbacks=[cb], max_steps=4, precision="64-true").fit(
+            TinyClassifier(), classification_loader()
+        )
 
 
 @pytest.mark.parametrize(
@@ -133,4 +131,6 @@ def test_bad_curvature_and_group_arguments(cls, kwargs, match):
 def test_ggn_without_outputs_is_refused_at_setup(tmp_path):
     cb = SharpnessTracker(curvature="ggn", loss="cross_entropy")
     with pytest.raises(MisconfigurationException, match="pass `output_fn.*TinyClassifier.curvature_outputs"):
-        _trainer(tmp_path, [cb]).fit(TinyClassifier(), classification_loader())
+        quiet_trainer(tmp_path, callbacks=[cb], max_steps=4, precision="64-true").fit(
+            TinyClassifier(), classification_loader()
+        )

@@ -6,22 +6,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, seed_everything
 from torch import nn
 from torch.func import functional_call
 
 from lightning_gd.callbacks import SharpnessTracker
 from lightning_gd.curvature.preconditioned import adam_preconditioner, adam_threshold, combine_preconditioners
-from tests.callbacks.test_curvature_callbacks import _exact_hessian
+from tests.helpers.hessian import dense_hessian_of, exact_hessian
 from tests.helpers.models import classification_loader
-
-
-def _trainer(tmp_path, callbacks, **kw):
-    defaults = dict(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=callbacks,
-    )  # fmt: skip
-    return Trainer(**{**defaults, **kw})
+from tests.helpers.trainer import quiet_trainer
 
 
 class _GAN(LightningModule):
@@ -82,16 +75,7 @@ def _gan_loss(module, batch):
 
 
 def _dense_hessian(module, batch):
-    names = [n for n, _ in module.named_parameters()]
-    shapes = [p.shape for _, p in module.named_parameters()]
-    flat0 = torch.cat([p.detach().flatten() for p in module.parameters()])
-
-    def loss(flat):
-        chunks = flat.split([s.numel() for s in shapes])
-        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
-        return _gan_loss(_Functional(module, params), batch)
-
-    return torch.autograd.functional.hessian(loss, flat0)
+    return dense_hessian_of(module, lambda params: _gan_loss(_Functional(module, params), batch))
 
 
 class _Functional:
@@ -128,7 +112,7 @@ def test_two_adam_optimizers_with_manual_optimization_and_clipping_match_the_den
     model = _GAN(clip=0.05).double()
     sharp = SharpnessTracker(every_n_steps=4, loss_fn=_gan_loss, batch="fixed", tol=1e-9, max_iter=200,
                              max_overhead=None, plot=False)  # fmt: skip
-    trainer = _trainer(tmp_path, [sharp], max_steps=8, precision="64-true")
+    trainer = quiet_trainer(tmp_path, callbacks=[sharp], max_steps=8, precision="64-true")
     trainer.fit(model, _data())
     assert [s for s, _ in sharp.history["sharpness/preconditioned_lambda_max"]] == [4, 8]  # two steps per batch
     opt_g, opt_d = trainer.optimizers
@@ -169,7 +153,7 @@ def test_parameters_without_adam_moments_fall_back_to_the_raw_sharpness_said_onc
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = _trainer(tmp_path, [sharp], max_steps=6, precision="64-true")
+        trainer = quiet_trainer(tmp_path, callbacks=[sharp], max_steps=6, precision="64-true")
         trainer.fit(model, _data())
     notes = [str(w.message) for w in caught if "no Adam moments" in str(w.message)]
     assert len(notes) == 1 and "'disc.0.weight'" in notes[0] and "groups" in notes[0]
@@ -241,7 +225,9 @@ def test_adam_hovers_at_its_edge_on_a_quadratic_with_and_without_clipping(tmp_pa
 
     record = _Record()
     loader = torch.utils.data.DataLoader(torch.zeros(1000, 1), batch_size=1)
-    _trainer(tmp_path, [norm, sharp, record], max_steps=500, gradient_clip_val=clip).fit(_Quadratic(), loader)
+    quiet_trainer(tmp_path, callbacks=[norm, sharp, record], max_steps=500, gradient_clip_val=clip).fit(
+        _Quadratic(), loader
+    )
     edges = [v for s, v in sharp.history["sharpness/edge_of_stability"] if s >= 300]
     factors = [v for _, v in sharp.history["sharpness/clip_factor"]]
     assert factors == pytest.approx(record.factors, rel=1e-9)  # the factor Lightning's clipping applied, every check
@@ -271,7 +257,7 @@ def test_no_optimizer_lr_zero_and_an_optimizer_without_moments(tmp_path):
 
     sharp = SharpnessTracker(every_n_steps=1, max_overhead=None, plot=False)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3)), batch_size=4)
-    _trainer(tmp_path, [sharp], max_steps=2).fit(_M(), loader)
+    quiet_trainer(tmp_path, callbacks=[sharp], max_steps=2).fit(_M(), loader)
     assert sharp._clip._handles == [] and sharp.last_metrics["sharpness/edge_of_stability"] < 1e-200
 
 
@@ -291,7 +277,7 @@ def test_coordinates_adam_never_moved_are_left_out_and_a_gradient_mask_is_no_cli
                              max_overhead=None, plot=False)  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = _trainer(tmp_path, [sharp], max_steps=6, precision="64-true")
+        trainer = quiet_trainer(tmp_path, callbacks=[sharp], max_steps=6, precision="64-true")
         trainer.fit(model, classification_loader())
     notes = [str(w.message) for w in caught if "no gradient in Adam's second moment" in str(w.message)]
     n = sum(p.numel() for p in model.parameters())
@@ -306,7 +292,7 @@ def test_coordinates_adam_never_moved_are_left_out_and_a_gradient_mask_is_no_cli
     keep = torch.ones(n, dtype=torch.bool)  # net.0.bias (16 entries) comes right after net.0.weight
     offset = model.net[0].weight.numel()
     keep[offset : offset + 16] = False
-    H = _exact_hessian(model, sharp._fixed[0])
+    H = exact_hessian(model, sharp._fixed[0])
     s = P[keep].rsqrt()
     exact = torch.linalg.eigvalsh(s[:, None] * H[keep][:, keep] * s[None, :])[-1].item()
     assert m["sharpness/preconditioned_lambda_max"] == pytest.approx(exact, rel=1e-6)

@@ -9,21 +9,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from torch.func import functional_call
 
 from lightning_gd.callbacks import HessianTraceMonitor, SharpnessTracker
-from tests.callbacks.test_curvature_callbacks import _adam_p_by_hand, _exact_hessian
+from tests.callbacks.test_curvature_callbacks import _adam_p_by_hand
+from tests.helpers.hessian import exact_hessian
 from tests.helpers.models import TinyClassifier, classification_loader
-
-
-def _trainer(tmp_path, callbacks, **kw):
-    defaults = dict(
-        accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=callbacks,
-    )  # fmt: skip
-    return Trainer(**{**defaults, **kw})
+from tests.helpers.trainer import quiet_trainer
 
 
 def _ce(module, batch):
@@ -69,7 +63,9 @@ def test_a_nonfinite_step_is_skipped_and_measuring_resumes_afterwards(tmp_path, 
         callbacks = [callbacks[name] for name in which]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _trainer(tmp_path, callbacks, precision="64-true").fit(_small_model(), classification_loader())
+            quiet_trainer(tmp_path, callbacks=callbacks, max_steps=4, precision="64-true").fit(
+                _small_model(), classification_loader()
+            )
         messages = [str(w.message) for w in caught if "non-finite" in str(w.message)]
         return [c.history for c in callbacks], messages
 
@@ -95,7 +91,7 @@ def test_self_log_is_silenced_while_measuring(tmp_path):
         seed_everything(2)
         model = TinyClassifier(dropout=0.3)
         logger = CSVLogger(tmp_path, name=name, version=0)
-        trainer = _trainer(tmp_path, callbacks, logger=logger, log_every_n_steps=1, max_steps=3)
+        trainer = quiet_trainer(tmp_path, callbacks=callbacks, logger=logger, log_every_n_steps=1, max_steps=3)
         trainer.fit(model, classification_loader())
         rows = (tmp_path / name / "version_0" / "metrics.csv").read_text().splitlines()
         header = rows[0].split(",")
@@ -121,13 +117,13 @@ def test_fixed_batch_mode_measures_the_mean_loss_over_num_batches(tmp_path):
     sharp = SharpnessTracker(
         max_overhead=None, every_n_steps=4, batch="fixed", num_batches=3, k=2, tol=1e-9, max_iter=59
     )
-    _trainer(tmp_path, [sharp], precision="64-true").fit(model, classification_loader())
+    quiet_trainer(tmp_path, callbacks=[sharp], max_steps=4, precision="64-true").fit(model, classification_loader())
     loader = list(classification_loader())
     assert len(sharp._fixed) == 3
     for kept, (x, y) in zip(sharp._fixed, loader[:3], strict=True):
         assert torch.equal(kept[0], x.double()) and torch.equal(kept[1], y)
     # Reference: the dense Hessian of the mean of the three batch losses at the final weights.
-    hessians = [_exact_hessian(model, (x.double(), y)) for x, y in loader[:3]]
+    hessians = [exact_hessian(model, (x.double(), y)) for x, y in loader[:3]]
     H = sum(hessians) / 3
     eig = torch.linalg.eigvalsh(H)
     m = sharp.last_metrics
@@ -171,7 +167,7 @@ def test_curvature_callbacks_on_the_llama_model_in_a_trainer(tmp_path):
         max_overhead=None, every_n_steps=2, batch="fixed", preconditioned=True, tol=1e-3, max_iter=12, plot=False
     )
     trace = HessianTraceMonitor(max_overhead=None, every_n_steps=2, batch="fixed", num_probes=4, per_layer=True)
-    trainer = _trainer(tmp_path, [sharp, trace], max_steps=2, precision="64-true", limit_val_batches=0)
+    trainer = quiet_trainer(tmp_path, callbacks=[sharp, trace], max_steps=2, precision="64-true", limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     m, t = sharp.last_metrics, trace.last_metrics
     assert [s for s, _ in sharp.history["sharpness/preconditioned_lambda_max"]] == [2]

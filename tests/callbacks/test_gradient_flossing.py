@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import LightningModule, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -49,10 +49,6 @@ def _loader(n: int = 32, T: int = 8) -> DataLoader:
     return DataLoader(TensorDataset(x, x[:, :, 0].sum(1)), batch_size=8)
 
 
-def _trainer(tmp_path, callbacks: list, max_steps: int = 4, **kwargs) -> Trainer:
-    return quiet_trainer(tmp_path, max_steps=max_steps, callbacks=callbacks, **kwargs)
-
-
 def _small(**kwargs) -> GradientFlossing:
     args = {"k": 4, "pre_train_steps": 0, "sequence_length": 25, "warmup": 5, "batch_size": 3, "lr": 0.02}
     return GradientFlossing(**{**args, **kwargs})
@@ -64,7 +60,7 @@ def test_pre_training_flossing_moves_exponents_to_zero_and_leaves_the_readout(tm
     readout = model.readout.weight.detach().clone()
     w_hh = model.rnn.weight_hh_l0.detach().clone()
     floss = _small(pre_train_steps=25, lr=0.05, plot=True)
-    _trainer(tmp_path, [floss], max_steps=1).fit(model, _loader())
+    quiet_trainer(tmp_path, callbacks=[floss], max_steps=1).fit(model, _loader())
     phases = [p for _, p, _ in floss.history]
     assert phases == ["initial", "pre_train", "end"]
     before, after = floss.history[0][2], floss.history[1][2]
@@ -85,7 +81,7 @@ def test_periodic_rounds_log_and_plot_to_tensorboard(tmp_path) -> None:
     model = RNNTask()
     floss = _small(every_n_steps=2, floss_steps=2, max_rounds=2)
     logger = TensorBoardLogger(tmp_path, name="tb")
-    _trainer(tmp_path, [floss], max_steps=7, logger=logger).fit(model, _loader())
+    quiet_trainer(tmp_path, callbacks=[floss], max_steps=7, logger=logger).fit(model, _loader())
     assert floss.rounds == 2
     assert [(s, p) for s, p, _ in floss.history] == [(2, "round"), (4, "round"), (7, "end")]
     assert floss._draws == 2 * (2 + 1) + 1  # two rounds of two flossing steps and a measurement, and the end
@@ -102,7 +98,7 @@ def test_continuous_flossing_adds_its_gradient_to_the_training_step(tmp_path) ->
     readout = model.readout.weight.detach().clone()
     w_hh = model.rnn.weight_hh_l0.detach().clone()
     floss = _small(continuous=True, weight=2.0, plot=False)
-    _trainer(tmp_path, [floss], max_steps=3).fit(model, _loader())
+    quiet_trainer(tmp_path, callbacks=[floss], max_steps=3).fit(model, _loader())
     assert torch.equal(model.readout.weight, readout)
     assert not torch.equal(model.rnn.weight_hh_l0, w_hh)
     assert [p for _, p, _ in floss.history] == ["measure", "measure", "measure", "end"]
@@ -131,7 +127,7 @@ def test_discovery_protocol(tmp_path) -> None:
     cell = model.cell.weight_hh.detach().clone()
     rnn = model.rnn.weight_hh_l0.detach().clone()
     floss = _small(pre_train_steps=2, plot=False)
-    _trainer(tmp_path, [floss], max_steps=1).fit(model, _loader())
+    quiet_trainer(tmp_path, callbacks=[floss], max_steps=1).fit(model, _loader())
     assert model.calls == 1
     assert not torch.equal(model.cell.weight_hh, cell)
     # With lr > 0 the RNN moved through training only; check the name route on a fresh model with lr 0.
@@ -139,14 +135,14 @@ def test_discovery_protocol(tmp_path) -> None:
     model.lr = 0.0
     rnn = model.rnn.weight_hh_l0.detach().clone()
     floss = _small(pre_train_steps=2, dynamics="rnn", plot=False)
-    _trainer(tmp_path, [floss], max_steps=1).fit(model, _loader())
+    quiet_trainer(tmp_path, callbacks=[floss], max_steps=1).fit(model, _loader())
     assert model.calls == 0 and not torch.equal(model.rnn.weight_hh_l0, rnn)
     with pytest.raises(MisconfigurationException, match=r"found several \(rnn, cell\)"):
-        _trainer(tmp_path, [_small(pre_train_steps=1)], max_steps=1).fit(_TwoRNNs(), _loader())
+        quiet_trainer(tmp_path, callbacks=[_small(pre_train_steps=1)], max_steps=1).fit(_TwoRNNs(), _loader())
     with pytest.raises(MisconfigurationException, match="has no attribute 'lstm'"):
-        _trainer(tmp_path, [_small(dynamics="lstm")], max_steps=1).fit(RNNTask(), _loader())
+        quiet_trainer(tmp_path, callbacks=[_small(dynamics="lstm")], max_steps=1).fit(RNNTask(), _loader())
     with pytest.raises(MisconfigurationException, match="neither an nn.RNN"):
-        _trainer(tmp_path, [_small(dynamics="readout")], max_steps=1).fit(RNNTask(), _loader())
+        quiet_trainer(tmp_path, callbacks=[_small(dynamics="readout")], max_steps=1).fit(RNNTask(), _loader())
 
 
 class _TwoRNNs(RNNTask):
@@ -169,9 +165,9 @@ class _NoRNN(LightningModule):
 
 def test_setup_errors(tmp_path) -> None:
     with pytest.raises(MisconfigurationException, match=r"found no nn.RNN/GRU/LSTM \(or cell\) in _NoRNN"):
-        _trainer(tmp_path, [_small()], max_steps=1).fit(_NoRNN(), _loader())
+        quiet_trainer(tmp_path, callbacks=[_small()], max_steps=1).fit(_NoRNN(), _loader())
     with pytest.raises(MisconfigurationException, match="`k` must be at most the state size N = 12 .*got 13"):
-        _trainer(tmp_path, [_small(k=13)], max_steps=1).fit(RNNTask(), _loader())
+        quiet_trainer(tmp_path, callbacks=[_small(k=13)], max_steps=1).fit(RNNTask(), _loader())
 
 
 @pytest.mark.parametrize(
@@ -199,7 +195,7 @@ def test_non_finite_exponents_skip_with_one_warning(tmp_path) -> None:
         model.rnn.weight_hh_l0[0, 0] = float("nan")
     floss = _small(pre_train_steps=3, plot=False)
     with pytest.warns(UserWarning, match="non-finite Lyapunov exponents") as record:
-        _trainer(tmp_path, [floss], max_steps=1).fit(model, _loader())
+        quiet_trainer(tmp_path, callbacks=[floss], max_steps=1).fit(model, _loader())
     assert sum("non-finite Lyapunov" in str(w.message) for w in record) == 1
     assert floss.history == [] and floss.pretrained
 
@@ -209,12 +205,14 @@ def test_checkpoint_resume_keeps_schedule_and_optimizer(tmp_path) -> None:
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     floss = _small(pre_train_steps=3, every_n_steps=2, floss_steps=1, plot=False)
     # Two batches per epoch: the step-2 checkpoint is at an epoch boundary, where a resume replays the same data.
-    _trainer(tmp_path, [floss, ckpt], max_steps=4, enable_checkpointing=True).fit(RNNTask(), _loader(n=16))
+    quiet_trainer(tmp_path, callbacks=[floss, ckpt], max_steps=4, enable_checkpointing=True).fit(
+        RNNTask(), _loader(n=16)
+    )
     full_history = floss.history
 
     seed_everything(0)
     resumed = _small(pre_train_steps=3, every_n_steps=2, floss_steps=1, plot=False)
-    _trainer(tmp_path, [resumed], max_steps=4).fit(
+    quiet_trainer(tmp_path, callbacks=[resumed], max_steps=4).fit(
         RNNTask(), _loader(n=16), ckpt_path=tmp_path / "ckpt/epoch=0-step=2.ckpt"
     )
     assert resumed.pretrained and resumed.rounds == 2  # no second pre-training; one more round after the resume

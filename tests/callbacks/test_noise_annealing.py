@@ -49,15 +49,11 @@ def _dummy_loader(n: int = 8) -> DataLoader:
     return DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=1)
 
 
-def _trainer(tmp_path, callbacks: list, max_steps: int, **kwargs) -> Trainer:
-    return quiet_trainer(tmp_path, max_steps=max_steps, callbacks=callbacks, **kwargs)
-
-
 def test_gradient_noise_variance_follows_eta_over_one_plus_t_to_the_gamma(tmp_path) -> None:
     eta, gamma = 0.3, 0.55
     rec = GradRecorder()
     noise = NoiseAnnealing(eta=eta, gamma=gamma, seed=1)
-    _trainer(tmp_path, [noise, rec], max_steps=6).fit(FlatParameter(), _dummy_loader())
+    quiet_trainer(tmp_path, callbacks=[noise, rec], max_steps=6).fit(FlatParameter(), _dummy_loader())
     n = rec.grads[0].numel()
     for t, g in enumerate(rec.grads):
         var = eta / (1 + t) ** gamma  # the paper's sigma_t^2 is the variance
@@ -80,7 +76,7 @@ def test_weight_noise_with_step_annealing(tmp_path) -> None:
 
     noise = NoiseAnnealing(eta=eta, gamma=gamma, target="weights", decay_steps=2)
     assert noise.schedule == "step"
-    _trainer(tmp_path, [noise, Snap()], max_steps=6).fit(model, _dummy_loader())
+    quiet_trainer(tmp_path, callbacks=[noise, Snap()], max_steps=6).fit(model, _dummy_loader())
     prev = torch.zeros_like(snapshots[0])
     n = prev.numel()
     for t, w in enumerate(snapshots):
@@ -93,7 +89,7 @@ def test_eta_zero_is_bit_identical_to_no_callback(tmp_path) -> None:
     def run(callbacks: list) -> list[Tensor]:
         seed_everything(0)
         model = TinyClassifier(dropout=0.3, momentum=0.9)
-        _trainer(tmp_path, callbacks, max_steps=8).fit(model, classification_loader(shuffle=True))
+        quiet_trainer(tmp_path, callbacks=callbacks, max_steps=8).fit(model, classification_loader(shuffle=True))
         return [p.detach().clone() for p in model.parameters()]
 
     plain = run([])
@@ -120,12 +116,12 @@ class Saddle(LightningModule):
 
 def test_perturbed_gd_escapes_a_strict_saddle_that_gd_never_leaves(tmp_path) -> None:
     gd = Saddle()
-    _trainer(tmp_path, [], max_steps=40).fit(gd, _dummy_loader(40))
+    quiet_trainer(tmp_path, callbacks=[], max_steps=40).fit(gd, _dummy_loader(40))
     assert torch.equal(gd.xy.detach(), torch.zeros(2, dtype=torch.float64))
 
     pgd = Saddle()
     noise = NoiseAnnealing(eta=0.0, grad_norm_threshold=1e-4, radius=1e-3, perturb_interval=5)
-    _trainer(tmp_path, [noise], max_steps=40).fit(pgd, _dummy_loader(40))
+    quiet_trainer(tmp_path, callbacks=[noise], max_steps=40).fit(pgd, _dummy_loader(40))
     x, y = pgd.xy.detach().tolist()
     # Escaped along -y^2 (|y| grows 1.2x per step, from at most the radius), while x contracted back to 0.
     assert abs(y) > 10 * 1e-3 and abs(x) < 1e-5
@@ -141,7 +137,7 @@ def test_perturbation_interval_and_ball_radius(tmp_path) -> None:
             rec.append(pl_module.w.detach().clone())
 
     noise = NoiseAnnealing(eta=0.0, grad_norm_threshold=0.0, radius=0.5, perturb_interval=3)
-    _trainer(tmp_path, [noise, Snap()], max_steps=7).fit(model, _dummy_loader())
+    quiet_trainer(tmp_path, callbacks=[noise, Snap()], max_steps=7).fit(model, _dummy_loader())
     steps = [t for t in range(7) if not torch.equal(rec[t], rec[t - 1] if t else torch.zeros(50))]
     assert steps == [0, 3, 6] and noise.perturbations == 3
     for t in steps:
@@ -156,7 +152,7 @@ def test_non_finite_gradient_norm_skips_the_perturbation_with_one_warning(tmp_pa
 
     noise = NoiseAnnealing(eta=0.0, grad_norm_threshold=1.0, perturb_interval=1)
     with pytest.warns(UserWarning, match="non-finite gradient norm") as record:
-        _trainer(tmp_path, [noise], max_steps=3).fit(NaNGrad(numel=4), _dummy_loader())
+        quiet_trainer(tmp_path, callbacks=[noise], max_steps=3).fit(NaNGrad(numel=4), _dummy_loader())
     assert sum("non-finite gradient norm" in str(w.message) for w in record) == 1
     assert noise.perturbations == 0
 
@@ -167,10 +163,12 @@ def test_clip_norm_clips_before_the_noise(tmp_path) -> None:
             return 100.0 * self.w.sum()
 
     rec = GradRecorder()
-    _trainer(tmp_path, [NoiseAnnealing(eta=0.0, clip_norm=2.0), rec], max_steps=2).fit(Big(numel=10), _dummy_loader())
+    quiet_trainer(tmp_path, callbacks=[NoiseAnnealing(eta=0.0, clip_norm=2.0), rec], max_steps=2).fit(
+        Big(numel=10), _dummy_loader()
+    )
     assert rec.grads[0].norm().item() == pytest.approx(2.0)
     with pytest.warns(UserWarning, match="Lightning clips after this callback adds the noise"):
-        _trainer(tmp_path, [NoiseAnnealing(clip_norm=2.0)], max_steps=1, gradient_clip_val=1.0).fit(
+        quiet_trainer(tmp_path, callbacks=[NoiseAnnealing(clip_norm=2.0)], max_steps=1, gradient_clip_val=1.0).fit(
             Big(numel=10), _dummy_loader()
         )
 
@@ -179,9 +177,9 @@ def _noisy_run(tmp_path, max_steps: int, ckpt_path=None, callbacks: tuple = ()) 
     seed_everything(0)
     model = TinyClassifier(dropout=0.0, batchnorm=False, momentum=0.9)
     noise = NoiseAnnealing(eta=0.05, target="weights", decay_steps=3, grad_norm_threshold=10.0, radius=0.1)
-    _trainer(tmp_path, [noise, *callbacks], max_steps=max_steps, enable_checkpointing=bool(callbacks)).fit(
-        model, classification_loader(n=32), ckpt_path=ckpt_path
-    )
+    quiet_trainer(
+        tmp_path, callbacks=[noise, *callbacks], max_steps=max_steps, enable_checkpointing=bool(callbacks)
+    ).fit(model, classification_loader(n=32), ckpt_path=ckpt_path)
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -216,7 +214,9 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
 
 def test_per_rank_without_model_averaging_is_refused(tmp_path) -> None:
     with pytest.raises(MisconfigurationException, match=r"per_rank=True\) needs a strategy that averages models"):
-        _trainer(tmp_path, [NoiseAnnealing(per_rank=True)], max_steps=1).fit(FlatParameter(), _dummy_loader())
+        quiet_trainer(tmp_path, callbacks=[NoiseAnnealing(per_rank=True)], max_steps=1).fit(
+            FlatParameter(), _dummy_loader()
+        )
 
 
 _DDP_SCRIPT = """

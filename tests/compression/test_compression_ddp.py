@@ -13,33 +13,15 @@ import pytest
 import torch
 
 from lightning_gd.compression import QSGD, RandomK
-from tests.helpers.ddp import run_ddp_script
+from tests.helpers.ddp import run_spawned
 
 WORLD = 2
-# The job: two ranks of _ddp_worker.run (torch.multiprocessing; the runner gives MASTER_ADDR / MASTER_PORT and
-# retries a port taken meanwhile), then one result per rank naming its records.
-_JOB = """
-import os
-import sys
-
-import torch.multiprocessing as mp
-
-from tests.compression._ddp_worker import run
-from tests.helpers.ddp import write_result
-
-if __name__ == "__main__":
-    out = os.path.abspath(sys.argv[1])
-    os.makedirs(out, exist_ok=True)
-    mp.spawn(run, args=({world}, out), nprocs={world}, join=True)
-    for rank in range({world}):
-        write_result({{"records": os.path.join(out, f"rank{{rank}}.pt")}}, rank)
-"""
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    results = run_ddp_script(_JOB.format(world=WORLD), tmp_path_factory.mktemp("ddp_compression"), num_procs=WORLD)
-    return [torch.load(r["records"], weights_only=False) for r in results]
+    # Two ranks of _ddp_worker.run (torch.multiprocessing; the runner retries a port taken meanwhile).
+    return run_spawned("tests.compression._ddp_worker", tmp_path_factory.mktemp("ddp_compression"), world=WORLD)
 
 
 def _k(density: float, n: int) -> int:

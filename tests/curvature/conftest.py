@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from tests.helpers.hessian import dense_hessian_of
+
 
 class TinyCNN(nn.Module):
     """Conv -> BatchNorm -> tanh -> Dropout -> Linear, on 1x5x5 inputs (81 parameters)."""
@@ -65,23 +67,18 @@ def dense_hessian(problem: Problem, train: bool = False, seed: int = 0) -> Tenso
     alone (buffers are copies), and the RNG reseeded with ``seed`` before the single forward.
     """
     model = problem.model
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    names = [n for n, _ in named]
-    shapes = [p.shape for _, p in named]
-    flat0 = torch.cat([p.detach().reshape(-1) for _, p in named])
     modes = {m: m.training for m in model.modules()}
     model.train(train)
 
-    def f(flat: Tensor) -> Tensor:
-        tensors = [t.reshape(s) for t, s in zip(flat.split([s.numel() for s in shapes]), shapes, strict=True)]
+    def f(params: dict[str, Tensor]) -> Tensor:
         state = {n: b.clone() for n, b in model.named_buffers()}
-        state.update(zip(names, tensors, strict=True))
+        state.update(params)
         torch.manual_seed(seed)
         return problem.loss_fn(lambda x: functional_call(model, state, (x,)), problem.batch)
 
     try:
         with torch.random.fork_rng():
-            return torch.autograd.functional.hessian(f, flat0)
+            return dense_hessian_of(model, f)
     finally:
         for m, flag in modes.items():
             m.training = flag

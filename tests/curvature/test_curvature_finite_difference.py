@@ -18,6 +18,7 @@ from lightning_gd.curvature import (
     lanczos,
 )
 from lightning_gd.curvature._utils import _gaussian, _rademacher
+from tests.helpers.hessian import untouched
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:
@@ -80,13 +81,7 @@ def test_no_side_effects(mode, cnn):
     model = cnn.model
     model.train()
     model.head.eval()
-    grads = {}
-    for name, param in model.named_parameters():
-        param.grad = torch.full_like(param, 0.5)
-        grads[name] = param.grad
-    buffers = {n: (b, b.clone()) for n, b in model.named_buffers()}
-    modes = {n: m.training for n, m in model.named_modules()}
-    rng = torch.get_rng_state()
+    check = untouched(model)  # gradients of 0.5, buffers, modes and the RNG state, recorded
 
     def gradient_fn() -> list[Tensor | None]:
         cnn.loss_fn(model, cnn.batch).backward()  # accumulates into .grad: the operator clears it around the call
@@ -99,12 +94,7 @@ def test_no_side_effects(mode, cnn):
         op.matmat(probes(op.numel, 2))
         op.gradient()
         op.loss()
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert {n: m.training for n, m in model.named_modules()} == modes
-    for name, param in model.named_parameters():
-        assert param.grad is grads[name] and bool((param.grad == 0.5).all()), name
-    for name, buf in model.named_buffers():
-        assert buf is buffers[name][0] and torch.equal(buf, buffers[name][1]), name
+    check()
 
 
 def test_backward_gradients_give_the_exact_products(cnn, cnn_hessian_train):

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.func import functional_call
 
 from lightning_gd.callbacks import HessianTraceMonitor, SharpnessTracker
 from lightning_gd.curvature import DenseOperator, hutchinson_trace, lanczos, spectral_density
 from lightning_gd.curvature._krylov import _LanczosProcess
+from tests.helpers.hessian import exact_hessian
 from tests.helpers.models import TinyClassifier, classification_loader
+from tests.helpers.trainer import quiet_trainer
 
 
 def _spectrum_matrix(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -99,14 +99,6 @@ def test_trace_chunks_do_not_change_the_estimate():
     assert sum(plus[0].per_param.values()) == pytest.approx(plus[0].value, rel=1e-10)
 
 
-def _trainer(tmp_path, callbacks, **kw):
-    defaults = dict(
-        accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=callbacks,
-    )  # fmt: skip
-    return Trainer(**{**defaults, **kw})
-
-
 @pytest.mark.parametrize(
     ("callback", "needed"),
     [
@@ -122,7 +114,7 @@ def test_a_budget_too_small_for_one_product_fails_at_the_start_with_the_numbers(
     vector = 4 * numel  # float32
     budget = (needed - 1) * vector + vector // 2
     before = [p.detach().clone() for p in model.parameters()]
-    trainer = _trainer(tmp_path, [callback(budget)])
+    trainer = quiet_trainer(tmp_path, callbacks=[callback(budget)], max_steps=4)
     with pytest.raises(MisconfigurationException) as err:
         trainer.fit(model, classification_loader())
     message = str(err.value)
@@ -131,7 +123,7 @@ def test_a_budget_too_small_for_one_product_fails_at_the_start_with_the_numbers(
     assert trainer.global_step == 0 and all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     # Exactly enough: fits and measures.
     ok = callback(needed * vector)
-    _trainer(tmp_path, [ok], max_steps=2).fit(TinyClassifier(optimizer="adam"), classification_loader())
+    quiet_trainer(tmp_path, callbacks=[ok], max_steps=2).fit(TinyClassifier(optimizer="adam"), classification_loader())
 
 
 def test_a_small_budget_restarts_lanczos_and_keeps_the_accuracy(tmp_path):
@@ -145,18 +137,9 @@ def test_a_small_budget_restarts_lanczos_and_keeps_the_accuracy(tmp_path):
     batch = next(iter(classification_loader(n=16, batch_size=16)))
     batch = (batch[0].double(), batch[1])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*batch), batch_size=16)
-    _trainer(tmp_path, [tracker, trace], max_steps=2, precision="64-true").fit(model, loader)
+    quiet_trainer(tmp_path, callbacks=[tracker, trace], max_steps=2, precision="64-true").fit(model, loader)
     assert tracker._max_basis == 5 and trace._probes_per_matmat == 2
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-
-    def loss(v):
-        parts = [c.view(s) for c, s in zip(v.split([s.numel() for s in shapes]), shapes, strict=True)]
-        params = dict(zip(names, parts, strict=True))
-        return F.cross_entropy(functional_call(model, params, (batch[0],)), batch[1])
-
-    exact = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat)).max().item()
+    exact = torch.linalg.eigvalsh(exact_hessian(model, batch)).max().item()  # no dropout, no BatchNorm: eval = train
     ((step, measured),) = tracker.history["sharpness/lambda_max"]
     assert step == 2 and measured == pytest.approx(exact, rel=1e-6)
     assert tracker.history["sharpness/num_hvps"][0][1] > 5  # it did restart

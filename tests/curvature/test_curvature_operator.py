@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_gd.curvature import DenseOperator, HessianOperator, PreconditionedOperator
+from tests.helpers.hessian import untouched
 
 METHODS = ["double_backward", "forward_over_reverse", "auto"]
 
@@ -62,14 +63,8 @@ def test_no_side_effects(method, mode, cnn):
     model = cnn.model
     model.train()
     model.head.eval()  # mixed modes must come back exactly
-    grads = {}
-    for name, param in model.named_parameters():
-        param.grad = torch.full_like(param, 0.5)
-        grads[name] = param.grad
+    check = untouched(model)  # gradients of 0.5, buffers, modes and the RNG state, recorded
     model.conv.bias.requires_grad_(False)  # excluded by default, must stay frozen
-    buffers = {n: (b, b.clone()) for n, b in model.named_buffers()}
-    modes = {n: m.training for n, m in model.named_modules()}
-    rng = torch.get_rng_state()
 
     op = HessianOperator(model, cnn.loss_fn, cnn.batch, hvp=method, mode=mode)
     assert "conv.bias" not in op.param_names
@@ -78,13 +73,8 @@ def test_no_side_effects(method, mode, cnn):
     op.gradient()
     op.loss()
 
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert {n: m.training for n, m in model.named_modules()} == modes
-    for name, param in model.named_parameters():
-        assert param.grad is grads[name] and bool((param.grad == 0.5).all()), name
+    check()
     assert not model.conv.bias.requires_grad
-    for name, buf in model.named_buffers():
-        assert buf is buffers[name][0] and torch.equal(buf, buffers[name][1]), name
     assert model.bn.track_running_stats
 
 

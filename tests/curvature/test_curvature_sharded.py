@@ -13,31 +13,14 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.ddp import run_ddp_script
+from tests.helpers.ddp import run_spawned
 
 WORLD = 2
-_JOB = """
-import os
-import sys
-
-import torch.multiprocessing as mp
-
-from tests.curvature._sharded_job import run
-from tests.helpers.ddp import write_result
-
-if __name__ == "__main__":
-    out = os.path.abspath(sys.argv[1])
-    os.makedirs(out, exist_ok=True)
-    mp.spawn(run, args=({world}, out), nprocs={world}, join=True)
-    for rank in range({world}):
-        write_result({{"results": os.path.join(out, f"rank{{rank}}.pt")}}, rank)
-"""
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    results = run_ddp_script(_JOB.format(world=WORLD), tmp_path_factory.mktemp("sharded"), num_procs=WORLD)
-    return [torch.load(r["results"], weights_only=False) for r in results]
+    return run_spawned("tests.curvature._sharded_job", tmp_path_factory.mktemp("sharded"), world=WORLD)
 
 
 def _index(scenario: dict[str, Any]) -> torch.Tensor:

@@ -33,7 +33,7 @@ from typing import Any
 
 from tests.helpers.timeouts import scaled_timeout
 
-__all__ = ["free_port", "run_ddp_script", "write_result"]
+__all__ = ["free_port", "run_ddp_script", "run_spawned", "write_result"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,6 +73,43 @@ def run_ddp_script(source: str, tmp_path: Path, num_procs: int = 2, timeout: flo
         if not any(marker in str(err) for marker in _INFRA_ERRORS):
             raise
         return _run_once(source, tmp_path, num_procs, timeout)
+
+
+# A job of plain torch.distributed ranks: torch.multiprocessing.spawn of a module's run(rank, world, out_dir), each
+# rank saving its results to OUT/rank<r>.pt; one JSON result per rank then names that file.
+_SPAWN_JOB = """
+import os
+import sys
+
+import torch.multiprocessing as mp
+
+from {module} import run
+from tests.helpers.ddp import write_result
+
+if __name__ == "__main__":
+    out = os.path.abspath(sys.argv[1])
+    os.makedirs(out, exist_ok=True)
+    mp.spawn(run, args=({world}, out), nprocs={world}, join=True)
+    for rank in range({world}):
+        write_result({{"path": os.path.join(out, f"rank{{rank}}.pt")}}, rank)
+"""
+
+
+def run_spawned(module: str, tmp_path: Path, world: int = 2, timeout: float = 300.0) -> list[Any]:
+    """Run ``module.run(rank, world, out_dir)`` on ``world`` gloo ranks and return what each saved, in rank order.
+
+    ``run`` is ``torch.multiprocessing.spawn``'s entry point: it sets up the process group from ``MASTER_ADDR`` /
+    ``MASTER_PORT`` (given, with a retry on a port taken meanwhile, by :func:`run_ddp_script`) and saves its results
+    with ``torch.save`` to ``out_dir/rank<rank>.pt``.
+
+    Example::
+
+        ranks = run_spawned("tests.compression._ddp_worker", tmp_path)  # [rank 0's results, rank 1's]
+    """
+    import torch
+
+    results = run_ddp_script(_SPAWN_JOB.format(module=module, world=world), tmp_path, num_procs=world, timeout=timeout)
+    return [torch.load(r["path"], weights_only=False) for r in results]
 
 
 def _run_once(source: str, tmp_path: Path, num_procs: int, timeout: float) -> list[dict[str, Any]]:
