@@ -248,8 +248,9 @@ class SharpnessTracker(_CurvatureCallback):
 
     Raises:
         MisconfigurationException: for a bad argument (naming it and its value), a model without trainable
-            parameters, a sharded strategy, ``preconditioned=True`` without an Adam-family optimizer, or a group
-            pattern that matches no parameter.
+            parameters, a strategy whose gradients cannot be obtained (naming it; an exact ``hvp``, GGN/Fisher or
+            ``preconditioned=True`` under a sharded one), ``preconditioned=True`` without an Adam-family optimizer,
+            or a group pattern that matches no parameter.
     """
 
     _name = "sharpness"
