@@ -37,7 +37,8 @@ def test_curvature_callbacks_match_ddp_and_never_perturb_training(backend_runs, 
 
 def test_curvature_callbacks_on_zero3_match_ddp_and_never_perturb_training(backend_runs):
     # Central differences of the engine's partitioned gradients, on each rank's partitions: DDP's sharpness within
-    # the finite-difference error, and FSDP2's numbers (the same global probes, the same arithmetic up to rounding).
+    # the finite-difference error, and FSDP2's numbers (the same global probes; measured 2.3e-5 apart in lambda_max:
+    # the partitions' rounding differs from the shards', and Lanczos amplifies it to the finite-difference error).
     check_sharded_curvature(backend_runs, "zero3")
     got, fsdp2 = backend_runs[0]["zero3"]["curvature"], backend_runs[0]["fsdp2"]["curvature"]
     for key in ("trace", "sharp"):
