@@ -30,7 +30,27 @@ H = exact_hessian(model, (x.double(), y))
 dist.all_reduce(H)
 H /= trainer.world_size
 eig = torch.linalg.eigvalsh(H)
+
+# Under compressed DDP (top-k with error feedback), finite-difference products, forced, must never pass through the
+# comm hook: its error-feedback memory would change and training with them would end elsewhere than without.
+from lightning_gd.strategies import CompressedDDPStrategy
+
+
+def compressed(callbacks):
+    seed_everything(0)
+    net = TinyClassifier(dropout=0.0)
+    Trainer(accelerator="cpu", devices=2, strategy=CompressedDDPStrategy("topk", density=0.1), max_steps=4,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=callbacks, default_root_dir=".").fit(net, classification_loader(n=128))
+    return torch.cat([p.detach().flatten() for p in net.parameters()]).tolist()
+
+
+fd = SharpnessTracker(max_overhead=None, every_n_steps=1, hvp="finite_difference", plot=False)
+fd_trace = HessianTraceMonitor(max_overhead=None, every_n_steps=2, num_probes=4, hvp="finite_difference")
+topk = {"plain": compressed([]), "measured": compressed([fd, fd_trace]), "fd_hvp": fd._hvp_in_use,
+        "fd_lambda_max": fd.last_metrics["sharpness/lambda_max"]}
 write_result({
+    "topk": topk,
     "trace": trace.last_metrics, "sharp": sharp.last_metrics, "exact_trace": torch.trace(H).item(),
     "xtrace": xtrace.last_metrics, "hpp": hpp.last_metrics,
     "exact_first": torch.trace(H[:144, :144]).item(),
@@ -65,3 +85,6 @@ def test_curvature_callbacks_on_two_process_ddp(tmp_path):
     xt = r0["xtrace"]
     assert abs(xt["hessian/first/trace"] - r0["exact_first"]) < 4 * xt["hessian/trace_stderr"]
     assert (tmp_path / "sharpness.png").is_file() and (tmp_path / "spectral_density_step4.png").is_file()
+    topk = r0["topk"]
+    assert topk["measured"] == topk["plain"] and topk["fd_hvp"] == "finite_difference"
+    assert topk["fd_lambda_max"] > 0 and r1["topk"]["measured"] == topk["measured"]
