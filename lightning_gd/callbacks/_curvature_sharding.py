@@ -63,6 +63,17 @@ def check_sharded_strategy(strategy: Any, owner: str, hvp: str, curvature: str) 
                 " DDP or DeepSpeed ZeRO stage 1/2."
             )
         return None
+    if kind == "zero3":
+        # `_zero3_operator` below reads ZeRO-3's partitioned gradients, but on a model that uses a parameter several
+        # times per forward (an RNN's recurrent weights) some of its checks were measured far off DDP's (lambda_max
+        # 1.91 against 5.57 at the second of four checks; FSDP2 and ZeRO-2 agree with DDP to 2e-6): refused until
+        # that is understood, rather than logging a wrong number (tests/strategies/test_deepspeed.py).
+        raise MisconfigurationException(
+            f"{owner} does not support DeepSpeed ZeRO stage 3 yet: finite differences of its partitioned gradients"
+            " gave wrong values on a model that uses a parameter several times per forward (an RNN), so nothing is"
+            " measured rather than a wrong number. Use FSDP2 (ModelParallelStrategy with fully_shard), DeepSpeed"
+            " ZeRO stage 1 or 2 (`strategy='deepspeed_stage_2'`), or DDP."
+        )
     tp = getattr(strategy, "_tensor_parallel_size", 1)
     if kind == "fsdp2" and isinstance(tp, int) and tp > 1:
         raise MisconfigurationException(

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -53,6 +54,7 @@ from lightning_gd.utils.checks import check_number
 from lightning_gd.utils.deepspeed_state import deepspeed_stage
 from lightning_gd.utils.optim_state import adam_moments, is_adam_family, owner_of
 from lightning_gd.utils.plotting import new_figure, run_dir, save_figure
+from lightning_gd.utils.ranks import gather_from_ranks
 
 __all__ = ["SharpnessTracker"]
 
@@ -536,6 +538,11 @@ class SharpnessTracker(_CurvatureCallback):
         init = self._init.get(side) if self.warm_start else None  # on the host: copied into the basis directly
         if init is not None and init.shape[0] != op.numel:
             init = None  # a warm start of another parameter set (a changed model): start cold
+        if self._sharded and self.warm_start:
+            # Sharded vectors: each rank holds its shard of the start block, so all start warm or all start cold (a
+            # rank without its shard would otherwise run another sequence of collectives than the others).
+            cold = op.allreduce(torch.tensor([float(init is None)], dtype=op.dtype, device=op.device))
+            init = None if float(cold) > 0 else init
         k = self.k if which == "largest" else 1
         max_basis = None if self._max_basis is None else min(self._max_basis, self.max_iter + k - 1)
         result = lanczos(
@@ -617,7 +624,13 @@ class SharpnessTracker(_CurvatureCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["warm_start"] = {side: v.detach().cpu() for side, v in self._init.items()}
+        warm = {side: v.detach().cpu() for side, v in self._init.items()}
+        if self._sharded:
+            # Each rank's shard of the warm-start vectors; the checkpoint is written by rank zero (a collective: the
+            # callbacks' state is taken on every rank).
+            state["warm_start_by_rank"] = gather_from_ranks(warm)
+        else:
+            state["warm_start"] = warm
         state["last_density_step"] = self._last_density_step
         state["preconditioned_in_use"] = self._preconditioned
         state["preconditioned_groups"] = {k: v for k, v in self._modes.items() if k != _ALL}
@@ -627,6 +640,10 @@ class SharpnessTracker(_CurvatureCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._init = dict(state_dict.get("warm_start", {}))
+        by_rank = state_dict.get("warm_start_by_rank")
+        if by_rank is not None:  # sharded: this rank's shard, if the run has the checkpoint's ranks (else cold)
+            rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+            self._init = dict(by_rank[rank]) if len(by_rank) == world else {}
         self._last_density_step = int(state_dict.get("last_density_step", 0))
         self._modes = {k: bool(v) for k, v in state_dict.get("preconditioned_groups", {}).items()}
         in_use = state_dict.get("preconditioned_in_use")
