@@ -36,6 +36,8 @@ POLICIES: dict[str, dict[str, str]] = {
     "torch": {"LIGHTNING_GD_THREAD_DEFAULTS": "0"},
     "lightning-gd": {},
     "1 thread": {"OMP_NUM_THREADS": "1", "LIGHTNING_GD_THREAD_DEFAULTS": "0"},
+    # libgomp (torch's OpenMP on Linux) spins GOMP_SPINCOUNT times before it sleeps: 300,000 by default, 0 when passive.
+    "short spin": {"GOMP_SPINCOUNT": "20000", "LIGHTNING_GD_THREAD_DEFAULTS": "0"},
 }
 _CLEARED = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "LIGHTNING_GD_THREAD_DEFAULTS", "KMP_BLOCKTIME", "GOMP_SPINCOUNT")
 _SPIN = "while True:\n    pass\n"

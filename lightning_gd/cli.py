@@ -176,14 +176,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[:1] == ["prepare-text"]:
         _prepare_text(args[1:])
         return
-    if args[:1] == ["recipes"]:
-        _print_recipes(args[1:])
-        return
-    if args[:1] == ["compressors"]:
-        _print_compressors()
-        return
-    if args[:1] == ["optimizers"]:
-        _print_optimizers()
+    listing = {"recipes": lambda: _print_recipes(args[1:]), "compressors": _print_compressors,
+               "optimizers": _print_optimizers}  # fmt: skip
+    if args[:1] and args[0] in listing:
+        try:
+            listing[args[0]]()
+            sys.stdout.flush()
+        except BrokenPipeError:  # `lightning-gd recipes | head`: the reader left; stop quietly, as `ls` does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
     if args[:1] == ["analyze"]:
         from lightning_gd.analysis import main as analyze_main

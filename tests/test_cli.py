@@ -1,5 +1,6 @@
 import csv
 import math
+import os
 import subprocess
 import sys
 
@@ -24,6 +25,21 @@ def test_python_m_runs_the_same_command():
         [sys.executable, "-m", "lightning_gd", "recipes"], capture_output=True, text=True, timeout=scaled_timeout(60)
     )
     assert proc.returncode == 0 and "quickstart" in proc.stdout
+
+
+@pytest.mark.parametrize("listing", ["recipes", "optimizers", "compressors"])
+def test_a_listing_piped_into_a_reader_that_left_exits_quietly(listing):
+    # `lightning-gd recipes | head -1`, the reader gone before the listing is written: no BrokenPipeError traceback.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "lightning_gd", listing], stdout=write_end, stderr=subprocess.PIPE,
+            timeout=scaled_timeout(60),
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode()[-500:]
 
 
 def test_recipe_is_package_data():
