@@ -259,16 +259,19 @@ def test_fsdp1_is_accepted_at_setup_and_exact_products_are_refused_naming_it(tmp
 
 
 @pytest.mark.parametrize("cls", [HessianTraceMonitor, SharpnessTracker])
-def test_deepspeed_zero3_and_strategies_without_gradients_are_refused_naming_them(tmp_path, cls):
+def test_deepspeed_zero3_is_accepted_and_strategies_without_gradients_are_refused_naming_them(tmp_path, cls):
     pytest.importorskip("deepspeed")
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 
     # DeepSpeed's environment set-up needs CUDA, so on CPU the Trainer never reaches `setup` in `fit`: call the
     # callback's own `setup` hook with a real Trainer built on the strategy, as `fit` does after that set-up. The
-    # ZeRO-3 refusal in a real 2-rank fit (CPU harness): tests/strategies/test_deepspeed.py.
+    # ZeRO-3 run itself (CPU harness, 2 ranks): tests/strategies/test_deepspeed.py.
     zero3 = quiet_trainer(tmp_path, callbacks=[], max_steps=8, strategy=DeepSpeedStrategy(stage=3), devices=1)
-    with pytest.raises(MisconfigurationException, match=r"not support DeepSpeed ZeRO stage 3 yet.*FSDP2.*stage 1 or"):
-        cls().setup(zero3, TinyClassifier(), stage="fit")
+    cb = cls()
+    cb.setup(zero3, TinyClassifier(), stage="fit")
+    assert cb._sharding == "zero3"
+    with pytest.raises(MisconfigurationException, match=r"cannot run under DeepSpeedStrategy: DeepSpeed ZeRO stage 3"):
+        cls(hvp="forward_over_reverse").setup(zero3, TinyClassifier(), stage="fit")
     zero2 = quiet_trainer(tmp_path, callbacks=[], max_steps=8, strategy=DeepSpeedStrategy(stage=2), devices=1)
     cls(hvp="double_backward").setup(zero2, TinyClassifier(), stage="fit")  # ZeRO-1/2 keep whole parameters
 

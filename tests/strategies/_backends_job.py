@@ -167,6 +167,13 @@ def run(name):
         r = fit(name, case, make(), classification_loader(), [sharp], **trainer_kwargs)
         res[case] = {**r, "sharp": sharp.last_metrics, "history": sharp.history}
 
+    # The RNN uses its recurrent weights several times per forward (ZeRO-3 keeps such gathered copies between
+    # forwards): a check at every step, against DDP's exact products, and training untouched.
+    if name in ("ddp", *SHARDED):
+        sharp = SharpnessTracker(max_overhead=None, every_n_steps=1)
+        r = fit(name, "rnn_sharpness", rnn(), _loader(), [sharp])
+        res["rnn_sharpness"] = {**r, "history": sharp.history, "plain": fit(name, "rnn_plain", rnn(), _loader(), [])}
+
     plotter = MetricPlotter(every_n_steps=1)
     r = fit(name, "plotter", classifier(), classification_loader(), [plotter])
     res["plotter"] = {**r, "history": plotter.history, "png": Path(f"{name}_plotter/loss_curves.png").is_file()}
@@ -202,14 +209,12 @@ def run(name):
 
     # Save at step 2 (an epoch boundary: 32 sequences, batch 8, 2 ranks) and resume to step 4, every callback that
     # the backend supports attached; against the uninterrupted 4 steps.
-    # Under FSDP2 the tracker's warm-start vectors are each rank's shard: the checkpoint keeps every rank's.
+    # Under ZeRO-3 and FSDP2 the tracker's warm-start vectors are each rank's shard: the checkpoint keeps every rank's.
     def callbacks():
         cbs = [MetricPlotter(every_n_steps=1), NoiseAnnealing(eta=0.01)]
         if name not in SHARDED:
             cbs += [floss(every_n_steps=2, floss_steps=1)]
-        if name != "zero3":  # refused there
-            cbs += [SharpnessTracker(max_overhead=None, every_n_steps=1)]
-        return cbs
+        return [*cbs, SharpnessTracker(max_overhead=None, every_n_steps=1)]
 
     full = callbacks()
     r_full = fit(name, "resume_full", rnn(), _loader(), full)

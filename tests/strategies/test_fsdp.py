@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.strategies.conftest import check_sharded_curvature, same_on_both_ranks
+from tests.strategies.conftest import check_sharded_curvature, check_sharded_rnn_sharpness, same_on_both_ranks
 
 
 def test_training_matches_ddp(backend_runs):
@@ -55,6 +55,10 @@ def test_noise_annealing_matches_ddp(backend_runs, case):
 def test_text_sampler_matches_ddp(backend_runs):
     got, ddp = same_on_both_ranks(backend_runs, "fsdp2", "text_sampler"), backend_runs[0]["ddp"]["text_sampler"]
     assert got["weights"] == ddp["weights"] and got["sample"] == ddp["sample"]
+
+
+def test_sharpness_of_an_rnn_at_every_step_matches_ddp(backend_runs):
+    check_sharded_rnn_sharpness(backend_runs, "fsdp2")
 
 
 def test_distributed_checkpoint_resumes_exactly(backend_runs):
