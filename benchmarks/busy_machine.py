@@ -6,11 +6,12 @@ and, with two busy processes beside it, stays within 1.5x of its quiet time, at 
 
 Runs ``lightning-gd fit --config quickstart --trainer.max_steps 60 --trainer.limit_val_batches 0`` in a temporary
 working directory (the run directory is thrown away), quiet and beside ``--busy`` pure-Python spin loops, under
-three settings:
+four settings:
 
 - ``torch``: torch's own defaults (``LIGHTNING_GD_THREAD_DEFAULTS=0``; no ``OMP_*`` variable);
 - ``lightning-gd``: the command's defaults (no ``OMP_*`` variable: passive waiting, threads fitted to a quota);
-- ``1 thread``: ``OMP_NUM_THREADS=1``.
+- ``1 thread``: ``OMP_NUM_THREADS=1``;
+- ``short spin``: libgomp spins 20,000 times (``GOMP_SPINCOUNT``) instead of 300,000 before it sleeps.
 
 Prints the wall time of each command (median of ``--repeats``), its ratio to the quiet run under torch's defaults,
 and the machine's load average before each run. Other processes' load counts as "busy" too: run it on an otherwise
