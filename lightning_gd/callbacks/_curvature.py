@@ -44,11 +44,13 @@ from lightning_gd.curvature import (
     OperatorMode,
     OutputLoss,
     ReducedOperator,
+    finite_difference_check,
     finite_difference_error,
     loss_spec,
 )
 from lightning_gd.curvature._utils import _work_dtype
-from lightning_gd.utils.checks import check_choice, check_positive_int
+from lightning_gd.curvature.step_check import DEFAULT_STEP_TOLERANCE, uses_central_differences
+from lightning_gd.utils.checks import check_choice, check_number, check_positive_int
 from lightning_gd.utils.logging import History, history_from_state, history_to_state, log_to_loggers
 
 LossFn = Callable[[LightningModule, Any], Tensor]
@@ -327,8 +329,12 @@ class _CurvatureCallback(Callback):
         curvature: Curvature = "hessian",
         output_fn: OutputFn | None = None,
         loss: OutputLoss | LossSpec | torch.nn.Module | None = None,
+        fd_tolerance: float | None = DEFAULT_STEP_TOLERANCE,
     ) -> None:
         _check_positive("every_n_steps", every_n_steps)
+        if fd_tolerance is not None:
+            check_number("fd_tolerance", fd_tolerance, 0, low_open=True, error=MisconfigurationException)
+        self.fd_tolerance = fd_tolerance
         self.groups = _check_groups(groups)
         self._spec = _check_curvature(curvature, output_fn, loss, loss_fn)
         self.curvature = curvature
@@ -365,6 +371,7 @@ class _CurvatureCallback(Callback):
         self._group_names: dict[str, tuple[str, ...]] = {}  # group -> names of its parameters (resolved in setup)
         self._sharding: Sharding | None = None  # how the strategy shards the parameters (set in setup)
         self._said_hvp = False
+        self._said_step = False
         self._strategy_name = ""
 
     @property
@@ -529,6 +536,29 @@ class _CurvatureCallback(Callback):
                 + (f" ({sharding_name(self._sharding)} shards the parameters)" if self._sharding else ""),
             }.get(self._hvp_in_use, "exact products")
             rank_zero_info(f"{type(self).__name__}(hvp='auto'): using {self._hvp_in_use!r}: {why}.")
+
+    def _step_check(
+        self, trainer: Trainer, op: CurvatureOperator, v: Tensor | None, what: str
+    ) -> tuple[dict[str, float], bool]:
+        """Central-difference products only: whether they are step-independent along ``v`` (``None``: a probe),
+        and ``<name>/fd_step_change`` to log. The change comes from rank-averaged or all-reduced products, so every
+        rank decides the same; a failed check warns once (:mod:`lightning_gd.curvature.step_check`)."""
+        if self.fd_tolerance is None or not uses_central_differences(op):
+            return {}, True
+        check = finite_difference_check(op, v, tolerance=self.fd_tolerance, generator=self._generator(trainer))
+        if not check.passed and not self._said_step:
+            self._said_step = True
+            rank_zero_warn(
+                f"{type(self).__name__}: the central-difference Hessian-vector products depend on their step here:"
+                f" doubling it changed the product along {what} by {check.change:.1%} (fd_tolerance"
+                f" {self.fd_tolerance:g}), so the figures would be wrong and checks like this one are skipped"
+                f" (`{self._name}/fd_step_change` logs the change at every check). Likely causes: kinks of the loss"
+                " (ReLU, max-pooling: a product straddles the units near zero, in float64 as in float32) or"
+                " gradients computed in half precision. Measure this model with exact products (an unsharded"
+                " strategy such as DDP, hvp='auto'), or with smooth activations (GELU, SiLU); fd_tolerance=None"
+                " reports the figures anyway. Warning once."
+            )
+        return {f"{self._name}/fd_step_change": check.change}, check.passed
 
     @property
     def _sharded(self) -> bool:

@@ -50,6 +50,7 @@ from lightning_gd.curvature.preconditioned import (
     combine_preconditioners,
     gd_threshold,
 )
+from lightning_gd.curvature.step_check import DEFAULT_STEP_TOLERANCE
 from lightning_gd.utils.checks import check_number
 from lightning_gd.utils.deepspeed_state import deepspeed_stage
 from lightning_gd.utils.optim_state import adam_moments, is_adam_family, owner_of
@@ -239,6 +240,11 @@ class SharpnessTracker(_CurvatureCallback):
         output_fn: ``output_fn(module, batch) -> (outputs, targets)`` for ``"ggn"``/``"fisher"``; default: the
             module's ``curvature_outputs(batch)`` method.
         loss: The loss of the outputs for ``"ggn"``/``"fisher"`` (see :class:`HessianTraceMonitor`).
+        fd_tolerance: With central-difference products (sharded strategies, ``hvp="finite_difference"``): the
+            largest relative change of the product along the top eigenvector when the step doubles (two more
+            products per check, logged as ``sharpness/fd_step_change``). Above it the products depend on their
+            step (kinks such as ReLU's, half-precision gradients) and the check's figures are skipped, with one
+            warning. ``None``: no such check (see :class:`HessianTraceMonitor`).
 
     Precision: products in the parameters' dtype (float32 under ``bf16-mixed``), basis and Gram-Schmidt in float32
     (float64 for float64 models), Ritz values from a float64 projected matrix.
@@ -283,10 +289,11 @@ class SharpnessTracker(_CurvatureCallback):
         curvature: Curvature = "hessian",
         output_fn: OutputFn | None = None,
         loss: OutputLoss | LossSpec | torch.nn.Module | None = None,
+        fd_tolerance: float | None = DEFAULT_STEP_TOLERANCE,
     ) -> None:
         super().__init__(
             every_n_steps, batch, num_batches, loss_fn, mode, hvp, seed, max_overhead, memory_budget, groups=groups,
-            curvature=curvature, output_fn=output_fn, loss=loss,
+            curvature=curvature, output_fn=output_fn, loss=loss, fd_tolerance=fd_tolerance,
         )  # fmt: skip
         _check_positive("k", k)
         _check_positive("max_iter", max_iter)
@@ -432,6 +439,15 @@ class SharpnessTracker(_CurvatureCallback):
                 # products, so every rank gets here together.
                 return {self._key: math.nan}
             num_hvps += top.num_matvecs + (bottom.num_matvecs if bottom is not None else 0)
+            if name == _ALL:
+                # Central differences: is the product along the top eigenvector step-independent? If not, the
+                # figures are wrong (kinks, half-precision gradients): skipped, the change logged, said once.
+                step_metrics, trusted = self._step_check(trainer, target, top.eigenvectors[:, 0], "the top eigenvector")
+                metrics.update(step_metrics)
+                num_hvps += 2 if step_metrics else 0
+                if not trusted:
+                    self._remember_hvp(op)
+                    return {**metrics, self._metric(_ALL, "num_hvps"): float(num_hvps)}
             lam = top.eigenvalues.tolist()
             metrics[self._metric(name, "preconditioned_lambda_max" if preconditioned else "lambda_max")] = lam[0]
             metrics[self._metric(name, "edge_of_stability")] = lam[0] / threshold

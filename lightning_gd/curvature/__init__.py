@@ -4,7 +4,8 @@
 * :class:`GGNOperator`, :class:`EmpiricalFisherOperator`: the generalised Gauss-Newton ``J^T H_L J`` and the
   empirical Fisher ``G^T G / n`` of a loss of the model's outputs (PSD; Jacobian-vector products).
 * :class:`FiniteDifferenceOperator`: the Hessian by central differences of gradients a caller computes (a sharded
-  strategy's own forward and backward), its vectors each rank's shards; :func:`finite_difference_error`.
+  strategy's own forward and backward), its vectors each rank's shards; :func:`finite_difference_error`;
+  :func:`finite_difference_check` (is the product step-independent here? ReLU kinks, half-precision gradients).
 * :class:`DenseOperator`, :class:`PreconditionedOperator`, :class:`ReducedOperator` (mean over
   data-parallel ranks): other symmetric operators.
 * :func:`hutchinson_trace`: Hutchinson (1989) / Hutch++ (Meyer et al. 2021) / XTrace (Epperly, Tropp & Webber
@@ -32,6 +33,7 @@ from lightning_gd.curvature.lanczos import EigResult, lanczos
 from lightning_gd.curvature.operator import HessianOperator, HvpMethod, OperatorMode
 from lightning_gd.curvature.preconditioned import PreconditionedOperator
 from lightning_gd.curvature.reduced import ReducedOperator
+from lightning_gd.curvature.step_check import StepCheck, finite_difference_check
 from lightning_gd.curvature.trace import TraceEstimate, hutchinson_trace
 
 __all__ = [
@@ -49,7 +51,9 @@ __all__ = [
     "PreconditionedOperator",
     "ReducedOperator",
     "SpectralDensity",
+    "StepCheck",
     "TraceEstimate",
+    "finite_difference_check",
     "finite_difference_eps",
     "finite_difference_error",
     "hutchinson_trace",
