@@ -48,9 +48,26 @@ def compressed(callbacks):
 fd = SharpnessTracker(max_overhead=None, every_n_steps=1, hvp="finite_difference", plot=False)
 fd_trace = HessianTraceMonitor(max_overhead=None, every_n_steps=2, num_probes=4, hvp="finite_difference")
 topk = {"plain": compressed([]), "measured": compressed([fd, fd_trace]), "fd_hvp": fd._hvp_in_use,
-        "fd_lambda_max": fd.last_metrics["sharpness/lambda_max"]}
+        "fd_lambda_max": fd.last_metrics["sharpness/lambda_max"],
+        "fd_step_change": fd.last_metrics["sharpness/fd_step_change"]}
+
+# A kink (tests.helpers.models.KinkedRegressor): the step check fails on both ranks at the same checks (each rank
+# holds half the batch, only rank 0 the kinked sample: the decision comes from the rank-averaged products), so the
+# two skip together instead of one waiting in a collective the other never joins.
+from tests.helpers.models import KinkedRegressor, kinked_loader
+
+seed_everything(0)
+kink_sharp = SharpnessTracker(max_overhead=None, every_n_steps=1, hvp="finite_difference", plot=False, max_iter=20)
+kink_trace = HessianTraceMonitor(max_overhead=None, every_n_steps=1, num_probes=4, hvp="finite_difference")
+Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[kink_sharp, kink_trace],
+        default_root_dir=".").fit(KinkedRegressor(), kinked_loader(n=64))
+kinked = {name: [list(map(float, e)) for e in cb.history.get(name, [])]
+          for cb, names in ((kink_sharp, ("sharpness/fd_step_change", "sharpness/lambda_max")),
+                            (kink_trace, ("hessian/fd_step_change", "hessian/trace")))
+          for name in names}
 write_result({
-    "topk": topk,
+    "topk": topk, "kinked": kinked,
     "trace": trace.last_metrics, "sharp": sharp.last_metrics, "exact_trace": torch.trace(H).item(),
     "xtrace": xtrace.last_metrics, "hpp": hpp.last_metrics,
     "exact_first": torch.trace(H[:144, :144]).item(),
@@ -88,3 +105,10 @@ def test_curvature_callbacks_on_two_process_ddp(tmp_path):
     topk = r0["topk"]
     assert topk["measured"] == topk["plain"] and topk["fd_hvp"] == "finite_difference"
     assert topk["fd_lambda_max"] > 0 and r1["topk"]["measured"] == topk["measured"]
+    assert topk["fd_step_change"] < 1e-2  # a smooth model: the step check passes
+    kinked = r0["kinked"]
+    assert kinked == r1["kinked"]  # the same decisions and changes on both ranks
+    for name in ("sharpness", "hessian"):
+        assert [s for s, _ in kinked[f"{name}/fd_step_change"]] == [1, 2, 3]
+        assert all(v > 0.2 for _, v in kinked[f"{name}/fd_step_change"]), kinked
+    assert kinked["sharpness/lambda_max"] == [] and kinked["hessian/trace"] == []

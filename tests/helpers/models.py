@@ -8,7 +8,14 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["TinyClassificationData", "TinyClassifier", "classification_loader", "classification_tensors"]
+__all__ = [
+    "KinkedRegressor",
+    "TinyClassificationData",
+    "TinyClassifier",
+    "classification_loader",
+    "classification_tensors",
+    "kinked_loader",
+]
 
 
 def classification_tensors(n: int = 64, in_dim: int = 8, classes: int = 3, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -90,3 +97,39 @@ class TinyClassificationData(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return classification_loader(n=32, batch_size=self.batch_size, seed=self.seed + 1)
+
+
+class KinkedRegressor(LightningModule):
+    """A ReLU regressor with one hidden unit held exactly at its kink for the whole run.
+
+    Unit 0 has bias 0 and weights -1, and the inputs of :func:`kinked_loader` are positive except sample 0, the
+    zero vector: the unit is dead on every other sample and at pre-activation exactly 0 on sample 0, where its
+    gradient (ReLU'(0) = 0) is 0, so no optimizer moves it off the kink. Any central difference moving its bias
+    crosses the kink; double backward does not see it.
+    """
+
+    def __init__(self, in_dim: int = 3, hidden: int = 8, lr: float = 0.05) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        with torch.no_grad():
+            self.net[0].weight[0] = -1.0
+            self.net[0].bias[0] = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def kinked_loader(n: int = 32, in_dim: int = 3, seed: int = 0) -> DataLoader:
+    """One batch of ``n`` positive inputs (sample 0 the zero vector), random targets: see :class:`KinkedRegressor`."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, in_dim, generator=gen) + 0.1
+    x[0] = 0.0
+    return DataLoader(TensorDataset(x, torch.randn(n, 1, generator=gen)), batch_size=n)

@@ -33,7 +33,10 @@ def check_sharded_curvature(runs, backend):
     got, ddp = same_on_both_ranks(runs, backend, "curvature"), runs[0]["ddp"]["curvature"]
     assert "error" not in got, got.get("error")
     assert got["weights"] == runs[0][backend]["plain"]["weights"]  # measuring leaves training bit-identical
-    assert got["sharp"].keys() == ddp["sharp"].keys() and got["trace"].keys() == ddp["trace"].keys()
+    # The same metrics as DDP's, and the step check of the central differences (passing: a smooth model).
+    for cb, name in (("sharp", "sharpness"), ("trace", "hessian")):
+        assert got[cb].keys() == ddp[cb].keys() | {f"{name}/fd_step_change"}, cb
+        assert 0 <= got[cb][f"{name}/fd_step_change"] < 1e-2, got[cb]
     for metric in ("sharpness/lambda_max", "sharpness/lambda_min", "sharpness/edge_of_stability"):
         assert got["sharp"][metric] == pytest.approx(ddp["sharp"][metric], rel=SHARDED_CURVATURE_RTOL), metric
     assert got["sharp"]["sharpness/threshold"] == ddp["sharp"]["sharpness/threshold"]
@@ -54,3 +57,7 @@ def check_sharded_rnn_sharpness(runs, backend):
     assert [step for step, _ in values] == [step for step, _ in exact] == [1, 2, 3, 4]
     for (_, value), (_, ref) in zip(values, exact, strict=True):
         assert value == pytest.approx(ref, rel=SHARDED_CURVATURE_RTOL)
+    # Central differences were checked against the doubled step at every check (exact products under DDP: none).
+    changes = got["history"]["sharpness/fd_step_change"]
+    assert [step for step, _ in changes] == [1, 2, 3, 4] and all(0 <= c < 1e-2 for _, c in changes), changes
+    assert "sharpness/fd_step_change" not in ddp["history"]
