@@ -110,8 +110,8 @@ class HessianTraceMonitor(_CurvatureCallback):
             it the products depend on their step, as on networks with many ReLU or max-pooling kinks (a product
             straddles the units near zero: torchvision's ResNet-18 gives lambda_max 2.8x too large) or with
             half-precision gradients, so the check's figures are skipped, with one warning naming the change.
-            Default 5e-2 (smooth float32 models change by ~1e-3 at most: benchmarks/RESULTS.md). ``None``: no
-            such check.
+            Default 1e-2 (smooth float32 models change by 6e-4 at most, kinked ones by 0.67: benchmarks/RESULTS.md,
+            "The step check"). ``None``: no such check.
         memory_budget: Bytes of extra device memory a check may use beyond autograd's own Hessian-vector-product
             memory, for its parameter-sized vectors (in the working dtype: float32, float64 for float64 models).
             ``"hutchinson"`` needs 2 per probe pushed through one product call (probe and product; + 2 with
