@@ -11,8 +11,9 @@ the check sees, so that the tolerance (1e-2) can be read against them:
   1e-6 ... 1e-2, in float32 *and float64*, against the same network with GELU and average pooling (smooth);
 * **the check at work**: lambda_max as the tracker computes it (Lanczos at ``tol=1e-2``, 50 products at most) by
   central differences of float32 gradients, against the exact lambda_max (double backward, float64, ``tol=1e-6``),
-  and the check's change: of the Ritz value (the tracker's one-product form), of the product along the top Ritz
-  vector and along a Rademacher probe (the trace monitor's form), for both ResNets;
+  and the check's change: of the product along the top Ritz vector (the tracker's check) and along a Rademacher
+  probe (the trace monitor's), and of the Ritz value against the Rayleigh quotient at 2h (a one-product form, not
+  used), for both ResNets;
 * **smooth models in float32**: the quickstart model (after 30 AdamW steps) and llama-tiny (at initialisation),
   the same two figures, plus bfloat16-autocast gradients (the half-precision roundoff case).
 
@@ -157,13 +158,15 @@ def tracker_check(model: nn.Module, batch: tuple[Tensor, Tensor], autocast: bool
     along_top = finite_difference_check(op, top.eigenvectors[:, 0])
     along_probe = finite_difference_check(op, generator=gen())
     lam, ref = float(top.eigenvalues[0]), float(exact.eigenvalues[0])
-    tracker = finite_difference_check(op, top.eigenvectors[:, 0], rayleigh=lam)  # the tracker's one-product form
+    # A cheaper form, not used: one product at 2h, its Rayleigh quotient against the Ritz value (the quotient at h
+    # for a linear operator). It misses a kink the top vector barely touches (the DDP test's kinked model passed it).
+    ritz_change = abs(along_top.rayleigh_doubled - lam) / abs(lam)
     return {
         "exact_lambda_max": ref, "fd_lambda_max": lam, "relative_error": abs(lam - ref) / abs(ref),
         "fd_products": top.num_matvecs, "fd_converged": bool(top.converged),
         "change_along_top": along_top.change, "rayleigh_h": along_top.rayleigh,
         "rayleigh_2h": along_top.rayleigh_doubled, "change_along_probe": along_probe.change,
-        "change_of_ritz_value": tracker.change, "passed": tracker.passed, "seconds_exact": t_exact,
+        "change_of_ritz_value": ritz_change, "passed": along_top.passed, "seconds_exact": t_exact,
         "seconds_fd": t_fd,
     }  # fmt: skip
 
@@ -191,9 +194,10 @@ def main() -> None:
         row = results["tracker"][label] = tracker_check(model, batch, autocast)
         print(f"{label:28s} lambda_max exact {row['exact_lambda_max']:.6g}, central differences (float32"
               f"{', bf16 autocast' if autocast else ''}) {row['fd_lambda_max']:.6g} (error"
-              f" {row['relative_error']:.1e}, {row['fd_products']} products); check: change of the Ritz value"
-              f" {row['change_of_ritz_value']:.1e} (the tracker's), of the product along the top vector"
-              f" {row['change_along_top']:.1e}, along a probe {row['change_along_probe']:.1e} ->"
+              f" {row['relative_error']:.1e}, {row['fd_products']} products); check: change of the product along"
+              f" the top vector"
+              f" {row['change_along_top']:.1e}, along a probe {row['change_along_probe']:.1e} (of the Ritz value"
+              f" {row['change_of_ritz_value']:.1e}) ->"
               f" {'reported' if row['passed'] else 'skipped'}", flush=True)  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

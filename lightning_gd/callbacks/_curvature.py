@@ -538,22 +538,19 @@ class _CurvatureCallback(Callback):
             rank_zero_info(f"{type(self).__name__}(hvp='auto'): using {self._hvp_in_use!r}: {why}.")
 
     def _step_check(
-        self, trainer: Trainer, op: CurvatureOperator, v: Tensor | None, what: str, rayleigh: float | None = None
-    ) -> tuple[dict[str, float], int, bool]:
-        """Central-difference products only: ``<name>/fd_step_change`` to log, the products spent, and whether the
-        products are step-independent along ``v`` (``None``: a probe; ``rayleigh``: ``v``'s Ritz value, one product
-        instead of two). The change comes from rank-averaged or all-reduced products, so every rank decides the same;
-        a failed check warns once (:mod:`lightning_gd.curvature.step_check`)."""
+        self, trainer: Trainer, op: CurvatureOperator, v: Tensor | None, what: str
+    ) -> tuple[dict[str, float], bool]:
+        """Central-difference products only: whether they are step-independent along ``v`` (``None``: a probe),
+        and ``<name>/fd_step_change`` to log. The change comes from rank-averaged or all-reduced products, so every
+        rank decides the same; a failed check warns once (:mod:`lightning_gd.curvature.step_check`)."""
         if self.fd_tolerance is None or not uses_central_differences(op):
-            return {}, 0, True
-        check = finite_difference_check(
-            op, v, tolerance=self.fd_tolerance, generator=self._generator(trainer), rayleigh=rayleigh
-        )
+            return {}, True
+        check = finite_difference_check(op, v, tolerance=self.fd_tolerance, generator=self._generator(trainer))
         if not check.passed and not self._said_step:
             self._said_step = True
             rank_zero_warn(
                 f"{type(self).__name__}: the central-difference Hessian-vector products depend on their step here:"
-                f" doubling it changed {what} by {check.change:.1%} (fd_tolerance"
+                f" doubling it changed the product along {what} by {check.change:.1%} (fd_tolerance"
                 f" {self.fd_tolerance:g}), so the figures would be wrong and checks like this one are skipped"
                 f" (`{self._name}/fd_step_change` logs the change at every check). Likely causes: kinks of the loss"
                 " (ReLU, max-pooling: a product straddles the units near zero, in float64 as in float32) or"
@@ -561,7 +558,7 @@ class _CurvatureCallback(Callback):
                 " strategy such as DDP, hvp='auto'), or with smooth activations (GELU, SiLU); fd_tolerance=None"
                 " reports the figures anyway. Warning once."
             )
-        return {f"{self._name}/fd_step_change": check.change}, check.num_matvecs, check.passed
+        return {f"{self._name}/fd_step_change": check.change}, check.passed
 
     @property
     def _sharded(self) -> bool:

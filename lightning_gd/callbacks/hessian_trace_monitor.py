@@ -219,10 +219,10 @@ class HessianTraceMonitor(_CurvatureCallback):
         P, rank = trainer.world_size, trainer.global_rank
         # Central differences: is a product along a probe step-independent (the same probe on every rank, through
         # the rank-averaged operator)? If not, the estimate would be wrong: skipped, the change logged, said once.
-        step_metrics, spent, trusted = self._step_check(trainer, op, None, "the product along a Rademacher probe")
+        step_metrics, trusted = self._step_check(trainer, op, None, "a Rademacher probe")
         if not trusted:
             self._remember_hvp(op)
-            return {**step_metrics, f"{self._name}/num_hvps": float(spent)}
+            return {**step_metrics, f"{self._name}/num_hvps": 2.0}
         if P > 1 and not self._sharded:
             # Split the products: rank r estimates tr(H_r) of its own batch with its own probes (Hutchinson's, or
             # Hutch++'s / XTrace's sketch and residual probes); tr(mean H_r) is the mean of the unbiased estimates.
@@ -250,7 +250,7 @@ class HessianTraceMonitor(_CurvatureCallback):
             f"{self._name}/trace": value,
             f"{self._name}/trace_stderr": stderr,
             f"{self._name}/sgd_stability": self._lr(trainer) * value / 2.0,
-            f"{self._name}/num_hvps": float(num_hvps + spent),
+            f"{self._name}/num_hvps": float(num_hvps + (2 if step_metrics else 0)),
             **step_metrics,
         }
         if per_param and self.per_layer:

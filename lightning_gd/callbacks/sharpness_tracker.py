@@ -241,8 +241,8 @@ class SharpnessTracker(_CurvatureCallback):
             module's ``curvature_outputs(batch)`` method.
         loss: The loss of the outputs for ``"ggn"``/``"fisher"`` (see :class:`HessianTraceMonitor`).
         fd_tolerance: With central-difference products (sharded strategies, ``hvp="finite_difference"``): the
-            largest relative change of the top eigenvalue's Rayleigh quotient when the step doubles (one more
-            product per check, logged as ``sharpness/fd_step_change``). Above it the products depend on their
+            largest relative change of the product along the top eigenvector when the step doubles (two more
+            products per check, logged as ``sharpness/fd_step_change``). Above it the products depend on their
             step (kinks such as ReLU's, half-precision gradients) and the check's figures are skipped, with one
             warning. ``None``: no such check (see :class:`HessianTraceMonitor`).
 
@@ -442,15 +442,9 @@ class SharpnessTracker(_CurvatureCallback):
             if name == _ALL:
                 # Central differences: is the product along the top eigenvector step-independent? If not, the
                 # figures are wrong (kinks, half-precision gradients): skipped, the change logged, said once.
-                step_metrics, spent, trusted = self._step_check(
-                    trainer,
-                    target,
-                    top.eigenvectors[:, 0],
-                    "the curvature along the top eigenvector",
-                    rayleigh=top.eigenvalues[0].item(),
-                )
+                step_metrics, trusted = self._step_check(trainer, target, top.eigenvectors[:, 0], "the top eigenvector")
                 metrics.update(step_metrics)
-                num_hvps += spent
+                num_hvps += 2 if step_metrics else 0
                 if not trusted:
                     self._remember_hvp(op)
                     return {**metrics, self._metric(_ALL, "num_hvps"): float(num_hvps)}

@@ -17,8 +17,8 @@ Both show as a product that depends on the step. The truncation error of a smoot
 the roundoff error shrinks as ``1/h``, so for a trustworthy product doubling the step changes it by about three
 times its truncation error or half its rounding error, a small number; a product dominated by kinks or roundoff
 changes by a large share. :func:`finite_difference_check` spends two products (four gradients) to measure that
-change along one vector, a random probe (a trace's check), or one product along a Ritz vector whose Ritz value,
-the Rayleigh quotient at the step in use, the caller already has (a sharpness check's top eigenvector).
+change along one vector, the vector whose figure is reported (the top eigenvector of a sharpness check) or a
+random probe (a trace).
 """
 
 from __future__ import annotations
@@ -61,11 +61,11 @@ class StepCheck:
     Attributes:
         change: ``||A_2h v - A_h v|| / ||A_h v||``: the relative change of the product along ``v`` when the
             central-difference step doubles (``inf`` when ``A_h v = 0`` but ``A_2h v`` is not; ``nan`` for
-            non-finite products); with ``rayleigh`` given, the relative change of the Rayleigh quotient.
+            non-finite products).
         rayleigh: ``v^T A_h v / v^T v`` at the step in use.
         rayleigh_doubled: ``v^T A_2h v / v^T v``.
         tolerance: The largest accepted ``change``.
-        num_matvecs: Operator products spent (2; 1 with ``rayleigh`` given).
+        num_matvecs: Operator products spent (2).
     """
 
     change: float
@@ -86,7 +86,6 @@ def finite_difference_check(
     *,
     tolerance: float = DEFAULT_STEP_TOLERANCE,
     generator: torch.Generator | None = None,
-    rayleigh: float | None = None,
 ) -> StepCheck:
     """Measure how much ``op``'s central-difference products along ``v`` change when the step doubles.
 
@@ -102,10 +101,6 @@ def finite_difference_check(
             number of ranks).
         tolerance: The largest accepted relative change (> 0).
         generator: Generator of the probe when ``v`` is ``None`` (default: a fixed seed).
-        rayleigh: ``v^T A_h v / v^T v`` when the caller has it, e.g. the Ritz value of a Ritz vector ``v`` from
-            :func:`~lightning_gd.curvature.lanczos` (for a symmetric operator the Ritz value is exactly the Rayleigh
-            quotient of its vector, converged or not): then one product, at ``2h``, and ``change`` compares the two
-            Rayleigh quotients, ``|q_2h - q_h| / |q_h|``.
 
     Returns:
         A :class:`StepCheck`; ``passed`` says whether the products can be trusted.
@@ -132,18 +127,11 @@ def finite_difference_check(
     if not isinstance(v, Tensor) or v.shape != (op.numel,):
         raise ValueError(f"v must be a tensor of shape ({op.numel},), got {getattr(v, 'shape', type(v).__name__)}")
     V = v.reshape(-1, 1)
-    work = _work_dtype(op.dtype)
-    x = v.to(work)
-    at_h = None if rayleigh is not None else _matmat(op, V)[:, 0]  # first: an hvp="auto" operator decides here
+    at_h = _matmat(op, V)[:, 0]  # first: an hvp="auto" operator decides its method here
     with _doubled_step(_central_difference_operator(op)):
-        at_2h = _matmat(op, V)[:, 0].to(work)
-    if at_h is None:
-        along_2h, sq = (float(t) for t in _allreduce(op, torch.stack([x @ at_2h, x @ x]).double()).cpu())
-        q_h, q_2h = float(rayleigh), along_2h / sq if sq > 0 else math.nan  # type: ignore[arg-type]
-        change = abs(q_2h - q_h) / abs(q_h) if q_h != 0 else (0.0 if q_2h == 0 else math.inf)
-        return StepCheck(change, q_h, q_2h, tolerance, 1)  # nan when either quotient is
-    a = at_h.to(work)
-    b = at_2h
+        at_2h = _matmat(op, V)[:, 0]
+    work = _work_dtype(op.dtype)
+    a, b, x = at_h.to(work), at_2h.to(work), v.to(work)
     sums = _allreduce(op, torch.stack([(b - a).square().sum(), a.square().sum(), x @ a, x @ b, x @ x]).double())
     diff, size, along_h, along_2h, sq = (float(s) for s in sums.cpu())
     if not all(math.isfinite(s) for s in (diff, size)):

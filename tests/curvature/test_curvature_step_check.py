@@ -135,22 +135,3 @@ def test_auto_decides_on_the_first_product_then_is_checked(mlp):
     with pytest.raises(ValueError, match="double_backward"):
         finite_difference_check(op)
     assert op.hvp_method == "double_backward"
-
-
-def test_one_product_with_a_ritz_value(mlp, mlp_hessian):
-    """Given a Ritz pair from Lanczos, one product at 2h: the Ritz value is the Rayleigh quotient at h."""
-    from lightning_gd.curvature import lanczos
-
-    op = HessianOperator(mlp.model, mlp.loss_fn, mlp.batch, hvp="finite_difference")
-    top = lanczos(op, tol=1e-2, max_iter=20)
-    before = op.num_matvecs
-    result = finite_difference_check(op, top.eigenvectors[:, 0], rayleigh=top.eigenvalues[0].item())
-    assert op.num_matvecs - before == 1 and result.num_matvecs == 1
-    assert result.passed and result.change < 1e-6
-    u = top.eigenvectors[:, 0]
-    assert result.rayleigh_doubled == pytest.approx(float(u @ mlp_hessian @ u / (u @ u)), rel=1e-6)
-    model, (x, y) = _kinked()
-    kinked = HessianOperator(model, _mse, (x, y), hvp="finite_difference")
-    top = lanczos(kinked, tol=1e-2, max_iter=20)
-    result = finite_difference_check(kinked, top.eigenvectors[:, 0], rayleigh=top.eigenvalues[0].item())
-    assert not result.passed and result.change > 0.2  # the kink's jump over 2h dominates the top of the spectrum
