@@ -30,7 +30,9 @@ over shards, and the product is linear in ``v``: its scale does not matter. With
 (``torch.finfo(dtype).eps``: 4.9e-3 in float32, 6.1e-6 in float64, 0.20 in bfloat16, 0.099 in float16) the relative
 error is of the order of ``eps_dtype^(2/3)``: 2.4e-5 in float32, 3.7e-11 in float64, 3.9% in bfloat16, 1.0% in
 float16 (:func:`finite_difference_error`; measured in float32: 4e-5 to 1e-3 along localised eigenvectors).
-Measured: benchmarks/RESULTS.md, "Curvature by finite differences".
+Measured: benchmarks/RESULTS.md, "Curvature by finite differences". All of this assumes a gradient that is smooth
+on the scale of the step: across ReLU or max-pooling kinks no step is right, in any precision, and
+:func:`~lightning_gd.curvature.finite_difference_check` tells such products apart (``step_check``).
 
 Exactness of the weights. The perturbed tensors are saved once per call and copied back bit for bit after every
 gradient and at the end (also when a gradient raises): ``theta + h v - h v`` is not ``theta`` in floating point, a
