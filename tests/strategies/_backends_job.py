@@ -31,7 +31,7 @@ from lightning_gd.optim import OptimizerRecipe  # noqa: E402
 from lightning_gd.recipes import CausalLMModule, TextCorpusDataModule  # noqa: E402
 from tests.callbacks.test_gradient_flossing import RNNTask, _loader  # noqa: E402
 from tests.helpers.ddp import write_result  # noqa: E402
-from tests.helpers.models import TinyClassifier, classification_loader  # noqa: E402
+from tests.helpers.models import KinkedRegressor, TinyClassifier, classification_loader, kinked_loader  # noqa: E402
 from tests.helpers.trainer import quiet_trainer  # noqa: E402
 
 BACKENDS = ("ddp", "zero1", "zero2", "zero3", "fsdp2")
@@ -66,6 +66,11 @@ class ZeroRedundancyClassifier(Classifier):
 class RNN(RNNTask):
     def configure_model(self):
         _shard_under_fsdp2(self, self.rnn, self.readout)  # its training_step calls them, not `self.forward`
+
+
+class Kinked(KinkedRegressor):
+    def configure_model(self):
+        _shard_under_fsdp2(self, self.net)
 
 
 class LM(CausalLMModule):
@@ -130,6 +135,11 @@ def rnn():
     return RNN()
 
 
+def kinked():
+    seed_everything(0)
+    return Kinked()
+
+
 def floss(**kwargs):
     kwargs = {"k": 4, "pre_train_steps": 0, "sequence_length": 12, "warmup": 2, "batch_size": 2, "lr": 0.02, **kwargs}
     return GradientFlossing(plot=False, **kwargs)
@@ -173,6 +183,15 @@ def run(name):
         sharp = SharpnessTracker(max_overhead=None, every_n_steps=1)
         r = fit(name, "rnn_sharpness", rnn(), _loader(), [sharp])
         res["rnn_sharpness"] = {**r, "history": sharp.history, "plain": fit(name, "rnn_plain", rnn(), _loader(), [])}
+
+    # A ReLU unit held at its kink: the central differences depend on their step, so every check is skipped on
+    # both ranks together (the step check's change all-reduced), said once, and training left as it was.
+    if name in SHARDED:
+        sharp = SharpnessTracker(max_overhead=None, every_n_steps=1, plot=False, max_iter=20)
+        trace = HessianTraceMonitor(max_overhead=None, every_n_steps=1, num_probes=4)
+        r = fit(name, "kinked", kinked(), kinked_loader(n=64), [sharp, trace], max_steps=3)
+        plain = fit(name, "kinked_plain", kinked(), kinked_loader(n=64), [], max_steps=3)
+        res["kinked"] = {**r, "sharp": sharp.history, "trace": trace.history, "plain": plain}
 
     plotter = MetricPlotter(every_n_steps=1)
     r = fit(name, "plotter", classifier(), classification_loader(), [plotter])

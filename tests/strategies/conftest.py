@@ -61,3 +61,18 @@ def check_sharded_rnn_sharpness(runs, backend):
     changes = got["history"]["sharpness/fd_step_change"]
     assert [step for step, _ in changes] == [1, 2, 3, 4] and all(0 <= c < 1e-2 for _, c in changes), changes
     assert "sharpness/fd_step_change" not in ddp["history"]
+
+
+def check_sharded_kink(runs, backend):
+    """A ReLU unit held at its kink (``KinkedRegressor``) under a sharded ``backend``: the central differences change
+    by far more than ``fd_tolerance`` when their step doubles, so both callbacks skip every check on both ranks
+    (the same histories: a rank that went on alone would hang in a collective), log the change, and training ends
+    bit-identical to the run without them."""
+    got = same_on_both_ranks(runs, backend, "kinked")
+    assert "error" not in got, got.get("error")
+    assert got == runs[1][backend]["kinked"]
+    assert got["weights"] == got["plain"]["weights"]
+    for history, name, figure in ((got["sharp"], "sharpness", "lambda_max"), (got["trace"], "hessian", "trace")):
+        changes = history[f"{name}/fd_step_change"]
+        assert [step for step, _ in changes] == [1, 2, 3] and all(c > 0.2 for _, c in changes), changes
+        assert f"{name}/{figure}" not in history

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.strategies.conftest import check_sharded_curvature, check_sharded_rnn_sharpness, same_on_both_ranks
+from tests.strategies.conftest import (
+    check_sharded_curvature,
+    check_sharded_kink,
+    check_sharded_rnn_sharpness,
+    same_on_both_ranks,
+)
 
 STAGES = ("zero1", "zero2", "zero3")
 
@@ -160,3 +165,7 @@ def test_adam_preconditioned_sharpness_under_zero_redundancy_optimizer_matches_p
     key = "sharpness/preconditioned_lambda_max"
     assert got["sharp"][key] == pytest.approx(adam["sharp"][key], rel=1e-5)
     assert got["sharp"]["sharpness/threshold"] == pytest.approx(adam["sharp"]["sharpness/threshold"])
+
+
+def test_a_kink_is_skipped_on_every_rank(backend_runs):
+    check_sharded_kink(backend_runs, "zero3")

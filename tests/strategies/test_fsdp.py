@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.strategies.conftest import check_sharded_curvature, check_sharded_rnn_sharpness, same_on_both_ranks
+from tests.strategies.conftest import (
+    check_sharded_curvature,
+    check_sharded_kink,
+    check_sharded_rnn_sharpness,
+    same_on_both_ranks,
+)
 
 
 def test_training_matches_ddp(backend_runs):
@@ -68,3 +73,7 @@ def test_distributed_checkpoint_resumes_exactly(backend_runs):
     # the resume (steps 3 and 4) log what the uninterrupted run logged (its whole state is equal, history included).
     assert got["warm_start_ranks"] == 2 and len(got["sharpness"]["sharpness/lambda_max"]) == 4
     assert {"__0_0.distcp", "__1_0.distcp"} <= set(got["files"])  # each rank's shard, torch.distributed.checkpoint
+
+
+def test_a_kink_is_skipped_on_every_rank(backend_runs):
+    check_sharded_kink(backend_runs, "fsdp2")
