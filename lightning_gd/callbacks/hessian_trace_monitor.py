@@ -52,6 +52,9 @@ class HessianTraceMonitor(_CurvatureCallback):
       its linear-stability bound tr(H) <= 2/lr;
     * ``hessian/num_hvps``: Hessian-vector products spent (per rank);
     * ``hessian/skipped_checks``: due checks skipped so far by the ``max_overhead`` budget;
+    * with central-difference products (sharded strategies, ``hvp="finite_difference"``),
+      ``hessian/fd_step_change``: how much a product along a probe changes when the step doubles; above
+      ``fd_tolerance`` it is all that check logs (see ``fd_tolerance``);
     * with ``per_layer=True``, ``hessian/trace/<parameter name>`` from the same probes (they sum to the total);
     * with ``groups``, ``hessian/<group>/trace``: the trace of the group's diagonal block, from the same probes;
     * with ``curvature="ggn"`` or ``"fisher"``, the same under ``ggn/...`` or ``fisher/...``: the trace of the

@@ -182,6 +182,9 @@ class SharpnessTracker(_CurvatureCallback):
       ``sharpness/unmoved_fraction`` (coordinates left out: see below);
     * ``sharpness/threshold``, ``sharpness/num_hvps`` (products spent in this check) and
       ``sharpness/skipped_checks`` (due checks skipped so far by the ``max_overhead`` budget);
+    * with central-difference products (sharded strategies, ``hvp="finite_difference"``),
+      ``sharpness/fd_step_change``: how much the product along the top eigenvector changes when the step doubles;
+      above ``fd_tolerance`` it is all that check logs (see ``fd_tolerance``);
     * with ``groups``, per group ``sharpness/<group>/lambda_max`` (or ``.../preconditioned_lambda_max``),
       ``.../edge_of_stability`` and ``.../threshold``: the operator restricted to the group's parameters (its
       diagonal block of H), which answers "which block reaches the edge first?".
