@@ -37,48 +37,19 @@ from typing import Any
 
 import _harness  # noqa: F401  (repository root on sys.path)
 import torch
-import torch.nn.functional as F
+from _llama_problem import llama_problem, lm_loss
 from torch import Tensor, nn
 
 from lightning_gd.curvature import FiniteDifferenceOperator, HessianOperator, hutchinson_trace, lanczos
-from lightning_gd.recipes.llama import Llama, LlamaConfig
 
 warnings.filterwarnings("ignore")
 TOL, MAX_ITER = 1e-3, 40  # Ritz-value error ~ tol**2: far below the finite-difference error
 
 
-def _model(name: str) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
-    """The model and its batch (inputs, targets), seeded."""
-    torch.manual_seed(0)
-    block, batch = (128, 16) if name == "quickstart" else (256, 4)
-    model = Llama(LlamaConfig.from_name("tiny", block_size=block))
-    data = torch.tensor(list(Path(os.__file__).read_bytes()), dtype=torch.long)
-    gen = torch.Generator().manual_seed(1)
-
-    def windows(n: int) -> tuple[Tensor, Tensor]:
-        start = torch.randint(0, len(data) - block - 1, (n,), generator=gen)
-        w = torch.stack([data[s : s + block + 1] for s in start.tolist()])
-        return w[:, :-1], w[:, 1:]
-
-    if name == "quickstart":  # the recipe's optimizer, for 30 steps: measured off initialisation
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-        for _ in range(30):
-            x, y = windows(batch)
-            _loss(model, (x, y)).backward()
-            opt.step()
-            opt.zero_grad()
-    return model, windows(batch)
-
-
-def _loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
-
-
 def _fd(model: nn.Module, batch: Any, autocast: bool, compute_dtype: torch.dtype | None) -> FiniteDifferenceOperator:
     def gradient_fn() -> list[Tensor | None]:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = _loss(model, batch)
+            loss = lm_loss(model, batch)
         loss.backward()
         return [p.grad for p in model.parameters()]
 
@@ -103,8 +74,8 @@ def _seconds(fn: Any, repeats: int) -> float:
 
 
 def accuracy_and_cost(name: str, probes: int, repeats: int) -> dict[str, Any]:
-    model, batch = _model(name)
-    exact = HessianOperator(model, _loss, batch, hvp="double_backward")
+    model, batch = llama_problem(name)
+    exact = HessianOperator(model, lm_loss, batch, hvp="double_backward")
     ops = {
         "float32": _fd(model, batch, False, None),
         "bf16-mixed, eps for bf16": _fd(model, batch, True, torch.bfloat16),
@@ -120,7 +91,7 @@ def accuracy_and_cost(name: str, probes: int, repeats: int) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: the weights stay; the step's arithmetic runs
 
     def step() -> None:
-        _loss(model, batch).backward()
+        lm_loss(model, batch).backward()
         opt.step()
         opt.zero_grad()
 
@@ -143,8 +114,8 @@ def fsdp2_worker(out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, (x, y) = _model("llama-tiny")
-    plain, _ = _model("llama-tiny")
+    model, (x, y) = llama_problem("llama-tiny")
+    plain, _ = llama_problem("llama-tiny")
     mesh = init_device_mesh("cpu", (world,))
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
@@ -153,7 +124,7 @@ def fsdp2_worker(out: str) -> None:
     mine = (x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half])
 
     def gradient_fn() -> list[Tensor | None]:
-        _loss(model, mine).backward()  # FSDP2's reduce-scatter: this rank's shard of the whole batch's gradient
+        lm_loss(model, mine).backward()  # FSDP2's reduce-scatter: this rank's shard of the whole batch's gradient
         return [p.grad for p in model.parameters()]
 
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
@@ -171,14 +142,14 @@ def fsdp2_worker(out: str) -> None:
         result["unsharded_seconds"] = time.perf_counter() - start
         result["unsharded_fd"] = float(ref.eigenvalues[0])
         result["unsharded_products"] = ref.num_matvecs
-        exact = HessianOperator(plain, _loss, (x, y), hvp="double_backward")
+        exact = HessianOperator(plain, lm_loss, (x, y), hvp="double_backward")
         result["exact"] = float(lanczos(exact, tol=TOL, max_iter=MAX_ITER, generator=gen()).eigenvalues[0])
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
 def _whole_gradient(model: nn.Module, batch: Any) -> list[Tensor | None]:
-    _loss(model, batch).backward()
+    lm_loss(model, batch).backward()
     return [p.grad for p in model.parameters()]
 
 

@@ -35,10 +35,10 @@ from typing import Any
 import _harness  # noqa: F401  (repository root on sys.path)
 import torch
 import torch.nn.functional as F
+from _llama_problem import llama_problem, lm_loss
 from torch import Tensor, nn
 
 from lightning_gd.curvature import FiniteDifferenceOperator, HessianOperator, finite_difference_check, lanczos
-from lightning_gd.recipes.llama import Llama, LlamaConfig
 
 warnings.filterwarnings("ignore")
 STEPS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
@@ -64,32 +64,10 @@ def _swap_relu(module: nn.Module) -> None:
             _swap_relu(child)
 
 
-def _llama(name: str) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
-    """benchmarks/curvature_finite_difference.py's two models and batches (seeded the same way)."""
-    torch.manual_seed(0)
-    block, batch = (128, 16) if name == "quickstart" else (256, 4)
-    model = Llama(LlamaConfig.from_name("tiny", block_size=block)).double()
-    data = torch.tensor(list(Path(os.__file__).read_bytes()), dtype=torch.long)
-    gen = torch.Generator().manual_seed(1)
-
-    def windows(n: int) -> tuple[Tensor, Tensor]:
-        start = torch.randint(0, len(data) - block - 1, (n,), generator=gen)
-        w = torch.stack([data[s : s + block + 1] for s in start.tolist()])
-        return w[:, :-1], w[:, 1:]
-
-    if name == "quickstart":  # the recipe's optimizer for 30 steps (in float64 here: the exact reference)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-        for _ in range(30):
-            _loss(model, windows(batch)).backward()
-            opt.step()
-            opt.zero_grad()
-    return model, windows(batch)
-
-
 def _loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    x, y = batch
-    out = model(x)
-    return F.cross_entropy(out.flatten(0, 1) if out.ndim == 3 else out, y.flatten() if out.ndim == 3 else y)
+    if batch[0].is_floating_point():  # images: (B, classes) logits
+        return F.cross_entropy(model(batch[0]), batch[1])
+    return lm_loss(model, batch)
 
 
 def _copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -186,9 +164,9 @@ def main() -> None:
                   + "  ".join(f"h={h}: {e:.2e}" for h, e in errs.items()), flush=True)  # fmt: skip
     cases = [("ResNet-18 (ReLU, max-pool)", lambda: _resnet(False), False),
              ("ResNet-18 GELU + avg-pool", lambda: _resnet(True), False),
-             ("quickstart", lambda: _llama("quickstart"), False),
-             ("llama-tiny", lambda: _llama("llama-tiny"), False),
-             ("quickstart, bf16 autocast", lambda: _llama("quickstart"), True)]  # fmt: skip
+             ("quickstart", lambda: llama_problem("quickstart", torch.float64), False),
+             ("llama-tiny", lambda: llama_problem("llama-tiny", torch.float64), False),
+             ("quickstart, bf16 autocast", lambda: llama_problem("quickstart", torch.float64), True)]  # fmt: skip
     for label, make, autocast in cases:
         model, batch = make()
         row = results["tracker"][label] = tracker_check(model, batch, autocast)
