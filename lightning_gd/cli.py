@@ -188,7 +188,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[:1] == ["analyze"]:
         from lightning_gd.analysis import main as analyze_main
 
-        analyze_main(args[1:])
+        try:
+            analyze_main(args[1:])
+        finally:
+            _destroy_process_group()
         return
     # The arguments are passed explicitly (recipe names resolved); LightningCLI warns when it also sees them in
     # sys.argv, so hide them from it while it parses.
@@ -207,6 +210,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
     finally:
         sys.argv = saved
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """Destroy the job's process group, if any, before the interpreter exits.
+
+    Neither Lightning nor torch does. Gloo's worker threads, still holding finished work when the interpreter
+    finalises, then now and then abort the process after a run that succeeded ("terminate called without an active
+    exception", exit code -6; pytorch/pytorch#179291), and torchrun counts that as a failure and restarts the job.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

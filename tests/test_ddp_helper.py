@@ -3,7 +3,7 @@ machine is retried once, nothing else."""
 
 import pytest
 
-from tests.helpers.ddp import run_ddp_script
+from tests.helpers.ddp import _with_teardown, run_ddp_script
 
 _FLAKY = """
 from pathlib import Path
@@ -27,6 +27,17 @@ def test_any_other_failure_fails_at_once(tmp_path):
     with pytest.raises(AssertionError, match="weights differ"):
         run_ddp_script(_FLAKY.format(error="weights differ"), tmp_path)
     assert (tmp_path / "attempts").read_text() == "x"  # not run again
+
+
+def test_every_job_destroys_its_process_group_at_exit_after_its_future_imports():
+    script = _with_teardown("""
+        from __future__ import annotations
+        x: list[int] = []
+        """)
+    compile(script, "ddp_job.py", "exec")  # a __future__ import after other code would be a SyntaxError
+    lines = script.strip().splitlines()
+    assert lines[0] == "from __future__ import annotations" and "destroy_process_group" in lines[3]
+    assert _with_teardown("x = 1\n").startswith("import atexit")
 
 
 def test_two_process_cpu_ddp_job_trains_in_sync(tmp_path):

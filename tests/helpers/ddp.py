@@ -112,10 +112,26 @@ def run_spawned(module: str, tmp_path: Path, world: int = 2, timeout: float = 30
     return [torch.load(r["path"], weights_only=False) for r in results]
 
 
+# Every job destroys its process group at exit. torch does not: gloo's worker threads, still holding work at the
+# interpreter's finalisation, then abort the process now and then after a job that passed ("terminate called without
+# an active exception", exit -6; seen in CI; pytorch/pytorch#179291).
+_TEARDOWN = """import atexit as _gd_atexit
+import torch.distributed as _gd_dist
+_gd_atexit.register(lambda: _gd_dist.is_available() and _gd_dist.is_initialized() and _gd_dist.destroy_process_group())
+"""
+
+
+def _with_teardown(source: str) -> str:
+    """``source`` with :data:`_TEARDOWN` after its ``from __future__`` imports (which must stay first)."""
+    lines = textwrap.dedent(source).splitlines(keepends=True)
+    at = max((i + 1 for i, line in enumerate(lines) if line.startswith("from __future__")), default=0)
+    return "".join(lines[:at]) + _TEARDOWN + "".join(lines[at:])
+
+
 def _run_once(source: str, tmp_path: Path, num_procs: int, timeout: float) -> list[dict[str, Any]]:
     timeout = scaled_timeout(timeout)
     script = tmp_path / "ddp_job.py"
-    script.write_text(textwrap.dedent(source))
+    script.write_text(_with_teardown(source))
     out = tmp_path / "ddp_out"
     shutil.rmtree(out, ignore_errors=True)  # no result of a failed first attempt is read
     env = {
