@@ -116,8 +116,16 @@ def run_spawned(module: str, tmp_path: Path, world: int = 2, timeout: float = 30
 # interpreter's finalisation, then abort the process now and then after a job that passed ("terminate called without
 # an active exception", exit -6; seen in CI; pytorch/pytorch#179291).
 _TEARDOWN = """import atexit as _gd_atexit
-import torch.distributed as _gd_dist
-_gd_atexit.register(lambda: _gd_dist.is_available() and _gd_dist.is_initialized() and _gd_dist.destroy_process_group())
+import sys as _gd_sys
+
+
+def _gd_destroy_process_group():
+    dist = _gd_sys.modules.get("torch.distributed")  # a job that never imported torch pays nothing
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_gd_atexit.register(_gd_destroy_process_group)
 """
 
 
