@@ -1,6 +1,8 @@
 """The DDP job runner of tests/helpers/ddp.py: a real 2-process job trains in sync; a networking failure of the
 machine is retried once, nothing else."""
 
+import time
+
 import pytest
 
 from tests.helpers.ddp import _with_teardown, run_ddp_script
@@ -50,7 +52,25 @@ def test_every_job_destroys_its_process_group_at_exit(tmp_path):
     assert _with_teardown("x = 1\n").startswith("import atexit")
 
 
-def test_two_process_cpu_ddp_job_trains_in_sync(tmp_path):
+_ONE_RANK_FAILS = """
+import os
+import time
+
+if os.environ["LOCAL_RANK"] == "1":
+    raise RuntimeError("rank 1 failed")
+time.sleep(600)  # rank 0: as if waiting in a collective for rank 1
+"""
+
+
+def test_a_failed_rank_stops_the_others_under_an_external_launcher(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(AssertionError, match="rank 1 failed"):
+        run_ddp_script(_ONE_RANK_FAILS, tmp_path, launcher="external")
+    assert time.monotonic() - start < 120  # rank 0 stopped, not left to the job's timeout
+
+
+@pytest.mark.parametrize("launcher", ["lightning", "external"])
+def test_two_process_cpu_ddp_job_trains_in_sync(tmp_path, launcher):
     results = run_ddp_script(
         """
         import torch
@@ -68,6 +88,7 @@ def test_two_process_cpu_ddp_job_trains_in_sync(tmp_path):
                       "weights": flat.tolist(), "step": trainer.global_step}, trainer.global_rank)
         """,
         tmp_path,
+        launcher=launcher,
     )
     assert [r["rank"] for r in results] == [0, 1]
     assert all(r["world_size"] == 2 and r["step"] == 3 for r in results)

@@ -80,7 +80,7 @@ write_result({
 
 
 def test_curvature_callbacks_on_two_process_ddp(tmp_path):
-    r0, r1 = run_ddp_script(_SCRIPT, tmp_path)
+    r0, r1 = run_ddp_script(_SCRIPT, tmp_path, launcher="external")
     assert r0["first_x"] != r1["first_x"]  # each rank measured its own data
     assert r0["weights"] == r1["weights"]
     for key in ("trace", "sharp", "xtrace", "hpp"):

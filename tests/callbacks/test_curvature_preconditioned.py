@@ -329,7 +329,7 @@ write_result({"same_weights": plain == measured, "history": sharp.history}, trai
 def test_clipping_factor_under_ddp_is_the_same_on_every_rank_and_training_is_untouched(tmp_path):
     from tests.helpers.ddp import run_ddp_script
 
-    r0, r1 = run_ddp_script(_DDP_SCRIPT, tmp_path)
+    r0, r1 = run_ddp_script(_DDP_SCRIPT, tmp_path, launcher="external")
     assert r0["same_weights"] and r1["same_weights"]  # the recording hooks only read gradients
     assert r0["history"] == r1["history"]  # averaged gradients: the same factor and number on every rank
     factors = [v for _, v in r0["history"]["sharpness/clip_factor"]]

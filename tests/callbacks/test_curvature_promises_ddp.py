@@ -58,7 +58,8 @@ write_result({
 
 
 def test_ddp_skips_a_rank_local_nan_on_every_rank_and_measuring_leaves_training_bit_identical(tmp_path):
-    r0, r1 = run_ddp_script(_SCRIPT, tmp_path, timeout=300)  # a rank waiting alone in a collective would hang
+    # A rank waiting alone in a collective would hang: the timeout stops the job.
+    r0, r1 = run_ddp_script(_SCRIPT, tmp_path, timeout=300, launcher="external")
     for r in (r0, r1):
         assert r["same_weights"] and r["same_rng"]  # weights, BatchNorm buffers and RNG bit for bit, every rank
         assert r["trace_steps"] == r["sharp_steps"] == [1, 3, 4]  # step 2 skipped together

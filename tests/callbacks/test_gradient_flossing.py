@@ -244,7 +244,7 @@ write_result({"weights": torch.cat([p.detach().flatten() for p in model.paramete
 
 
 def test_flossing_under_two_process_ddp_keeps_replicas_in_sync(tmp_path) -> None:
-    r0, r1 = run_ddp_script(_DDP_SCRIPT, tmp_path)
+    r0, r1 = run_ddp_script(_DDP_SCRIPT, tmp_path, launcher="external")
     assert r0["own"] != r1["own"]  # each rank floss its own random trajectories...
     assert r0["weights"] == r1["weights"]  # ...and the averaged flossing gradients keep replicas identical
     assert r0["metrics"] == r1["metrics"] and r0["rounds"] == 2

@@ -259,7 +259,7 @@ write_result({"shared": shared, "per_rank": per_rank, "std": std}, rank)
 
 
 def test_noise_is_shared_across_ddp_ranks_and_per_rank_under_local_sgd(tmp_path) -> None:
-    r0, r1 = run_ddp_script(_DDP_SCRIPT, tmp_path)
+    r0, r1 = run_ddp_script(_DDP_SCRIPT, tmp_path, launcher="external")
     assert r0["shared"] == r1["shared"]  # identical noise on the all-reduced gradients: replicas equal every step
     assert r0["std"] == pytest.approx(math.sqrt(0.01 / 6**0.55))  # sigma_5 = sqrt(eta / (1 + 5)^gamma)
     same = [a == b for a, b in zip(r0["per_rank"], r1["per_rank"], strict=True)]

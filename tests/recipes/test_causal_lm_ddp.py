@@ -28,6 +28,7 @@ def test_causal_lm_with_plot_and_sample_callbacks_on_two_process_ddp(tmp_path):
                      trainer.global_rank)
         """,
         tmp_path,
+        launcher="external",
     )
     assert r0["weights"] == r1["weights"]
     assert r0["sample"].startswith("def") and r1["sample"] is None  # rank zero samples and writes

@@ -1,7 +1,7 @@
 """One 2-process gloo job: the same seeded fits under DDP, DeepSpeed ZeRO-1/2/3 and FSDP2, every callback attached.
 
 Run by ``tests/strategies/conftest.py`` through :func:`tests.helpers.ddp.run_ddp_script` (``python
-_backends_job.py OUT``; Lightning re-executes it for rank 1). Each rank writes ``{backend: {case: result}}``;
+_backends_job.py OUT`` on each rank, started together). Each rank writes ``{backend: {case: result}}``;
 ``test_deepspeed.py`` and ``test_fsdp.py`` check them. One job instead of one per check: starting a 2-process
 DeepSpeed job costs ~10 s on 2 cores, a fit on these tiny models well under 1 s.
 """

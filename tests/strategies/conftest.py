@@ -11,7 +11,7 @@ def backend_runs(tmp_path_factory):
     """Rank 0's and rank 1's results of ``_backends_job.py``: ``{backend: {case: result}}`` (one 2-process job for
     ``test_deepspeed.py`` and ``test_fsdp.py``)."""
     job = (Path(__file__).parent / "_backends_job.py").read_text()
-    return run_ddp_script(job, tmp_path_factory.mktemp("backends"), timeout=900)
+    return run_ddp_script(job, tmp_path_factory.mktemp("backends"), timeout=900, launcher="external")
 
 
 def same_on_both_ranks(runs, backend, case):

@@ -58,7 +58,7 @@ write_result(out, trainer.global_rank)
 
 
 def test_every_compressor_trains_like_dense_ddp_and_memory_matters(tmp_path):
-    r0, r1 = run_ddp_script(_CONVERGENCE, tmp_path)
+    r0, r1 = run_ddp_script(_CONVERGENCE, tmp_path, launcher="external")
     dense = r0["dense"]["last10"]
     for name in ("topk", "randomk", "sign", "qsgd", "powersgd"):
         assert r0[name]["weights"] == r1[name]["weights"], name  # replicas stay identical
@@ -124,7 +124,7 @@ write_result(out, trainer.global_rank)
 
 
 def test_resume_continues_exactly_with_the_saved_memories(tmp_path):
-    r0, r1 = run_ddp_script(_RESUME, tmp_path)
+    r0, r1 = run_ddp_script(_RESUME, tmp_path, launcher="external")
     for compressor in ("topk", "sign", "powersgd"):
         run = r0[compressor]
         assert run["has_state"]
@@ -154,7 +154,7 @@ write_result({"stats": trainer.strategy.compression_stats(),
 
 
 def test_powersgd_on_gloo_uses_one_bucket_and_reports_stable_stats(tmp_path):
-    r0, _ = run_ddp_script(_POWERSGD_MANY_BUCKETS, tmp_path)  # several buckets would abort gloo
+    r0, _ = run_ddp_script(_POWERSGD_MANY_BUCKETS, tmp_path, launcher="external")  # several buckets would abort gloo
     assert r0["stats"]["ratio"] == pytest.approx(r0["logged"]) and r0["logged"] > 2
 
 
@@ -194,7 +194,7 @@ def _memory_per_parameter(rank_state: dict) -> dict[str, torch.Tensor]:
 def test_world_size_change_on_resume_keeps_rank_zero_memory(tmp_path):
     """A 2-rank checkpoint resumed on 1 rank: refused (rank 1's memory would be lost); with resume_mismatch='warn'
     rank 0's memory is applied and rank 1's dropped, with one warning."""
-    run_ddp_script(_SAVE_AT_TWO_RANKS, tmp_path)
+    run_ddp_script(_SAVE_AT_TWO_RANKS, tmp_path, launcher="external")
     ckpt = tmp_path / "ck" / "epoch=0-step=4.ckpt"
     saved = torch.load(ckpt, weights_only=False)
     assert set(saved["compressed_ddp"]["ranks"]) == {0, 1}

@@ -50,7 +50,7 @@ write_result({
 
 @pytest.mark.slow
 def test_two_process_ddp_trains_and_resumes_exactly(tmp_path):
-    r0, r1 = run_ddp_script(_SCRIPT, tmp_path)
+    r0, r1 = run_ddp_script(_SCRIPT, tmp_path, launcher="external")
     assert r0["params"] == r1["params"]  # DDP kept the ranks in sync, the adversarial pass included
     assert r0["metrics"]["conadv/staleness"] == 1.0 and r0["metrics"]["conadv/adv_loss"] > 0
     # The checkpoint at step 5 holds each rank's own adversarial batch for batch 5 of the epoch.
