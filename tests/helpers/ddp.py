@@ -1,8 +1,9 @@
 """Run a script as a real multi-process CPU DDP job (gloo) in a subprocess, with a timeout.
 
 The script gets an output directory as ``sys.argv[1]``; each rank writes ``rank<r>.json`` there with
-:func:`write_result`. Lightning's launcher re-executes the script for the other ranks, so the script must
-be a file, and everything before ``trainer.fit`` runs on every rank.
+:func:`write_result`. Every rank runs the whole script (Lightning's launcher re-executes it for the other ranks, or,
+with ``launcher="external"``, the helper starts them all, as torchrun does), so the script must be a file, and
+everything before ``trainer.fit`` runs on every rank. Every job destroys its process group at exit.
 
 Example::
 
