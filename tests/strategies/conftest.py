@@ -76,3 +76,11 @@ def check_sharded_kink(runs, backend):
         changes = history[f"{name}/fd_step_change"]
         assert [step for step, _ in changes] == [1, 2, 3] and all(c > 0.2 for _, c in changes), changes
         assert f"{name}/{figure}" not in history
+
+
+def check_sharded_adam_sharpness(runs, backend):
+    """Adam under a sharded ``backend``: its second moments are sharded with the parameters, so "auto" tracks the
+    raw lambda_max(H) against 2/lr instead of the preconditioned sharpness."""
+    got = same_on_both_ranks(runs, backend, "adam")
+    assert "sharpness/preconditioned_lambda_max" not in got["sharp"] and got["sharp"]["sharpness/lambda_max"] > 0
+    assert got["sharp"]["sharpness/threshold"] == pytest.approx(2 / 0.01)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 
 from tests.strategies.conftest import (
+    check_sharded_adam_sharpness,
     check_sharded_curvature,
     check_sharded_kink,
     check_sharded_rnn_sharpness,
@@ -58,10 +59,7 @@ def test_sharpness_of_an_rnn_at_every_step_matches_ddp(backend_runs):
 
 
 def test_adam_sharpness_is_the_raw_one_on_zero3(backend_runs):
-    # Adam's second moments are partitioned with the parameters: "auto" tracks lambda_max(H) against 2/lr instead.
-    got = same_on_both_ranks(backend_runs, "zero3", "adam")
-    assert "sharpness/preconditioned_lambda_max" not in got["sharp"] and got["sharp"]["sharpness/lambda_max"] > 0
-    assert got["sharp"]["sharpness/threshold"] == pytest.approx(2 / 0.01)
+    check_sharded_adam_sharpness(backend_runs, "zero3")
 
 
 def test_metric_plotter_under_ddp(backend_runs):

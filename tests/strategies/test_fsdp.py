@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 
 from tests.strategies.conftest import (
+    check_sharded_adam_sharpness,
     check_sharded_curvature,
     check_sharded_kink,
     check_sharded_rnn_sharpness,
@@ -31,10 +32,7 @@ def test_curvature_callbacks_match_ddp_and_never_perturb_training(backend_runs):
 
 
 def test_adam_sharpness_is_the_raw_one(backend_runs):
-    # Adam's second moments are sharded with the parameters: "auto" tracks lambda_max(H) against 2/lr instead.
-    got = same_on_both_ranks(backend_runs, "fsdp2", "adam")
-    assert "sharpness/preconditioned_lambda_max" not in got["sharp"] and got["sharp"]["sharpness/lambda_max"] > 0
-    assert got["sharp"]["sharpness/threshold"] == pytest.approx(2 / 0.01)
+    check_sharded_adam_sharpness(backend_runs, "fsdp2")
 
 
 @pytest.mark.parametrize("case", ["floss_rounds", "floss_continuous"])
